@@ -1,0 +1,7 @@
+//! The BaRP routing policy of llmroute: the frozen prompt encoder, the preference-conditioned
+//! policy network and its REINFORCE trainer, ONNX export and inference through ONNX Runtime,
+//! the routing data sets, baseline routers and the offline evaluation that compares them.
+
+pub mod bandit;
+pub mod onnx;
+pub mod reward;
