@@ -59,7 +59,7 @@ impl<'a> ReplayEnvironment<'a> {
 
     /// The context of one prompt: its embedding.
     pub fn context(&self, prompt: usize) -> ArrayView1<'a, f32> {
-        self.embeddings.row(prompt)
+        self.embeddings.index_axis_move(ndarray::Axis(0), prompt)
     }
 
     /// All contexts, `[prompts × dim]`.

@@ -4,4 +4,5 @@
 
 pub mod bandit;
 pub mod onnx;
+pub mod policy;
 pub mod reward;

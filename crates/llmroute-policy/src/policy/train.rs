@@ -1,0 +1,409 @@
+//! REINFORCE training of the BaRP policy from bandit feedback.
+//!
+//! Each step draws a batch of prompts, a preference per sample from Dirichlet(1, 1) on the
+//! 1-simplex (for two weights that is `w_quality ~ U[0, 1]`), samples one model per sample from
+//! the current policy, and observes that model's outcome only. The loss per batch is
+//!
+//! `L(θ) = 1/B · Σᵢ [ −(rᵢ − V(xᵢ, wᵢ)) · log π_θ(aᵢ | xᵢ, wᵢ) − β · H(π_θ(· | xᵢ, wᵢ)) ]
+//!        + 1/B · Σᵢ ½ (V(xᵢ, wᵢ) − rᵢ)²`
+//!
+//! with `rᵢ` the BaRP reward of the observed call, the value baseline `V` treated as a constant
+//! in the policy term, and `β` the entropy bonus, annealed linearly over training.
+
+use indicatif::ProgressBar;
+use ndarray::{Array1, Array2, Axis};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::adam::Adam;
+use super::network::{ForwardPass, Gradients, NetworkShape, PolicyNetwork};
+use crate::bandit::ReplayEnvironment;
+use crate::reward::Reward;
+
+/// Hyper-parameters of one training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Seed of every random choice (initial weights, prompts, preferences, actions).
+    pub seed: u64,
+    /// Gradient steps.
+    pub steps: usize,
+    /// Samples (bandit interactions) per step.
+    pub batch_size: usize,
+    pub learning_rate: f32,
+    /// Entropy bonus β at the first step.
+    pub entropy_start: f32,
+    /// Entropy bonus β at the last step.
+    pub entropy_end: f32,
+    /// Output size of the preference encoder φ.
+    pub preference_dim: usize,
+    /// Hidden units of the decision head.
+    pub hidden_dim: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seed: 7,
+            steps: 3000,
+            batch_size: 64,
+            learning_rate: 1e-3,
+            entropy_start: 0.05,
+            entropy_end: 0.005,
+            preference_dim: 16,
+            hidden_dim: 128,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Bandit interactions (observed outcomes) the run uses: `steps · batch_size`.
+    pub fn interactions(&self) -> usize {
+        self.steps * self.batch_size
+    }
+
+    /// Entropy bonus at `step`, linear from `entropy_start` to `entropy_end`.
+    pub fn entropy_at(&self, step: usize) -> f32 {
+        let progress = if self.steps > 1 { step as f32 / (self.steps - 1) as f32 } else { 1.0 };
+        self.entropy_start + (self.entropy_end - self.entropy_start) * progress
+    }
+}
+
+/// What a training run produced besides the weights.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainSummary {
+    /// Outcomes revealed by the environment: exactly one per interaction.
+    pub interactions: u64,
+    /// Mean reward of the sampled actions over the last tenth of training.
+    pub final_mean_reward: f32,
+    /// Mean policy entropy (nats) over the last tenth of training.
+    pub final_mean_entropy: f32,
+}
+
+/// Trains a policy from bandit feedback on `environment`. `initial` continues from existing
+/// weights (its shape must match the environment); otherwise weights start from `config.seed`.
+pub fn train(
+    environment: &mut ReplayEnvironment,
+    reward: Reward,
+    config: &TrainConfig,
+    initial: Option<PolicyNetwork>,
+    progress: &ProgressBar,
+) -> (PolicyNetwork, TrainSummary) {
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let shape = NetworkShape {
+        embedding_dim: environment.context_dim(),
+        preference_dim: config.preference_dim,
+        hidden_dim: config.hidden_dim,
+        num_models: environment.num_arms(),
+    };
+    let mut network = match initial {
+        Some(network) => {
+            assert_eq!(network.shape.embedding_dim, shape.embedding_dim, "embedding dimension");
+            assert_eq!(network.shape.num_models, shape.num_models, "number of models");
+            network
+        }
+        None => PolicyNetwork::new(shape, &mut rng),
+    };
+    let mut adam = Adam::new(config.learning_rate);
+    let pulls_before = environment.pulls();
+
+    let tail_start = config.steps - config.steps.div_ceil(10);
+    let (mut tail_reward, mut tail_entropy, mut tail_samples) = (0.0f64, 0.0f64, 0usize);
+
+    progress.set_length(config.steps as u64);
+    for step in 0..config.steps {
+        let batch = sample_batch(environment, config.batch_size, &mut rng);
+        let pass = network.forward(batch.embeddings.view(), &batch.w_quality);
+
+        let actions: Vec<usize> = pass
+            .probabilities
+            .rows()
+            .into_iter()
+            .map(|row| sample_categorical(row.as_slice().expect("standard layout"), &mut rng))
+            .collect();
+        let rewards: Vec<f32> = batch
+            .prompts
+            .iter()
+            .zip(&actions)
+            .zip(&batch.w_quality)
+            .map(|((&prompt, &action), &w_quality)| {
+                let outcome = environment.pull(prompt, action);
+                reward.reward(w_quality, outcome.quality, outcome.cost)
+            })
+            .collect();
+
+        let beta = config.entropy_at(step);
+        let (mut gradients, stats) = reinforce_gradients(&network, &pass, &actions, &rewards, beta);
+        adam.step(&mut network, &mut gradients);
+
+        if step >= tail_start {
+            tail_reward += stats.mean_reward as f64 * rewards.len() as f64;
+            tail_entropy += stats.mean_entropy as f64 * rewards.len() as f64;
+            tail_samples += rewards.len();
+        }
+        progress.inc(1);
+    }
+    progress.finish();
+
+    let samples = tail_samples.max(1) as f64;
+    let summary = TrainSummary {
+        interactions: environment.pulls() - pulls_before,
+        final_mean_reward: (tail_reward / samples) as f32,
+        final_mean_entropy: (tail_entropy / samples) as f32,
+    };
+    (network, summary)
+}
+
+/// One batch of contexts: prompt indices, their embeddings and sampled preferences.
+struct Batch {
+    prompts: Vec<usize>,
+    embeddings: Array2<f32>,
+    w_quality: Vec<f32>,
+}
+
+fn sample_batch(environment: &ReplayEnvironment, size: usize, rng: &mut impl Rng) -> Batch {
+    let prompts: Vec<usize> = (0..size)
+        .map(|_| rng.random_range(0..environment.num_prompts()))
+        .collect();
+    let embeddings = environment.contexts().select(Axis(0), &prompts);
+    // Dirichlet(1, 1) on the 1-simplex is the uniform distribution of w_quality on [0, 1].
+    let w_quality = (0..size).map(|_| rng.random::<f32>()).collect();
+    Batch {
+        prompts,
+        embeddings,
+        w_quality,
+    }
+}
+
+/// Draws an index with the given probabilities (they sum to 1 up to rounding).
+pub fn sample_categorical(probabilities: &[f32], rng: &mut impl Rng) -> usize {
+    let mut threshold = rng.random::<f32>();
+    for (index, &p) in probabilities.iter().enumerate() {
+        threshold -= p;
+        if threshold < 0.0 {
+            return index;
+        }
+    }
+    probabilities.len() - 1
+}
+
+/// Batch statistics of one REINFORCE step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepStats {
+    pub mean_reward: f32,
+    /// Mean entropy of `π(· | x, w)` in nats.
+    pub mean_entropy: f32,
+    /// Value of the loss `L(θ)` of the module documentation.
+    pub loss: f32,
+}
+
+/// Gradients of the REINFORCE loss for one batch with fixed actions and rewards.
+///
+/// With `p = softmax(z)` and `H = −Σₖ pₖ log pₖ`:
+/// `∂(−A log p_a)/∂zₖ = −A · (1[k = a] − pₖ)` and `∂(−β H)/∂zₖ = β · pₖ · (log pₖ + H)`.
+pub fn reinforce_gradients(
+    network: &PolicyNetwork,
+    pass: &ForwardPass,
+    actions: &[usize],
+    rewards: &[f32],
+    beta: f32,
+) -> (Gradients, StepStats) {
+    let batch = actions.len();
+    let scale = 1.0 / batch as f32;
+    let mut d_logits = Array2::<f32>::zeros(pass.logits.raw_dim());
+    let mut d_values = Array1::<f32>::zeros(batch);
+    let (mut reward_sum, mut entropy_sum, mut loss) = (0.0f32, 0.0f32, 0.0f32);
+
+    for i in 0..batch {
+        let probabilities = pass.probabilities.row(i);
+        let advantage = rewards[i] - pass.values[i];
+        let entropy: f32 = -probabilities
+            .iter()
+            .map(|&p| if p > 0.0 { p * p.ln() } else { 0.0 })
+            .sum::<f32>();
+
+        for (k, &p) in probabilities.iter().enumerate() {
+            let indicator = if k == actions[i] { 1.0 } else { 0.0 };
+            let log_p = p.max(f32::MIN_POSITIVE).ln();
+            d_logits[[i, k]] = scale * (-advantage * (indicator - p) + beta * p * (log_p + entropy));
+        }
+        d_values[i] = scale * (pass.values[i] - rewards[i]);
+
+        let log_p_action = probabilities[actions[i]].max(f32::MIN_POSITIVE).ln();
+        loss += scale * (-advantage * log_p_action - beta * entropy);
+        loss += scale * 0.5 * (pass.values[i] - rewards[i]).powi(2);
+        reward_sum += rewards[i];
+        entropy_sum += entropy;
+    }
+
+    let gradients = network.backward(pass, &d_logits, &d_values);
+    let stats = StepStats {
+        mean_reward: reward_sum * scale,
+        mean_entropy: entropy_sum * scale,
+        loss,
+    };
+    (gradients, stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::adam::{gradient_slices, parameter_slices};
+    use ndarray::Array2;
+
+    fn small_network(rng: &mut ChaCha8Rng) -> PolicyNetwork {
+        let shape = NetworkShape {
+            embedding_dim: 5,
+            preference_dim: 3,
+            hidden_dim: 6,
+            num_models: 3,
+        };
+        let mut network = PolicyNetwork::new(shape, rng);
+        // Non-zero biases and value head so every parameter has a visible gradient.
+        for slice in parameter_slices(&mut network) {
+            for value in slice.iter_mut() {
+                *value += rng.random_range(-0.3..0.3);
+            }
+        }
+        network
+    }
+
+    /// Policy term and value term of the loss, with the advantages held fixed.
+    fn split_loss(
+        network: &PolicyNetwork,
+        embeddings: &Array2<f32>,
+        w_quality: &[f32],
+        actions: &[usize],
+        rewards: &[f32],
+        advantages: &[f32],
+        beta: f32,
+    ) -> (f64, f64) {
+        let pass = network.forward(embeddings.view(), w_quality);
+        let batch = actions.len() as f64;
+        let (mut policy_loss, mut value_loss) = (0.0f64, 0.0f64);
+        for i in 0..actions.len() {
+            let p = pass.probabilities.row(i);
+            let entropy: f64 = -p.iter().map(|&v| (v as f64) * (v as f64).ln()).sum::<f64>();
+            policy_loss += (-(advantages[i] as f64) * (p[actions[i]] as f64).ln() - beta as f64 * entropy) / batch;
+            value_loss += 0.5 * ((pass.values[i] - rewards[i]) as f64).powi(2) / batch;
+        }
+        (policy_loss, value_loss)
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let network = small_network(&mut rng);
+        let embeddings = Array2::from_shape_fn((4, 5), |_| rng.random_range(-1.0..1.0));
+        let w_quality = vec![0.0, 0.3, 0.8, 1.0];
+        let actions = vec![0, 2, 1, 2];
+        let rewards = vec![0.4, -0.2, 0.9, 0.1];
+        let beta = 0.05;
+
+        let pass = network.forward(embeddings.view(), &w_quality);
+        let advantages: Vec<f32> = (0..4).map(|i| rewards[i] - pass.values[i]).collect();
+        let (mut analytic, _) = reinforce_gradients(&network, &pass, &actions, &rewards, beta);
+        let analytic: Vec<Vec<f32>> = gradient_slices(&mut analytic).iter().map(|g| g.to_vec()).collect();
+
+        let epsilon = 1e-3f32;
+        let value_tensors = [6, 7];
+        let mut checked = 0;
+        for tensor in 0..analytic.len() {
+            for index in 0..analytic[tensor].len() {
+                let loss_at = |delta: f32| {
+                    let mut shifted = network.clone();
+                    parameter_slices(&mut shifted)[tensor][index] += delta;
+                    let (policy, value) =
+                        split_loss(&shifted, &embeddings, &w_quality, &actions, &rewards, &advantages, beta);
+                    // The value head sees only the value loss; the policy sees only its own term.
+                    if value_tensors.contains(&tensor) { value } else { policy }
+                };
+                let numeric = (loss_at(epsilon) - loss_at(-epsilon)) / (2.0 * epsilon as f64);
+                let exact = analytic[tensor][index] as f64;
+                let tolerance = 2e-3 + 2e-2 * numeric.abs().max(exact.abs());
+                assert!(
+                    (numeric - exact).abs() <= tolerance,
+                    "tensor {tensor} index {index}: analytic {exact:.6} vs finite difference {numeric:.6}"
+                );
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 2 * 3 + 3 + 8 * 6 + 6 + 6 * 3 + 3 + 6 + 1);
+    }
+
+    #[test]
+    fn policy_shares_sum_to_one() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let network = small_network(&mut rng);
+        let embeddings = Array2::from_shape_fn((7, 5), |_| rng.random_range(-1.0..1.0));
+        let probabilities = network.probabilities(embeddings.view(), &[0.0, 0.1, 0.2, 0.5, 0.7, 0.9, 1.0]);
+        for row in probabilities.rows() {
+            assert!((row.sum() - 1.0).abs() < 1e-5, "row sums to {}", row.sum());
+        }
+    }
+
+    /// Two prompt clusters and three models: model 0 is cheap and good on cluster A only, model 1
+    /// is expensive and good everywhere, model 2 is cheap and bad. At w_quality = 1 the best
+    /// choice is model 0 on A (ties with 1) and model 1 on B; at w_quality = 0 it is the
+    /// cheapest model.
+    fn synthetic_problem(rng: &mut ChaCha8Rng) -> (Array2<f32>, Array2<f32>, Array2<f32>) {
+        let n = 200;
+        let mut embeddings = Array2::zeros((n, 8));
+        let mut quality = Array2::zeros((n, 3));
+        let mut cost = Array2::zeros((n, 3));
+        for i in 0..n {
+            let cluster_a = i % 2 == 0;
+            embeddings[[i, if cluster_a { 0 } else { 1 }]] = 1.0;
+            for j in 2..8 {
+                embeddings[[i, j]] = rng.random_range(-0.1..0.1);
+            }
+            quality[[i, 0]] = if cluster_a { 0.95 } else { 0.1 };
+            quality[[i, 1]] = 0.9;
+            quality[[i, 2]] = 0.2;
+            cost[[i, 0]] = 0.004;
+            cost[[i, 1]] = 0.01;
+            cost[[i, 2]] = 0.0005;
+        }
+        (embeddings, quality, cost)
+    }
+
+    #[test]
+    fn training_learns_preference_dependent_routing() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (embeddings, quality, cost) = synthetic_problem(&mut rng);
+        let mut environment = ReplayEnvironment::new(embeddings.view(), quality.view(), cost.view());
+        let config = TrainConfig {
+            steps: 1500,
+            batch_size: 32,
+            hidden_dim: 32,
+            ..TrainConfig::default()
+        };
+        let reward = Reward::new(0.01);
+        let (network, summary) = train(&mut environment, reward, &config, None, &ProgressBar::hidden());
+
+        assert_eq!(summary.interactions, config.interactions() as u64);
+        let quality_first = network.probabilities(embeddings.slice(ndarray::s![0..2, ..]), &[1.0, 1.0]);
+        assert_eq!(crate::policy::argmax(quality_first.row(0).as_slice().unwrap()), 0, "cluster A at w=1");
+        assert_eq!(crate::policy::argmax(quality_first.row(1).as_slice().unwrap()), 1, "cluster B at w=1");
+        let cost_first = network.probabilities(embeddings.slice(ndarray::s![0..2, ..]), &[0.0, 0.0]);
+        assert_eq!(crate::policy::argmax(cost_first.row(0).as_slice().unwrap()), 2, "cluster A at w=0");
+        assert_eq!(crate::policy::argmax(cost_first.row(1).as_slice().unwrap()), 2, "cluster B at w=0");
+    }
+
+    #[test]
+    fn training_is_deterministic_for_a_seed() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (embeddings, quality, cost) = synthetic_problem(&mut rng);
+        let config = TrainConfig {
+            steps: 50,
+            batch_size: 16,
+            hidden_dim: 16,
+            ..TrainConfig::default()
+        };
+        let run = || {
+            let mut environment = ReplayEnvironment::new(embeddings.view(), quality.view(), cost.view());
+            train(&mut environment, Reward::new(0.01), &config, None, &ProgressBar::hidden()).0
+        };
+        assert_eq!(run(), run());
+    }
+}
