@@ -3,6 +3,8 @@
 //! the routing data sets, baseline routers and the offline evaluation that compares them.
 
 pub mod bandit;
+pub mod baselines;
+pub mod data;
 pub mod onnx;
 pub mod policy;
 pub mod reward;
