@@ -60,11 +60,20 @@ pub fn parameter_slices(network: &mut PolicyNetwork) -> Vec<&mut [f32]> {
     vec![
         network.pref_weight.as_slice_mut().expect("standard layout"),
         network.pref_bias.as_slice_mut().expect("standard layout"),
-        network.hidden_weight.as_slice_mut().expect("standard layout"),
+        network
+            .hidden_weight
+            .as_slice_mut()
+            .expect("standard layout"),
         network.hidden_bias.as_slice_mut().expect("standard layout"),
-        network.logit_weight.as_slice_mut().expect("standard layout"),
+        network
+            .logit_weight
+            .as_slice_mut()
+            .expect("standard layout"),
         network.logit_bias.as_slice_mut().expect("standard layout"),
-        network.value_weight.as_slice_mut().expect("standard layout"),
+        network
+            .value_weight
+            .as_slice_mut()
+            .expect("standard layout"),
         std::slice::from_mut(&mut network.value_bias),
     ]
 }
@@ -72,13 +81,31 @@ pub fn parameter_slices(network: &mut PolicyNetwork) -> Vec<&mut [f32]> {
 /// Mutable views of every gradient tensor, in the order of [`parameter_slices`].
 pub fn gradient_slices(gradients: &mut Gradients) -> Vec<&mut [f32]> {
     vec![
-        gradients.pref_weight.as_slice_mut().expect("standard layout"),
+        gradients
+            .pref_weight
+            .as_slice_mut()
+            .expect("standard layout"),
         gradients.pref_bias.as_slice_mut().expect("standard layout"),
-        gradients.hidden_weight.as_slice_mut().expect("standard layout"),
-        gradients.hidden_bias.as_slice_mut().expect("standard layout"),
-        gradients.logit_weight.as_slice_mut().expect("standard layout"),
-        gradients.logit_bias.as_slice_mut().expect("standard layout"),
-        gradients.value_weight.as_slice_mut().expect("standard layout"),
+        gradients
+            .hidden_weight
+            .as_slice_mut()
+            .expect("standard layout"),
+        gradients
+            .hidden_bias
+            .as_slice_mut()
+            .expect("standard layout"),
+        gradients
+            .logit_weight
+            .as_slice_mut()
+            .expect("standard layout"),
+        gradients
+            .logit_bias
+            .as_slice_mut()
+            .expect("standard layout"),
+        gradients
+            .value_weight
+            .as_slice_mut()
+            .expect("standard layout"),
         std::slice::from_mut(&mut gradients.value_bias),
     ]
 }

@@ -112,10 +112,18 @@ impl PolicyNetwork {
     pub fn forward(&self, embeddings: ArrayView2<f32>, w_quality: &[f32]) -> ForwardPass {
         let batch = embeddings.nrows();
         assert_eq!(batch, w_quality.len(), "one preference per embedding row");
-        assert_eq!(embeddings.ncols(), self.shape.embedding_dim, "embedding dimension");
+        assert_eq!(
+            embeddings.ncols(),
+            self.shape.embedding_dim,
+            "embedding dimension"
+        );
 
         let preferences = Array2::from_shape_fn((batch, 2), |(i, j)| {
-            if j == 0 { w_quality[i] } else { 1.0 - w_quality[i] }
+            if j == 0 {
+                w_quality[i]
+            } else {
+                1.0 - w_quality[i]
+            }
         });
         let pref_features = (preferences.dot(&self.pref_weight) + &self.pref_bias).mapv(f32::tanh);
 
@@ -151,7 +159,12 @@ impl PolicyNetwork {
     /// Back-propagates `d_logits = ∂L/∂z` (`[batch × K]`) through the policy, and
     /// `d_values = ∂L/∂V` (`[batch]`) into the value head only: the baseline must not change the
     /// policy's features, or it would bias the policy gradient.
-    pub fn backward(&self, pass: &ForwardPass, d_logits: &Array2<f32>, d_values: &Array1<f32>) -> Gradients {
+    pub fn backward(
+        &self,
+        pass: &ForwardPass,
+        d_logits: &Array2<f32>,
+        d_values: &Array1<f32>,
+    ) -> Gradients {
         let logit_weight = pass.hidden.t().dot(d_logits);
         let logit_bias = d_logits.sum_axis(Axis(0));
 

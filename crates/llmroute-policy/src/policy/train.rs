@@ -64,7 +64,11 @@ impl TrainConfig {
 
     /// Entropy bonus at `step`, linear from `entropy_start` to `entropy_end`.
     pub fn entropy_at(&self, step: usize) -> f32 {
-        let progress = if self.steps > 1 { step as f32 / (self.steps - 1) as f32 } else { 1.0 };
+        let progress = if self.steps > 1 {
+            step as f32 / (self.steps - 1) as f32
+        } else {
+            1.0
+        };
         self.entropy_start + (self.entropy_end - self.entropy_start) * progress
     }
 }
@@ -98,8 +102,14 @@ pub fn train(
     };
     let mut network = match initial {
         Some(network) => {
-            assert_eq!(network.shape.embedding_dim, shape.embedding_dim, "embedding dimension");
-            assert_eq!(network.shape.num_models, shape.num_models, "number of models");
+            assert_eq!(
+                network.shape.embedding_dim, shape.embedding_dim,
+                "embedding dimension"
+            );
+            assert_eq!(
+                network.shape.num_models, shape.num_models,
+                "number of models"
+            );
             network
         }
         None => PolicyNetwork::new(shape, &mut rng),
@@ -225,7 +235,8 @@ pub fn reinforce_gradients(
         for (k, &p) in probabilities.iter().enumerate() {
             let indicator = if k == actions[i] { 1.0 } else { 0.0 };
             let log_p = p.max(f32::MIN_POSITIVE).ln();
-            d_logits[[i, k]] = scale * (-advantage * (indicator - p) + beta * p * (log_p + entropy));
+            d_logits[[i, k]] =
+                scale * (-advantage * (indicator - p) + beta * p * (log_p + entropy));
         }
         d_values[i] = scale * (pass.values[i] - rewards[i]);
 
@@ -284,7 +295,9 @@ mod tests {
         for i in 0..actions.len() {
             let p = pass.probabilities.row(i);
             let entropy: f64 = -p.iter().map(|&v| (v as f64) * (v as f64).ln()).sum::<f64>();
-            policy_loss += (-(advantages[i] as f64) * (p[actions[i]] as f64).ln() - beta as f64 * entropy) / batch;
+            policy_loss += (-(advantages[i] as f64) * (p[actions[i]] as f64).ln()
+                - beta as f64 * entropy)
+                / batch;
             value_loss += 0.5 * ((pass.values[i] - rewards[i]) as f64).powi(2) / batch;
         }
         (policy_loss, value_loss)
@@ -303,7 +316,10 @@ mod tests {
         let pass = network.forward(embeddings.view(), &w_quality);
         let advantages: Vec<f32> = (0..4).map(|i| rewards[i] - pass.values[i]).collect();
         let (mut analytic, _) = reinforce_gradients(&network, &pass, &actions, &rewards, beta);
-        let analytic: Vec<Vec<f32>> = gradient_slices(&mut analytic).iter().map(|g| g.to_vec()).collect();
+        let analytic: Vec<Vec<f32>> = gradient_slices(&mut analytic)
+            .iter()
+            .map(|g| g.to_vec())
+            .collect();
 
         let epsilon = 1e-3f32;
         let value_tensors = [6, 7];
@@ -313,10 +329,21 @@ mod tests {
                 let loss_at = |delta: f32| {
                     let mut shifted = network.clone();
                     parameter_slices(&mut shifted)[tensor][index] += delta;
-                    let (policy, value) =
-                        split_loss(&shifted, &embeddings, &w_quality, &actions, &rewards, &advantages, beta);
+                    let (policy, value) = split_loss(
+                        &shifted,
+                        &embeddings,
+                        &w_quality,
+                        &actions,
+                        &rewards,
+                        &advantages,
+                        beta,
+                    );
                     // The value head sees only the value loss; the policy sees only its own term.
-                    if value_tensors.contains(&tensor) { value } else { policy }
+                    if value_tensors.contains(&tensor) {
+                        value
+                    } else {
+                        policy
+                    }
                 };
                 let numeric = (loss_at(epsilon) - loss_at(-epsilon)) / (2.0 * epsilon as f64);
                 let exact = analytic[tensor][index] as f64;
@@ -336,7 +363,8 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let network = small_network(&mut rng);
         let embeddings = Array2::from_shape_fn((7, 5), |_| rng.random_range(-1.0..1.0));
-        let probabilities = network.probabilities(embeddings.view(), &[0.0, 0.1, 0.2, 0.5, 0.7, 0.9, 1.0]);
+        let probabilities =
+            network.probabilities(embeddings.view(), &[0.0, 0.1, 0.2, 0.5, 0.7, 0.9, 1.0]);
         for row in probabilities.rows() {
             assert!((row.sum() - 1.0).abs() < 1e-5, "row sums to {}", row.sum());
         }
@@ -371,7 +399,8 @@ mod tests {
     fn training_learns_preference_dependent_routing() {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let (embeddings, quality, cost) = synthetic_problem(&mut rng);
-        let mut environment = ReplayEnvironment::new(embeddings.view(), quality.view(), cost.view());
+        let mut environment =
+            ReplayEnvironment::new(embeddings.view(), quality.view(), cost.view());
         let config = TrainConfig {
             steps: 1500,
             batch_size: 32,
@@ -379,15 +408,39 @@ mod tests {
             ..TrainConfig::default()
         };
         let reward = Reward::new(0.01);
-        let (network, summary) = train(&mut environment, reward, &config, None, &ProgressBar::hidden());
+        let (network, summary) = train(
+            &mut environment,
+            reward,
+            &config,
+            None,
+            &ProgressBar::hidden(),
+        );
 
         assert_eq!(summary.interactions, config.interactions() as u64);
-        let quality_first = network.probabilities(embeddings.slice(ndarray::s![0..2, ..]), &[1.0, 1.0]);
-        assert_eq!(crate::policy::argmax(quality_first.row(0).as_slice().unwrap()), 0, "cluster A at w=1");
-        assert_eq!(crate::policy::argmax(quality_first.row(1).as_slice().unwrap()), 1, "cluster B at w=1");
-        let cost_first = network.probabilities(embeddings.slice(ndarray::s![0..2, ..]), &[0.0, 0.0]);
-        assert_eq!(crate::policy::argmax(cost_first.row(0).as_slice().unwrap()), 2, "cluster A at w=0");
-        assert_eq!(crate::policy::argmax(cost_first.row(1).as_slice().unwrap()), 2, "cluster B at w=0");
+        let quality_first =
+            network.probabilities(embeddings.slice(ndarray::s![0..2, ..]), &[1.0, 1.0]);
+        assert_eq!(
+            crate::policy::argmax(quality_first.row(0).as_slice().unwrap()),
+            0,
+            "cluster A at w=1"
+        );
+        assert_eq!(
+            crate::policy::argmax(quality_first.row(1).as_slice().unwrap()),
+            1,
+            "cluster B at w=1"
+        );
+        let cost_first =
+            network.probabilities(embeddings.slice(ndarray::s![0..2, ..]), &[0.0, 0.0]);
+        assert_eq!(
+            crate::policy::argmax(cost_first.row(0).as_slice().unwrap()),
+            2,
+            "cluster A at w=0"
+        );
+        assert_eq!(
+            crate::policy::argmax(cost_first.row(1).as_slice().unwrap()),
+            2,
+            "cluster B at w=0"
+        );
     }
 
     #[test]
@@ -401,8 +454,16 @@ mod tests {
             ..TrainConfig::default()
         };
         let run = || {
-            let mut environment = ReplayEnvironment::new(embeddings.view(), quality.view(), cost.view());
-            train(&mut environment, Reward::new(0.01), &config, None, &ProgressBar::hidden()).0
+            let mut environment =
+                ReplayEnvironment::new(embeddings.view(), quality.view(), cost.view());
+            train(
+                &mut environment,
+                Reward::new(0.01),
+                &config,
+                None,
+                &ProgressBar::hidden(),
+            )
+            .0
         };
         assert_eq!(run(), run());
     }

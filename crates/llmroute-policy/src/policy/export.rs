@@ -1,0 +1,284 @@
+//! Writes a trained policy as an ONNX graph and reads its weights back.
+//!
+//! The graph computes exactly [`PolicyNetwork::forward`] without the value head:
+//! `probabilities = softmax(relu([embedding; tanh(preference · W_p + b_p)] · W_1 + b_1) · W_2 + b_2)`.
+//! The batch dimension is symbolic, so one file serves single decisions and batches.
+
+use ndarray::{Array1, Array2};
+
+use super::metadata::{POLICY_FORMAT, PolicyMetadata, keys, tensors};
+use super::network::{NetworkShape, PolicyNetwork};
+use crate::onnx::{self, Dim, FLOAT, GraphBuilder, attr_int, proto::ModelProto};
+
+/// Initializer names in the exported graph.
+const PREF_WEIGHT: &str = "pref_weight";
+const PREF_BIAS: &str = "pref_bias";
+const HIDDEN_WEIGHT: &str = "hidden_weight";
+const HIDDEN_BIAS: &str = "hidden_bias";
+const LOGIT_WEIGHT: &str = "logit_weight";
+const LOGIT_BIAS: &str = "logit_bias";
+
+/// A policy file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyFileError {
+    #[error(
+        "not an ONNX model ({0}); the file is truncated or not a policy written by `llmroute train`"
+    )]
+    Decode(#[from] prost::DecodeError),
+    #[error("the ONNX model has no metadata key `{0}`; it was not written by `llmroute train`")]
+    MissingMetadata(&'static str),
+    #[error(
+        "the policy format is `{found}`, but this build reads `{POLICY_FORMAT}`; retrain it with this version of llmroute"
+    )]
+    WrongFormat { found: String },
+    #[error("invalid metadata `{key}` = `{value}`: {reason}")]
+    InvalidMetadata {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("the ONNX model has no initializer `{0}`; the file is not a BaRP policy")]
+    MissingWeights(&'static str),
+    #[error("initializer `{name}` has shape {found:?}, expected {expected:?}")]
+    WrongShape {
+        name: &'static str,
+        found: Vec<i64>,
+        expected: Vec<usize>,
+    },
+}
+
+/// Builds the ONNX model of `network` with `metadata` in its `metadata_props`.
+pub fn to_onnx(network: &PolicyNetwork, metadata: &PolicyMetadata) -> ModelProto {
+    assert_eq!(
+        metadata.models.len(),
+        network.shape.num_models,
+        "one model name per action"
+    );
+    let shape = network.shape;
+    let mut graph = GraphBuilder::new("barp_policy");
+    let batch = Dim::Symbolic("batch");
+    let embedding = graph.input(
+        tensors::EMBEDDING,
+        FLOAT,
+        &[batch, Dim::Fixed(shape.embedding_dim as i64)],
+    );
+    let preference = graph.input(tensors::PREFERENCE, FLOAT, &[batch, Dim::Fixed(2)]);
+
+    let weights = [
+        (PREF_WEIGHT, &network.pref_weight),
+        (HIDDEN_WEIGHT, &network.hidden_weight),
+        (LOGIT_WEIGHT, &network.logit_weight),
+    ];
+    for (name, weight) in weights {
+        graph.initializer_f32(
+            name,
+            &[weight.nrows(), weight.ncols()],
+            weight.as_slice().expect("standard layout"),
+        );
+    }
+    let biases = [
+        (PREF_BIAS, &network.pref_bias),
+        (HIDDEN_BIAS, &network.hidden_bias),
+        (LOGIT_BIAS, &network.logit_bias),
+    ];
+    for (name, bias) in biases {
+        graph.initializer_f32(
+            name,
+            &[bias.len()],
+            bias.as_slice().expect("standard layout"),
+        );
+    }
+
+    // φ(w) = tanh(w · W_p + b_p)
+    let pref_linear = graph.node("MatMul", &[&preference, PREF_WEIGHT], vec![]);
+    let pref_shifted = graph.node("Add", &[&pref_linear, PREF_BIAS], vec![]);
+    let pref_features = graph.node("Tanh", &[&pref_shifted], vec![]);
+
+    // u = relu([h(x); φ(w)] · W_1 + b_1)
+    let head_input = graph.node(
+        "Concat",
+        &[&embedding, &pref_features],
+        vec![attr_int("axis", 1)],
+    );
+    let hidden_linear = graph.node("MatMul", &[&head_input, HIDDEN_WEIGHT], vec![]);
+    let hidden_shifted = graph.node("Add", &[&hidden_linear, HIDDEN_BIAS], vec![]);
+    let hidden = graph.node("Relu", &[&hidden_shifted], vec![]);
+
+    // z = u · W_2 + b_2, π = softmax(z)
+    let logit_linear = graph.node("MatMul", &[&hidden, LOGIT_WEIGHT], vec![]);
+    graph.node_with_outputs(
+        "Add",
+        &[&logit_linear, LOGIT_BIAS],
+        &[tensors::LOGITS],
+        vec![],
+    );
+    graph.node_with_outputs(
+        "Softmax",
+        &[tensors::LOGITS],
+        &[tensors::PROBABILITIES],
+        vec![attr_int("axis", -1)],
+    );
+
+    let models = Dim::Fixed(shape.num_models as i64);
+    graph.output(tensors::LOGITS, FLOAT, &[batch, models]);
+    graph.output(tensors::PROBABILITIES, FLOAT, &[batch, models]);
+
+    let properties = [
+        (keys::FORMAT, POLICY_FORMAT.to_string()),
+        (keys::VERSION, metadata.version.clone()),
+        (
+            keys::MODELS,
+            serde_json::to_string(&metadata.models).expect("strings serialise"),
+        ),
+        (keys::ENCODER, metadata.encoder.clone()),
+        (keys::EMBEDDING_DIM, metadata.embedding_dim.to_string()),
+        (keys::COST_SCALE, metadata.cost_scale_usd.to_string()),
+    ];
+    graph.finish(
+        "BaRP routing policy: preference-conditioned softmax over the route's models",
+        &properties,
+    )
+}
+
+/// Serialises `network` to the bytes of a policy `.onnx` file.
+pub fn to_onnx_bytes(network: &PolicyNetwork, metadata: &PolicyMetadata) -> Vec<u8> {
+    onnx::encode(&to_onnx(network, metadata))
+}
+
+/// Reads the metadata of a policy file without running it.
+pub fn read_metadata(model: &ModelProto) -> Result<PolicyMetadata, PolicyFileError> {
+    let lookup = |key: &'static str| {
+        model
+            .metadata_props
+            .iter()
+            .find(|entry| entry.key == key)
+            .map(|entry| entry.value.clone())
+            .ok_or(PolicyFileError::MissingMetadata(key))
+    };
+    let format = lookup(keys::FORMAT)?;
+    if format != POLICY_FORMAT {
+        return Err(PolicyFileError::WrongFormat { found: format });
+    }
+    let models_text = lookup(keys::MODELS)?;
+    let models: Vec<String> =
+        serde_json::from_str(&models_text).map_err(|e| PolicyFileError::InvalidMetadata {
+            key: keys::MODELS,
+            value: models_text.clone(),
+            reason: format!("expected a JSON array of model names ({e})"),
+        })?;
+    if models.is_empty() {
+        return Err(PolicyFileError::InvalidMetadata {
+            key: keys::MODELS,
+            value: models_text,
+            reason: "the policy names no model".to_string(),
+        });
+    }
+    let dim_text = lookup(keys::EMBEDDING_DIM)?;
+    let embedding_dim = dim_text
+        .parse()
+        .map_err(|e| PolicyFileError::InvalidMetadata {
+            key: keys::EMBEDDING_DIM,
+            value: dim_text.clone(),
+            reason: format!("expected a positive integer ({e})"),
+        })?;
+    let tau_text = lookup(keys::COST_SCALE)?;
+    let cost_scale_usd: f32 = tau_text
+        .parse()
+        .ok()
+        .filter(|tau: &f32| *tau > 0.0 && tau.is_finite())
+        .ok_or_else(|| PolicyFileError::InvalidMetadata {
+            key: keys::COST_SCALE,
+            value: tau_text.clone(),
+            reason: "expected a positive number of USD".to_string(),
+        })?;
+    Ok(PolicyMetadata {
+        format,
+        version: lookup(keys::VERSION)?,
+        models,
+        encoder: lookup(keys::ENCODER)?,
+        embedding_dim,
+        cost_scale_usd,
+    })
+}
+
+/// Reads the weights of a policy file back into a network, for continued training from a
+/// stable policy. The value head is not exported, so it restarts at zero.
+pub fn from_onnx(model: &ModelProto) -> Result<PolicyNetwork, PolicyFileError> {
+    let metadata = read_metadata(model)?;
+    let graph = model
+        .graph
+        .as_ref()
+        .ok_or(PolicyFileError::MissingWeights(HIDDEN_WEIGHT))?;
+    let tensor = |name: &'static str| -> Result<(Vec<i64>, Vec<f32>), PolicyFileError> {
+        let tensor = graph
+            .initializer
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or(PolicyFileError::MissingWeights(name))?;
+        let values = tensor
+            .raw_data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        Ok((tensor.dims.clone(), values))
+    };
+    let matrix = |name: &'static str,
+                  expected: Option<[usize; 2]>|
+     -> Result<Array2<f32>, PolicyFileError> {
+        let (dims, values) = tensor(name)?;
+        let shape_ok = dims.len() == 2
+            && (dims[0] as usize) * (dims[1] as usize) == values.len()
+            && expected.is_none_or(|e| dims[0] as usize == e[0] && dims[1] as usize == e[1]);
+        if !shape_ok {
+            return Err(PolicyFileError::WrongShape {
+                name,
+                found: dims,
+                expected: expected.map(|e| e.to_vec()).unwrap_or_default(),
+            });
+        }
+        Ok(
+            Array2::from_shape_vec((dims[0] as usize, dims[1] as usize), values)
+                .expect("checked shape"),
+        )
+    };
+    let vector = |name: &'static str, expected: usize| -> Result<Array1<f32>, PolicyFileError> {
+        let (dims, values) = tensor(name)?;
+        if dims != [expected as i64] || values.len() != expected {
+            return Err(PolicyFileError::WrongShape {
+                name,
+                found: dims,
+                expected: vec![expected],
+            });
+        }
+        Ok(Array1::from(values))
+    };
+
+    let pref_weight = matrix(PREF_WEIGHT, None)?;
+    let preference_dim = pref_weight.ncols();
+    let hidden_weight = matrix(HIDDEN_WEIGHT, None)?;
+    let hidden_dim = hidden_weight.ncols();
+    let shape = NetworkShape {
+        embedding_dim: metadata.embedding_dim,
+        preference_dim,
+        hidden_dim,
+        num_models: metadata.models.len(),
+    };
+    if pref_weight.nrows() != 2 || hidden_weight.nrows() != shape.head_input_dim() {
+        return Err(PolicyFileError::WrongShape {
+            name: HIDDEN_WEIGHT,
+            found: vec![hidden_weight.nrows() as i64, hidden_dim as i64],
+            expected: vec![shape.head_input_dim(), hidden_dim],
+        });
+    }
+    Ok(PolicyNetwork {
+        shape,
+        pref_weight,
+        pref_bias: vector(PREF_BIAS, preference_dim)?,
+        hidden_weight,
+        hidden_bias: vector(HIDDEN_BIAS, hidden_dim)?,
+        logit_weight: matrix(LOGIT_WEIGHT, Some([hidden_dim, shape.num_models]))?,
+        logit_bias: vector(LOGIT_BIAS, shape.num_models)?,
+        value_weight: Array1::zeros(hidden_dim),
+        value_bias: 0.0,
+    })
+}

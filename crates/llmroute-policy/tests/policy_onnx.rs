@@ -1,0 +1,156 @@
+//! The exported policy run by ONNX Runtime must give the probabilities of the Rust forward pass.
+//! Needs the assets of `llmroute setup` (the ONNX Runtime library).
+
+use indicatif::ProgressBar;
+use llmroute_policy::assets::{Assets, default_cache_dir};
+use llmroute_policy::bandit::ReplayEnvironment;
+use llmroute_policy::policy::{
+    InferenceError, OnnxPolicy, PolicyMetadata, TrainConfig, from_onnx, metadata::POLICY_FORMAT,
+    to_onnx_bytes, train,
+};
+use llmroute_policy::reward::Reward;
+use llmroute_policy::runtime::init_onnx_runtime;
+use ndarray::Array2;
+use ort::environment::Environment;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn environment() -> Environment {
+    let cache = default_cache_dir().expect("cache folder");
+    let assets = Assets::locate(&cache).unwrap_or_else(|e| panic!("{e}"));
+    init_onnx_runtime(&assets.onnx_runtime).expect("ONNX Runtime loads")
+}
+
+fn unit_rows(rows: usize, dim: usize, rng: &mut ChaCha8Rng) -> Array2<f32> {
+    let mut matrix = Array2::from_shape_fn((rows, dim), |_| rng.random_range(-1.0f32..1.0));
+    for mut row in matrix.rows_mut() {
+        let norm = row.dot(&row).sqrt();
+        row.mapv_inplace(|v| v / norm);
+    }
+    matrix
+}
+
+fn trained_policy() -> (llmroute_policy::policy::PolicyNetwork, PolicyMetadata) {
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let embeddings = unit_rows(64, 384, &mut rng);
+    let quality = Array2::from_shape_fn((64, 4), |_| rng.random_range(0.0f32..1.0));
+    let cost = Array2::from_shape_fn((64, 4), |(_, k)| 0.001 * (k + 1) as f32);
+    let mut bandit = ReplayEnvironment::new(embeddings.view(), quality.view(), cost.view());
+    let config = TrainConfig {
+        steps: 20,
+        ..TrainConfig::default()
+    };
+    let (network, _) = train(
+        &mut bandit,
+        Reward::new(0.004),
+        &config,
+        None,
+        &ProgressBar::hidden(),
+    );
+    let metadata = PolicyMetadata {
+        format: POLICY_FORMAT.to_string(),
+        version: "test-1".to_string(),
+        models: ["a", "b", "c", "d"].map(String::from).to_vec(),
+        encoder: "test-encoder".to_string(),
+        embedding_dim: 384,
+        cost_scale_usd: 0.004,
+    };
+    (network, metadata)
+}
+
+#[test]
+fn onnx_policy_matches_rust_forward_pass() {
+    let environment = environment();
+    let (network, metadata) = trained_policy();
+    let bytes = to_onnx_bytes(&network, &metadata);
+    let mut policy = OnnxPolicy::from_bytes(&bytes, &environment, "memory").expect("policy loads");
+    assert_eq!(policy.metadata(), &metadata);
+
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let embeddings = unit_rows(32, 384, &mut rng);
+    let w_quality: Vec<f32> = (0..32).map(|i| (i % 11) as f32 / 10.0).collect();
+    let expected = network.probabilities(embeddings.view(), &w_quality);
+    let actual = policy
+        .probabilities_batch(embeddings.view(), &w_quality)
+        .expect("batch runs");
+    let worst = (&expected - &actual)
+        .mapv(f32::abs)
+        .fold(0.0f32, |m, &v| m.max(v));
+    println!("worst absolute difference, batch of 32: {worst:e}");
+    assert!(worst <= 1e-5, "ONNX Runtime and Rust differ by {worst}");
+
+    for i in 0..4 {
+        let single = policy
+            .probabilities(embeddings.row(i).as_slice().unwrap(), w_quality[i])
+            .expect("single decision runs");
+        for (k, p) in single.iter().enumerate() {
+            assert!(
+                (p - expected[[i, k]]).abs() <= 1e-5,
+                "row {i} model {k}: {p} vs {}",
+                expected[[i, k]]
+            );
+        }
+    }
+}
+
+#[test]
+fn onnx_policy_weights_round_trip() {
+    let (network, metadata) = trained_policy();
+    let bytes = to_onnx_bytes(&network, &metadata);
+    let model = llmroute_policy::onnx::decode(&bytes).expect("decodes");
+    let restored = from_onnx(&model).expect("weights read back");
+    assert_eq!(restored.pref_weight, network.pref_weight);
+    assert_eq!(restored.hidden_weight, network.hidden_weight);
+    assert_eq!(restored.logit_weight, network.logit_weight);
+    assert_eq!(restored.logit_bias, network.logit_bias);
+}
+
+#[test]
+fn malformed_policy_files_are_errors() {
+    let environment = environment();
+    let (network, metadata) = trained_policy();
+    let bytes = to_onnx_bytes(&network, &metadata);
+
+    let truncated = OnnxPolicy::from_bytes(&bytes[..bytes.len() / 2], &environment, "half.onnx");
+    let message = truncated.expect_err("truncated file rejected").to_string();
+    assert!(message.contains("half.onnx"), "{message}");
+
+    let garbage = OnnxPolicy::from_bytes(b"not a model at all", &environment, "garbage.onnx");
+    assert!(
+        matches!(garbage, Err(InferenceError::Malformed { .. })),
+        "{garbage:?}"
+    );
+
+    let error = OnnxPolicy::load(
+        std::path::Path::new("/nonexistent/policy.onnx"),
+        &environment,
+    )
+    .expect_err("missing file rejected");
+    assert!(
+        error.to_string().contains("/nonexistent/policy.onnx"),
+        "{error}"
+    );
+
+    let mut policy = OnnxPolicy::from_bytes(&bytes, &environment, "memory").expect("policy loads");
+    let short = policy
+        .probabilities(&[0.0; 10], 0.5)
+        .expect_err("short embedding rejected");
+    assert!(
+        matches!(
+            short,
+            InferenceError::EmbeddingSize {
+                found: 10,
+                expected: 384,
+                ..
+            }
+        ),
+        "{short}"
+    );
+    let preference = policy
+        .probabilities(&[0.0; 384], 1.5)
+        .expect_err("preference out of range");
+    assert!(
+        matches!(preference, InferenceError::Preference(_)),
+        "{preference}"
+    );
+}
