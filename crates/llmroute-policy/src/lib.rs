@@ -8,3 +8,4 @@ pub mod data;
 pub mod onnx;
 pub mod policy;
 pub mod reward;
+pub mod runtime;
