@@ -2,9 +2,11 @@
 //! policy network and its REINFORCE trainer, ONNX export and inference through ONNX Runtime,
 //! the routing data sets, baseline routers and the offline evaluation that compares them.
 
+pub mod assets;
 pub mod bandit;
 pub mod baselines;
 pub mod data;
+pub mod encoder;
 pub mod onnx;
 pub mod policy;
 pub mod reward;
