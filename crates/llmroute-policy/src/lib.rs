@@ -6,6 +6,7 @@ pub mod assets;
 pub mod bandit;
 pub mod baselines;
 pub mod data;
+pub mod embedding_cache;
 pub mod encoder;
 pub mod onnx;
 pub mod policy;
