@@ -8,6 +8,7 @@ pub mod baselines;
 pub mod data;
 pub mod embedding_cache;
 pub mod encoder;
+pub mod eval;
 pub mod onnx;
 pub mod policy;
 pub mod reward;
