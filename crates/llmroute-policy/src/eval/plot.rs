@@ -182,7 +182,7 @@ pub fn render_svg(report: &EvalReport, split: &str) -> String {
         );
         let _ = writeln!(
             svg,
-            r##"<rect x="{:.1}" y="{:.1}" width="8" height="8" fill="#999"/><text x="{:.1}" y="{:.1}" font-size="10" fill="#555">{}</text>"##,
+            r##"<rect x="{:.1}" y="{:.1}" width="8" height="8" fill="#999"/><text x="{:.1}" y="{:.1}" font-size="10" fill="#555" stroke="white" stroke-width="3" paint-order="stroke">{}</text>"##,
             x - 4.0,
             y - 4.0,
             x + 7.0,

@@ -129,14 +129,19 @@ fn cost_heading(report: &EvalReport) -> &'static str {
     }
 }
 
-/// Formats the most-used model of a row and its share as `name 53%`.
+/// Formats the most-used model of a row (without its provider prefix) and its share as
+/// `name 53%`.
 fn top_share(row: &EvalRow, width: usize) -> String {
     let top = row
         .shares
         .iter()
         .max_by(|a, b| a.1.total_cmp(b.1).then(b.0.cmp(a.0)));
     match top {
-        Some((model, share)) => format!("{} {:>3.0}%", truncate(model, width), share * 100.0),
+        // The provider prefix (`google/`, `meta-llama/`) repeats across rows, so drop it here.
+        Some((model, share)) => {
+            let short = model.rsplit('/').next().unwrap_or(model);
+            format!("{} {:>3.0}%", truncate(short, width), share * 100.0)
+        }
         None => String::new(),
     }
 }
