@@ -1,1 +1,65 @@
-fn main() {}
+//! `llmroute`: the one binary of llmroute. Each subcommand lives in `commands/`.
+
+mod commands;
+mod workspace;
+
+use std::io::IsTerminal;
+
+use clap::{Parser, Subcommand};
+
+/// Learned per-request LLM routing: trains, evaluates and serves BaRP routing policies.
+#[derive(Debug, Parser)]
+#[command(name = "llmroute", version, about)]
+struct Cli {
+    /// Folder for downloaded assets and caches [default: $LLMROUTE_CACHE, else
+    /// $XDG_CACHE_HOME/llmroute, else ~/.cache/llmroute].
+    #[arg(long, global = true, env = "LLMROUTE_CACHE")]
+    cache: Option<std::path::PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Download ONNX Runtime and the MiniLM encoder weights (pinned by sha256) and build the
+    /// encoder graph. Idempotent.
+    Setup,
+    /// Train a BaRP policy from bandit feedback and write policy.onnx and policy.json.
+    Train(commands::train::TrainArgs),
+    /// Train BaRP and the baseline routers and compare them across the preference sweep.
+    Eval(commands::eval::EvalArgs),
+    /// Measure policy decision, encoder and training times and print a table.
+    Bench(commands::bench::BenchArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = workspace::Workspace::new(cli.cache).and_then(|workspace| match cli.command {
+        Command::Setup => commands::setup::run(&workspace),
+        Command::Train(args) => commands::train::run(&workspace, &args),
+        Command::Eval(args) => commands::eval::run(&workspace, &args),
+        Command::Bench(args) => commands::bench::run(&workspace, &args),
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the default level (`info` for llmroute, `warn` for
+/// libraries).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("warn,llmroute=info,llmroute_policy=info")
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

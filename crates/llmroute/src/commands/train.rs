@@ -1,0 +1,176 @@
+//! `llmroute train`: trains a BaRP policy on a data set's training split from bandit feedback
+//! and writes `policy.onnx` with `policy.json` beside it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use llmroute_policy::bandit::ReplayEnvironment;
+use llmroute_policy::data;
+use llmroute_policy::policy::metadata::POLICY_FORMAT;
+use llmroute_policy::policy::{
+    PolicyManifest, PolicyMetadata, TrainConfig, TrainingRecord, to_onnx_bytes, train,
+};
+use llmroute_policy::reward::{DEFAULT_TAU_PERCENTILE, Reward, calibrate_tau};
+use sha2::{Digest, Sha256};
+
+use crate::workspace::{Workspace, progress_bar};
+
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// Data set to train on (its training split): llmrouter-9llm, paretobandit-k3,
+    /// paretobandit-k4.
+    #[arg(long, default_value = "llmrouter-9llm")]
+    pub dataset: String,
+    /// Folder to write policy.onnx and policy.json into.
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+    /// Version label written into the policy.
+    #[arg(long, default_value = "v1")]
+    pub version: String,
+    #[command(flatten)]
+    pub hyper: HyperArgs,
+}
+
+/// Training hyper-parameters shared by `train` and `eval`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HyperArgs {
+    /// Seed of every random choice of training.
+    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    pub seed: u64,
+    /// Gradient steps of REINFORCE.
+    #[arg(long, default_value_t = TrainConfig::default().steps)]
+    pub steps: usize,
+    /// Bandit interactions per gradient step.
+    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    pub batch_size: usize,
+    /// Cost scale τ in USD per call [default: the 95th percentile of training costs].
+    #[arg(long)]
+    pub tau: Option<f32>,
+}
+
+impl HyperArgs {
+    pub fn config(&self) -> Result<TrainConfig> {
+        if self.steps == 0 || self.batch_size == 0 {
+            bail!(
+                "invalid --steps {} / --batch-size {}: both must be at least 1",
+                self.steps,
+                self.batch_size
+            );
+        }
+        Ok(TrainConfig {
+            seed: self.seed,
+            steps: self.steps,
+            batch_size: self.batch_size,
+            ..TrainConfig::default()
+        })
+    }
+
+    /// The reward of this run: a pinned τ, or τ calibrated from every recorded training cost.
+    pub fn reward(&self, costs: impl IntoIterator<Item = f32>) -> Result<Reward> {
+        let tau = match self.tau {
+            Some(tau) if tau > 0.0 && tau.is_finite() => tau,
+            Some(tau) => {
+                bail!("invalid --tau {tau}: the cost scale must be a positive number of USD")
+            }
+            None => calibrate_tau(costs, DEFAULT_TAU_PERCENTILE).context(
+                "cannot calibrate the cost scale τ: every training cost is zero; pass --tau USD",
+            )?,
+        };
+        Ok(Reward::new(tau))
+    }
+}
+
+pub fn run(workspace: &Workspace, args: &TrainArgs) -> Result<()> {
+    let dataset = data::load(&args.dataset)?;
+    let config = args.hyper.config()?;
+    let reward = args.hyper.reward(dataset.train.cost.iter().copied())?;
+
+    let mut encoder = workspace.bulk_encoder()?;
+    let embeddings =
+        workspace.embed_split(&mut encoder, &dataset, "train", &dataset.train.prompts)?;
+
+    let started = Instant::now();
+    let mut bandit = ReplayEnvironment::new(
+        embeddings.view(),
+        dataset.train.quality.view(),
+        dataset.train.cost.view(),
+    );
+    let progress = progress_bar(config.steps as u64, "training BaRP");
+    let (network, summary) = train(&mut bandit, reward, &config, None, &progress);
+    progress.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+
+    let metadata = PolicyMetadata {
+        format: POLICY_FORMAT.to_string(),
+        version: args.version.clone(),
+        models: dataset.models.clone(),
+        encoder: encoder.digest().to_string(),
+        embedding_dim: network.shape.embedding_dim,
+        cost_scale_usd: reward.tau,
+    };
+    let record = TrainingRecord::new(
+        &dataset.name,
+        "train",
+        dataset.train.len(),
+        &config,
+        &summary,
+        seconds,
+    );
+    let (onnx_path, manifest_path) = write_policy(&args.out, &network, metadata, record)?;
+
+    println!(
+        "trained {} on {} ({} prompts, {} bandit interactions, τ = ${:.3e}) in {seconds:.1} s",
+        args.version,
+        dataset.name,
+        dataset.train.len(),
+        summary.interactions,
+        reward.tau
+    );
+    println!(
+        "mean reward over the last tenth of training: {:.4}",
+        summary.final_mean_reward
+    );
+    println!(
+        "wrote {} and {}",
+        onnx_path.display(),
+        manifest_path.display()
+    );
+    Ok(())
+}
+
+/// Writes `policy.onnx` and `policy.json` into `out`, each through a temporary file, so a
+/// reader never sees half a policy.
+pub fn write_policy(
+    out: &Path,
+    network: &llmroute_policy::policy::PolicyNetwork,
+    metadata: PolicyMetadata,
+    record: TrainingRecord,
+) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("failed to create the output folder {}", out.display()))?;
+    let bytes = to_onnx_bytes(network, &metadata);
+    let manifest = PolicyManifest {
+        metadata,
+        sha256: hex::encode(Sha256::digest(&bytes)),
+        file: "policy.onnx".to_string(),
+        training: Some(record),
+    };
+    let onnx_path = out.join("policy.onnx");
+    let manifest_path = out.join("policy.json");
+    write_atomically(&onnx_path, &bytes)?;
+    write_atomically(
+        &manifest_path,
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
+    Ok((onnx_path, manifest_path))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let temporary = path.with_extension("tmp");
+    std::fs::write(&temporary, bytes)
+        .with_context(|| format!("failed to write {}", temporary.display()))?;
+    std::fs::rename(&temporary, path)
+        .with_context(|| format!("failed to move {} into place", path.display()))?;
+    Ok(())
+}
