@@ -324,8 +324,8 @@ mod tests {
         let epsilon = 1e-3f32;
         let value_tensors = [6, 7];
         let mut checked = 0;
-        for tensor in 0..analytic.len() {
-            for index in 0..analytic[tensor].len() {
+        for (tensor, tensor_gradients) in analytic.iter().enumerate() {
+            for (index, &exact) in tensor_gradients.iter().enumerate() {
                 let loss_at = |delta: f32| {
                     let mut shifted = network.clone();
                     parameter_slices(&mut shifted)[tensor][index] += delta;
@@ -346,7 +346,7 @@ mod tests {
                     }
                 };
                 let numeric = (loss_at(epsilon) - loss_at(-epsilon)) / (2.0 * epsilon as f64);
-                let exact = analytic[tensor][index] as f64;
+                let exact = exact as f64;
                 let tolerance = 2e-3 + 2e-2 * numeric.abs().max(exact.abs());
                 assert!(
                     (numeric - exact).abs() <= tolerance,
