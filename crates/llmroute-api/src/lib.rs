@@ -1,0 +1,17 @@
+//! Wire types shared by the llmroute sidecar, the control plane and the operator: the sidecar
+//! configuration of a route, routing decisions, feedback, completed events and the
+//! OpenAI-style error body. Everything here is plain serde data, free of Kubernetes types.
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod event;
+pub mod openai;
+pub mod preference;
+
+pub use config::{
+    ApiKeyRef, ConfigError, Exploration, ModelEndpoint, PolicyRef, Pricing, SidecarConfig,
+};
+pub use event::{CompletedEvent, DecisionRecord, EventBatch, FeedbackRequest, Outcome};
+pub use openai::{ErrorBody, ErrorDetail};
+pub use preference::{Preference, PreferenceError};
