@@ -45,7 +45,9 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             seed: 7,
-            steps: 3000,
+            // 640 000 interactions: on a validation split of llmrouter-9llm's training prompts
+            // (examples/tune_barp.rs) 10 000 steps beat 3 000 steps for each of three seeds.
+            steps: 10_000,
             batch_size: 64,
             learning_rate: 1e-3,
             entropy_start: 0.05,
