@@ -34,8 +34,16 @@ impl<'a> ReplayEnvironment<'a> {
         quality: ArrayView2<'a, f32>,
         cost: ArrayView2<'a, f32>,
     ) -> Self {
-        assert_eq!(embeddings.nrows(), quality.nrows(), "one embedding per prompt");
-        assert_eq!(quality.dim(), cost.dim(), "quality and cost share one shape");
+        assert_eq!(
+            embeddings.nrows(),
+            quality.nrows(),
+            "one embedding per prompt"
+        );
+        assert_eq!(
+            quality.dim(),
+            cost.dim(),
+            "quality and cost share one shape"
+        );
         Self {
             embeddings,
             quality,

@@ -22,7 +22,10 @@ pub struct Reward {
 
 impl Reward {
     pub fn new(tau: f32) -> Self {
-        assert!(tau > 0.0 && tau.is_finite(), "cost scale τ must be positive, got {tau}");
+        assert!(
+            tau > 0.0 && tau.is_finite(),
+            "cost scale τ must be positive, got {tau}"
+        );
         Self { tau }
     }
 

@@ -89,7 +89,7 @@ impl Workspace {
     }
 }
 
-/// A progress bar on stderr; hidden when stderr is not a terminal (CI logs).
+/// Creates a progress bar on stderr. indicatif draws nothing when stderr is not a terminal.
 pub fn progress_bar(length: u64, message: &str) -> ProgressBar {
     let bar = ProgressBar::new(length);
     bar.set_style(

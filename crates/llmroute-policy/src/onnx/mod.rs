@@ -90,7 +90,12 @@ impl GraphBuilder {
     }
 
     /// Adds a node with one output and returns the output's generated name.
-    pub fn node(&mut self, op_type: &str, inputs: &[&str], attributes: Vec<AttributeProto>) -> String {
+    pub fn node(
+        &mut self,
+        op_type: &str,
+        inputs: &[&str],
+        attributes: Vec<AttributeProto>,
+    ) -> String {
         self.next_id += 1;
         let output = format!("{}_{}", op_type.to_lowercase(), self.next_id);
         self.node_with_outputs(op_type, inputs, &[&output], attributes);

@@ -75,7 +75,7 @@ impl TrainConfig {
     }
 }
 
-/// What a training run produced besides the weights.
+/// Statistics of one training run, besides the weights.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainSummary {
     /// Outcomes revealed by the environment: exactly one per interaction.
@@ -340,7 +340,7 @@ mod tests {
                         &advantages,
                         beta,
                     );
-                    // The value head sees only the value loss; the policy sees only its own term.
+                    // The value head is trained by the value loss only, the policy by its own term only.
                     if value_tensors.contains(&tensor) {
                         value
                     } else {
