@@ -13,5 +13,5 @@ pub use config::{
     ApiKeyRef, ConfigError, Exploration, ModelEndpoint, PolicyRef, Pricing, SidecarConfig,
 };
 pub use event::{CompletedEvent, DecisionRecord, EventBatch, FeedbackRequest, Outcome};
-pub use openai::{ErrorBody, ErrorDetail};
+pub use openai::{Endpoint, ErrorBody, ErrorDetail, prompt_text};
 pub use preference::{Preference, PreferenceError};

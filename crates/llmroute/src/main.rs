@@ -1,6 +1,7 @@
 //! `llmroute`: the one binary of llmroute. Each subcommand lives in `commands/`.
 
 mod commands;
+mod shutdown;
 mod workspace;
 
 use std::io::IsTerminal;
@@ -31,6 +32,8 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Measure policy decision, encoder and training times and print a table.
     Bench(commands::bench::BenchArgs),
+    /// Serve OpenAI-compatible endpoints that answer from a recorded routing data set.
+    ReplayLlm(commands::replay_llm::ReplayLlmArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +44,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(args) => commands::train::run(&workspace, &args),
         Command::Eval(args) => commands::eval::run(&workspace, &args),
         Command::Bench(args) => commands::bench::run(&workspace, &args),
+        Command::ReplayLlm(args) => commands::replay_llm::run(&args),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -55,7 +59,9 @@ fn main() -> std::process::ExitCode {
 /// libraries).
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,llmroute=info,llmroute_policy=info")
+        tracing_subscriber::EnvFilter::new(
+            "warn,llmroute=info,llmroute_policy=info,llmroute_replay=info",
+        )
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)

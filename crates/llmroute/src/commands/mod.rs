@@ -2,5 +2,6 @@
 
 pub mod bench;
 pub mod eval;
+pub mod replay_llm;
 pub mod setup;
 pub mod train;
