@@ -34,6 +34,8 @@ enum Command {
     Bench(commands::bench::BenchArgs),
     /// Serve OpenAI-compatible endpoints that answer from a recorded routing data set.
     ReplayLlm(commands::replay_llm::ReplayLlmArgs),
+    /// Run the routing sidecar: an OpenAI-compatible proxy on 127.0.0.1.
+    Sidecar(commands::sidecar::SidecarArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -45,6 +47,7 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => commands::eval::run(&workspace, &args),
         Command::Bench(args) => commands::bench::run(&workspace, &args),
         Command::ReplayLlm(args) => commands::replay_llm::run(&args),
+        Command::Sidecar(args) => commands::sidecar::run(&workspace, &args),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -60,7 +63,7 @@ fn main() -> std::process::ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
-            "warn,llmroute=info,llmroute_policy=info,llmroute_replay=info",
+            "warn,llmroute=info,llmroute_policy=info,llmroute_replay=info,llmroute_sidecar=info",
         )
     });
     tracing_subscriber::fmt()

@@ -4,4 +4,5 @@ pub mod bench;
 pub mod eval;
 pub mod replay_llm;
 pub mod setup;
+pub mod sidecar;
 pub mod train;

@@ -1,0 +1,180 @@
+//! Completed requests waiting for quality feedback: a bounded buffer with a time to live.
+//!
+//! Each finished request waits here until the application posts feedback for its decision id
+//! or the TTL passes. It then leaves as a completed event, with quality or without.
+//! When the buffer is full, the oldest waiting event leaves without quality.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use llmroute_api::CompletedEvent;
+
+/// The bounded TTL buffer of events waiting for feedback.
+#[derive(Debug)]
+pub struct FeedbackBuffer {
+    inner: Mutex<Inner>,
+    ttl: Duration,
+    capacity: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    waiting: HashMap<String, (Instant, CompletedEvent)>,
+    /// Insertion order; entries whose id already left `waiting` are skipped.
+    order: VecDeque<(Instant, String)>,
+}
+
+impl FeedbackBuffer {
+    /// Creates a buffer holding at most `capacity` events (at least 1) for `ttl` each.
+    pub fn new(ttl: Duration, capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            ttl,
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // The maps stay consistent across a panic of another holder: every method updates
+        // them with single insert and remove calls.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a finished request, keyed by its decision id, and returns the events pushed out
+    /// because the buffer was full.
+    pub fn insert(&self, event: CompletedEvent, now: Instant) -> Vec<CompletedEvent> {
+        let mut inner = self.lock();
+        let mut evicted = Vec::new();
+        while inner.waiting.len() >= self.capacity {
+            let Some((_, id)) = inner.order.pop_front() else {
+                break;
+            };
+            if let Some((_, old)) = inner.waiting.remove(&id) {
+                evicted.push(old);
+            }
+        }
+        let id = event.decision.decision_id.clone();
+        inner.order.push_back((now, id.clone()));
+        inner.waiting.insert(id, (now, event));
+        evicted
+    }
+
+    /// Joins `score` with the waiting event of `decision_id`; `None` when no such event waits
+    /// (unknown, expired, or already given feedback).
+    pub fn feedback(&self, decision_id: &str, score: f64) -> Option<CompletedEvent> {
+        let mut inner = self.lock();
+        let (_, mut event) = inner.waiting.remove(decision_id)?;
+        event.quality = Some(score);
+        Some(event)
+    }
+
+    /// Removes and returns the events older than the TTL.
+    pub fn expire(&self, now: Instant) -> Vec<CompletedEvent> {
+        let mut inner = self.lock();
+        let mut expired = Vec::new();
+        while let Some((inserted, _)) = inner.order.front() {
+            if now.duration_since(*inserted) < self.ttl {
+                break;
+            }
+            let (inserted, id) = inner.order.pop_front().expect("front exists");
+            if inner
+                .waiting
+                .get(&id)
+                .is_some_and(|(at, _)| *at == inserted)
+            {
+                let (_, event) = inner.waiting.remove(&id).expect("entry exists");
+                expired.push(event);
+            }
+        }
+        expired
+    }
+
+    /// Removes and returns every waiting event, for shutdown.
+    pub fn drain(&self) -> Vec<CompletedEvent> {
+        let mut inner = self.lock();
+        inner.order.clear();
+        inner.waiting.drain().map(|(_, (_, event))| event).collect()
+    }
+
+    /// Number of waiting events.
+    pub fn len(&self) -> usize {
+        self.lock().waiting.len()
+    }
+
+    /// Tests whether no event waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use llmroute_api::{DecisionRecord, Outcome, Preference};
+
+    use super::*;
+
+    fn event(id: &str) -> CompletedEvent {
+        CompletedEvent {
+            decision: DecisionRecord {
+                decision_id: id.to_string(),
+                route: "r".into(),
+                config_version: 1,
+                model: "m".into(),
+                routed: true,
+                preference: Preference::from_quality(0.5).unwrap(),
+                policy_version: Some("v1".into()),
+                propensity: Some(1.0),
+            },
+            served_model: "m".into(),
+            embedding: vec![],
+            quality: None,
+            cost_usd: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency_ms: 1.0,
+            outcome: Outcome::Success,
+            attempts: 1,
+            timestamp_ms: 0,
+        }
+    }
+
+    #[test]
+    fn feedback_joins_once() {
+        let buffer = FeedbackBuffer::new(Duration::from_secs(60), 10);
+        let now = Instant::now();
+        assert!(buffer.insert(event("a"), now).is_empty());
+        let joined = buffer.feedback("a", 0.7).expect("waiting");
+        assert_eq!(joined.quality, Some(0.7));
+        assert!(buffer.feedback("a", 0.7).is_none());
+        assert!(buffer.feedback("b", 0.7).is_none());
+    }
+
+    #[test]
+    fn expire_releases_old_events() {
+        let buffer = FeedbackBuffer::new(Duration::from_secs(10), 10);
+        let start = Instant::now();
+        buffer.insert(event("a"), start);
+        buffer.insert(event("b"), start + Duration::from_secs(5));
+        buffer.feedback("a", 1.0);
+        assert!(buffer.expire(start + Duration::from_secs(9)).is_empty());
+        let expired = buffer.expire(start + Duration::from_secs(15));
+        assert_eq!(expired.len(), 1);
+        assert_eq!(expired[0].decision.decision_id, "b");
+        assert_eq!(expired[0].quality, None);
+        assert!(buffer.is_empty());
+    }
+
+    #[test]
+    fn full_buffer_evicts_oldest() {
+        let buffer = FeedbackBuffer::new(Duration::from_secs(60), 2);
+        let now = Instant::now();
+        buffer.insert(event("a"), now);
+        buffer.insert(event("b"), now);
+        let evicted = buffer.insert(event("c"), now);
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].decision.decision_id, "a");
+        assert_eq!(buffer.len(), 2);
+        assert!(buffer.feedback("c", 0.1).is_some());
+    }
+}

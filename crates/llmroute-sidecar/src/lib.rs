@@ -1,0 +1,25 @@
+//! The llmroute data plane: an OpenAI-compatible HTTP proxy on 127.0.0.1 in the application's
+//! pod. For each request it reads the preference, embeds the prompt, runs the route's policy
+//! and forwards to the chosen model. On connect errors, timeouts, 429 and 5xx before any byte
+//! reached the client, it retries the next-best model. It accounts tokens and cost, and sends
+//! completed events, joined with the application's quality feedback, to the control plane.
+
+#![forbid(unsafe_code)]
+
+pub mod body;
+pub mod decision;
+pub mod events;
+pub mod feedback;
+pub mod limits;
+pub mod metrics;
+mod proxy;
+pub mod server;
+pub mod sidecar;
+pub mod sse;
+pub mod state;
+
+pub use events::{BatchSettings, EventSender, EventSink};
+pub use limits::Limits;
+pub use server::serve;
+pub use sidecar::{Sidecar, SidecarOptions};
+pub use state::{LoadedPolicy, RouteState, StateError, read_config};

@@ -1,0 +1,261 @@
+//! The HTTP server of the sidecar on 127.0.0.1: endpoint routing, feedback, models, metrics
+//! and health, and the background task that releases events whose feedback TTL passed.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use llmroute_api::openai::Endpoint;
+use llmroute_api::{ErrorBody, FeedbackRequest};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::body::{ResponseBody, error_response, json_response, text_response};
+use crate::events::EventSender;
+use crate::metrics::Metrics;
+use crate::sidecar::Sidecar;
+
+/// Time that open connections get to finish when the sidecar stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Maximum feedback request body, in bytes.
+const MAX_FEEDBACK_BYTES: usize = 64 * 1024;
+/// Period of the feedback TTL sweep.
+const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
+
+impl Sidecar {
+    async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<ResponseBody> {
+        let method = request.method().clone();
+        let path = request.uri().path().to_string();
+        match (method.clone(), path.as_str()) {
+            (Method::POST, "/v1/chat/completions") => {
+                self.complete(Endpoint::ChatCompletions, request).await
+            }
+            (Method::POST, "/v1/completions") => self.complete(Endpoint::Completions, request).await,
+            (Method::GET, "/v1/models") => self.list_models(),
+            (Method::POST, "/v1/feedback") => self.post_feedback(request).await,
+            (Method::GET, "/metrics") => {
+                let mut response = text_response(StatusCode::OK, self.metrics().encode());
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                );
+                response
+            }
+            (Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
+            (Method::GET, "/readyz") => {
+                if self.is_ready() {
+                    text_response(StatusCode::OK, "ready\n")
+                } else {
+                    text_response(StatusCode::SERVICE_UNAVAILABLE, "no route configuration yet\n")
+                }
+            }
+            (
+                _,
+                "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/v1/feedback"
+                | "/metrics" | "/healthz" | "/readyz",
+            ) => error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorBody::new(
+                    "invalid_request_error",
+                    format!("method {method} is not allowed on {path}"),
+                ),
+            ),
+            _ => error_response(
+                StatusCode::NOT_FOUND,
+                ErrorBody::new(
+                    "invalid_request_error",
+                    format!("unknown path {path}; the sidecar serves /v1/chat/completions, /v1/completions, /v1/models and /v1/feedback"),
+                )
+                .with_code("unknown_url"),
+            ),
+        }
+    }
+
+    fn list_models(&self) -> Response<ResponseBody> {
+        let state = self.state();
+        let entry =
+            |id: &str| json!({"id": id, "object": "model", "created": 0, "owned_by": "llmroute"});
+        let data: Vec<_> = std::iter::once(entry(&state.config.route))
+            .chain(state.config.models.iter().map(|m| entry(&m.name)))
+            .collect();
+        json_response(
+            StatusCode::OK,
+            json!({"object": "list", "data": data}).to_string(),
+        )
+    }
+
+    async fn post_feedback(&self, request: Request<Incoming>) -> Response<ResponseBody> {
+        let route = self.state().config.route.clone();
+        let reject = |status: StatusCode, reason: &str, message: String| {
+            Metrics::count(&self.metrics.feedback, &route, reason);
+            error_response(status, ErrorBody::new("invalid_request_error", message))
+        };
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(crate::limits::is_json_content_type);
+        if !is_json {
+            return reject(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid",
+                "unsupported Content-Type; send application/json".to_string(),
+            );
+        }
+        let bytes = match Limited::new(request.into_body(), MAX_FEEDBACK_BYTES)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(_) => {
+                return reject(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "invalid",
+                    format!("the feedback body exceeds {MAX_FEEDBACK_BYTES} bytes"),
+                );
+            }
+        };
+        let feedback: FeedbackRequest = match serde_json::from_slice(&bytes) {
+            Ok(feedback) => feedback,
+            Err(error) => {
+                return reject(
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    format!(
+                        "invalid feedback: {error}; send {{\"decision_id\": \"<x-llmroute-decision-id>\", \"score\": <0..1>}}"
+                    ),
+                );
+            }
+        };
+        if let Err(message) = feedback.validate() {
+            return reject(StatusCode::BAD_REQUEST, "invalid", message);
+        }
+        match self
+            .feedback
+            .feedback(&feedback.decision_id, feedback.score)
+        {
+            Some(event) => {
+                Metrics::count(&self.metrics.feedback, &route, "joined");
+                tracing::debug!(route = %route, decision_id = %feedback.decision_id, "joined feedback");
+                self.events.submit(event);
+                json_response(
+                    StatusCode::OK,
+                    json!({"decision_id": feedback.decision_id, "status": "accepted"}).to_string(),
+                )
+            }
+            None => {
+                Metrics::count(&self.metrics.feedback, &route, "unknown_decision");
+                error_response(
+                    StatusCode::NOT_FOUND,
+                    ErrorBody::new(
+                        "invalid_request_error",
+                        format!(
+                            "decision {} is not waiting for feedback: it is unknown, its feedback time ran out, it already has feedback, or its response has not finished",
+                            feedback.decision_id
+                        ),
+                    )
+                    .with_param("decision_id")
+                    .with_code("decision_not_found"),
+                )
+            }
+        }
+    }
+}
+
+/// Serves `sidecar` on `listener` until `shutdown` completes, then gives open connections
+/// [`SHUTDOWN_GRACE`] to finish, releases the events still waiting for feedback and stops the
+/// event sender after it has sent what is queued.
+pub async fn serve(
+    listener: TcpListener,
+    sidecar: Arc<Sidecar>,
+    events: EventSender,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let address: SocketAddr = listener.local_addr()?;
+    let route = sidecar.state().config.route.clone();
+    tracing::info!(address = %address, route = %route, "sidecar listening");
+    let expiry = tokio::spawn(expire_feedback(sidecar.clone()));
+    let graceful = GracefulShutdown::new();
+    let limits = sidecar.options.limits;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Accept fails on resource limits such as EMFILE; wait before retrying.
+                        tracing::warn!(route = %route, error = %error, "failed to accept a connection; retrying in 50 ms");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %error, "failed to set TCP_NODELAY");
+                }
+                let sidecar = sidecar.clone();
+                let service = service_fn(move |request| {
+                    let sidecar = sidecar.clone();
+                    async move { Ok::<_, Infallible>(sidecar.handle(request).await) }
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_headers(limits.max_headers)
+                    .max_buf_size(limits.max_header_bytes.max(8192))
+                    .serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(peer = %peer, error = %error, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!(address = %address, route = %route, "sidecar stopping");
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(route = %route, grace_seconds = SHUTDOWN_GRACE.as_secs(), "closed connections still open after the grace period");
+    }
+    expiry.abort();
+    let waiting = sidecar.feedback.drain();
+    tracing::info!(route = %route, events = waiting.len(), "releasing events still waiting for feedback");
+    for event in waiting {
+        sidecar.events.submit(event);
+    }
+    events.stop().await;
+    tracing::info!(address = %address, route = %route, "sidecar stopped");
+    Ok(())
+}
+
+/// Releases the events whose feedback TTL passed, once per [`EXPIRY_PERIOD`].
+async fn expire_feedback(sidecar: Arc<Sidecar>) {
+    let mut ticker = tokio::time::interval(EXPIRY_PERIOD);
+    loop {
+        ticker.tick().await;
+        let expired = sidecar.feedback.expire(Instant::now());
+        if !expired.is_empty() {
+            let route = sidecar.state().config.route.clone();
+            tracing::debug!(route = %route, events = expired.len(), "feedback time ran out");
+            for event in expired {
+                Metrics::count(&sidecar.metrics.feedback, &route, "expired");
+                sidecar.events.submit(event);
+            }
+        }
+    }
+}

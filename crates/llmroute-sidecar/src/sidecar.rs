@@ -1,0 +1,694 @@
+//! The shared state of a running sidecar and the request path of the two completion
+//! endpoints: parse and check, decide, forward with retries, account, and record the event.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use llmroute_api::openai::{Endpoint, prompt_text};
+use llmroute_api::{CompletedEvent, DecisionRecord, ErrorBody, Outcome, Preference};
+use llmroute_policy::encoder::Encoder;
+use rand::Rng;
+use serde_json::Value;
+
+use crate::body::{ResponseBody, error_response};
+use crate::decision::{choose, retry_order};
+use crate::events::{BatchSettings, EventQueue, EventSender, EventSink};
+use crate::feedback::FeedbackBuffer;
+use crate::limits::{self, Limits};
+use crate::metrics::{Metrics, ModelLabels, RequestLabels, TokenLabels};
+use crate::sse::Usage;
+use crate::state::{LoadedPolicy, RouteState};
+
+/// Request header that sets the preference, in the format of [`Preference::parse`].
+pub const PREFERENCE_HEADER: &str = "x-llmroute-preference";
+/// Request body field that sets the preference: a string in the header format or an object
+/// `{"quality": Q, "cost": C}`. The sidecar removes it before forwarding; the header wins
+/// when both are set.
+pub const PREFERENCE_FIELD: &str = "llmroute_preference";
+/// Response header with the decision id to post feedback for.
+pub const DECISION_ID_HEADER: &str = "x-llmroute-decision-id";
+/// Response header with the model that produced the response.
+pub const MODEL_HEADER: &str = "x-llmroute-model";
+/// Response header with the policy version that decided (absent when not routed).
+pub const POLICY_VERSION_HEADER: &str = "x-llmroute-policy-version";
+/// Response header with the propensity of the decision (absent when not routed).
+pub const PROPENSITY_HEADER: &str = "x-llmroute-propensity";
+/// Response header with the cost in USD; absent on streams, whose usage arrives last.
+pub const COST_HEADER: &str = "x-llmroute-cost-usd";
+/// Response header: `true` when the policy chose the model.
+pub const ROUTED_HEADER: &str = "x-llmroute-routed";
+/// Response header with the number of models tried.
+pub const ATTEMPTS_HEADER: &str = "x-llmroute-attempts";
+
+/// Settings of a sidecar besides its route.
+#[derive(Debug, Clone)]
+pub struct SidecarOptions {
+    pub limits: Limits,
+    /// Time a finished request waits for feedback.
+    pub feedback_ttl: Duration,
+    /// Maximum number of finished requests waiting for feedback.
+    pub feedback_capacity: usize,
+    /// Maximum number of completed events queued for sending.
+    pub event_queue_capacity: usize,
+    pub batch: BatchSettings,
+    /// Identity sent with event batches (for example the pod name).
+    pub sidecar_id: String,
+    pub sink: EventSink,
+}
+
+impl Default for SidecarOptions {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            feedback_ttl: Duration::from_secs(600),
+            feedback_capacity: 100_000,
+            event_queue_capacity: 10_000,
+            batch: BatchSettings::default(),
+            sidecar_id: "sidecar".to_string(),
+            sink: EventSink::Discard,
+        }
+    }
+}
+
+/// A running sidecar: route state, encoder, upstream client, buffers and metrics.
+pub struct Sidecar {
+    state: RwLock<Arc<RouteState>>,
+    encoder: Option<Arc<Mutex<Encoder>>>,
+    encoder_digest: String,
+    pub(crate) client: Client<HttpConnector, Full<Bytes>>,
+    pub(crate) options: SidecarOptions,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) feedback: FeedbackBuffer,
+    pub(crate) events: EventQueue,
+    ready: AtomicBool,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("route", &self.state().config.route)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reason a routed request went to the fallback model.
+#[derive(Debug, Clone, Copy)]
+enum FallbackReason {
+    NoPolicy,
+    NoEncoder,
+    DecisionFailed,
+}
+
+impl FallbackReason {
+    fn label(self) -> &'static str {
+        match self {
+            FallbackReason::NoPolicy => "no_policy",
+            FallbackReason::NoEncoder => "no_encoder",
+            FallbackReason::DecisionFailed => "decision_failed",
+        }
+    }
+}
+
+/// A decision and the models to try, in order.
+struct Plan {
+    record: DecisionRecord,
+    order: Vec<String>,
+    embedding: Vec<f32>,
+}
+
+impl Sidecar {
+    /// Creates a sidecar for `state` and starts its event sender. Must run inside a Tokio
+    /// runtime. `encoder` is `None` when routing is off; routed requests then go to the
+    /// fallback model.
+    pub fn new(
+        state: RouteState,
+        encoder: Option<Encoder>,
+        options: SidecarOptions,
+    ) -> (Arc<Self>, EventSender) {
+        let metrics = Arc::new(Metrics::new());
+        let (events, sender) = crate::events::start(
+            &state.config.route,
+            &options.sidecar_id,
+            options.event_queue_capacity,
+            options.sink.clone(),
+            options.batch,
+            metrics.clone(),
+        );
+        let encoder_digest = encoder
+            .as_ref()
+            .map(|e| e.digest().to_string())
+            .unwrap_or_default();
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        let sidecar = Arc::new(Self {
+            state: RwLock::new(Arc::new(state)),
+            encoder: encoder.map(|e| Arc::new(Mutex::new(e))),
+            encoder_digest,
+            client,
+            feedback: FeedbackBuffer::new(options.feedback_ttl, options.feedback_capacity),
+            options,
+            metrics,
+            events,
+            ready: AtomicBool::new(true),
+        });
+        (sidecar, sender)
+    }
+
+    /// Returns the current route state.
+    pub fn state(&self) -> Arc<RouteState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the route state, for a new configuration or policy.
+    pub fn replace_state(&self, state: RouteState) {
+        tracing::info!(
+            route = %state.config.route,
+            config_version = state.config.version,
+            stable = state.stable.as_ref().map(|p| p.version.as_str()).unwrap_or("none"),
+            canary = state.canary.as_ref().map(|p| p.version.as_str()).unwrap_or("none"),
+            "serving a new route configuration"
+        );
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// Digest of the loaded encoder; empty when none is loaded.
+    pub fn encoder_digest(&self) -> &str {
+        &self.encoder_digest
+    }
+
+    /// Tests whether the sidecar has a configuration to serve.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Returns the metrics registry.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Serves `POST /v1/chat/completions` or `POST /v1/completions`.
+    pub(crate) async fn complete(
+        self: Arc<Self>,
+        endpoint: Endpoint,
+        request: Request<Incoming>,
+    ) -> Response<ResponseBody> {
+        let started = Instant::now();
+        let state = self.state();
+        let route = state.config.route.clone();
+        let (parts, body) = request.into_parts();
+        let (mut body, preference) = match self.read_request(&state, &parts.headers, body).await {
+            Ok(parsed) => parsed,
+            Err((status, error, reason)) => {
+                Metrics::count(&self.metrics.rejected, &route, reason);
+                tracing::debug!(route = %route, reason, message = %error.error.message, "rejected a request");
+                return error_response(status, error);
+            }
+        };
+
+        let Some(requested) = body
+            .get("model")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+        else {
+            Metrics::count(&self.metrics.rejected, &route, "missing_model");
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                ErrorBody::new(
+                    "invalid_request_error",
+                    format!("`model` is missing or not a string; use {route:?} to let llmroute choose, or a model of the route"),
+                )
+                .with_param("model"),
+            );
+        };
+        let plan = if requested == route {
+            let prompt = match prompt_text(endpoint, &body) {
+                Ok(prompt) => prompt,
+                Err(message) => {
+                    Metrics::count(&self.metrics.rejected, &route, "no_prompt");
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        ErrorBody::new("invalid_request_error", message),
+                    );
+                }
+            };
+            self.decide(&state, prompt, preference).await
+        } else if state.config.model(&requested).is_some() {
+            Plan {
+                record: new_record(&state, &requested, false, preference, None, None),
+                order: vec![requested.clone()],
+                embedding: Vec::new(),
+            }
+        } else {
+            Metrics::count(&self.metrics.rejected, &route, "unknown_model");
+            let known: Vec<&str> = std::iter::once(route.as_str())
+                .chain(state.config.models.iter().map(|m| m.name.as_str()))
+                .collect();
+            return error_response(
+                StatusCode::NOT_FOUND,
+                ErrorBody::new(
+                    "invalid_request_error",
+                    format!(
+                        "The model `{requested}` does not exist on this route; use one of: {}",
+                        known.join(", ")
+                    ),
+                )
+                .with_param("model")
+                .with_code("model_not_found"),
+            );
+        };
+
+        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        let client_wants_usage = body
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let strip_usage = stream && !client_wants_usage;
+        if strip_usage {
+            let object = body.as_object_mut().expect("checked to be an object");
+            let options = object
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let Some(options) = options.as_object_mut() {
+                options.insert("include_usage".to_string(), Value::Bool(true));
+            }
+        }
+        crate::proxy::forward(
+            self,
+            state,
+            endpoint,
+            plan.record,
+            plan.order,
+            plan.embedding,
+            body,
+            stream,
+            strip_usage,
+            started,
+        )
+        .await
+    }
+
+    /// Reads, limits and parses the request body and reads the preference. The error carries
+    /// the status, the OpenAI error and a metric label.
+    async fn read_request(
+        &self,
+        state: &RouteState,
+        headers: &HeaderMap,
+        body: Incoming,
+    ) -> Result<(Value, Preference), (StatusCode, ErrorBody, &'static str)> {
+        let limits = &self.options.limits;
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !limits::is_json_content_type(content_type) {
+            return Err((
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorBody::new(
+                    "invalid_request_error",
+                    format!("unsupported Content-Type {content_type:?}; send application/json"),
+                ),
+                "content_type",
+            ));
+        }
+        let bytes = Limited::new(body, limits.max_body_bytes)
+            .collect()
+            .await
+            .map_err(|error| {
+                let too_large = error
+                    .downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some();
+                let (status, message) = if too_large {
+                    (
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!(
+                            "the request body exceeds {} bytes; send a smaller request",
+                            limits.max_body_bytes
+                        ),
+                    )
+                } else {
+                    (
+                        StatusCode::BAD_REQUEST,
+                        format!("failed to read the request body: {error}"),
+                    )
+                };
+                (
+                    status,
+                    ErrorBody::new("invalid_request_error", message),
+                    if too_large {
+                        "body_too_large"
+                    } else {
+                        "body_read"
+                    },
+                )
+            })?
+            .to_bytes();
+        if limits::json_depth_exceeds(&bytes, limits.max_json_depth) {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                ErrorBody::new(
+                    "invalid_request_error",
+                    format!(
+                        "the request body nests arrays and objects deeper than {} levels",
+                        limits.max_json_depth
+                    ),
+                ),
+                "json_depth",
+            ));
+        }
+        let mut body: Value = serde_json::from_slice(&bytes).map_err(|error| {
+            (
+                StatusCode::BAD_REQUEST,
+                ErrorBody::new(
+                    "invalid_request_error",
+                    format!("the request body is not valid JSON: {error}"),
+                ),
+                "invalid_json",
+            )
+        })?;
+        let Some(object) = body.as_object_mut() else {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                ErrorBody::new(
+                    "invalid_request_error",
+                    "the request body must be a JSON object",
+                ),
+                "invalid_json",
+            ));
+        };
+        let preference = read_preference(object, headers, state.config.default_preference)?;
+        Ok((body, preference))
+    }
+
+    /// Picks the stable or canary policy, embeds the prompt, runs the policy and draws a model.
+    /// Falls back to the route's fallback model when no policy can run.
+    async fn decide(
+        &self,
+        state: &Arc<RouteState>,
+        prompt: String,
+        preference: Preference,
+    ) -> Plan {
+        let config = &state.config;
+        let use_canary = state.canary.is_some()
+            && config.canary_weight > 0.0
+            && rand::rng().random::<f64>() < config.canary_weight;
+        let policy = if use_canary {
+            state.canary.clone()
+        } else {
+            state.stable.clone()
+        };
+        let Some(policy) = policy else {
+            return self.fallback_plan(state, preference, FallbackReason::NoPolicy, None);
+        };
+        let Some(encoder) = self.encoder.clone() else {
+            return self.fallback_plan(state, preference, FallbackReason::NoEncoder, None);
+        };
+        let max_prompt_bytes = self.options.limits.max_prompt_bytes;
+        let decision_started = Instant::now();
+        let run_policy = policy.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let text = limits::truncate_at_char_boundary(&prompt, max_prompt_bytes);
+            let embedding = encoder
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .embed(text)
+                .map_err(|e| e.to_string())?;
+            let probabilities = run_policy
+                .probabilities(&embedding, preference.quality as f32)
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((embedding, probabilities))
+        })
+        .await
+        .map_err(|e| format!("the decision task failed: {e}"))
+        .and_then(|result| result);
+        self.metrics
+            .decision_seconds
+            .observe(decision_started.elapsed().as_secs_f64());
+        let (embedding, probabilities) = match outcome {
+            Ok(result) => result,
+            Err(error) => {
+                return self.fallback_plan(
+                    state,
+                    preference,
+                    FallbackReason::DecisionFailed,
+                    Some((&policy, error)),
+                );
+            }
+        };
+        let choice = choose(&probabilities, config.exploration, &mut rand::rng());
+        let order: Vec<String> = retry_order(&probabilities, choice.index)
+            .into_iter()
+            .map(|k| policy.models[k].clone())
+            .collect();
+        let record = new_record(
+            state,
+            &order[0],
+            true,
+            preference,
+            Some(policy.version.clone()),
+            Some(choice.propensity),
+        );
+        Plan {
+            record,
+            order,
+            embedding,
+        }
+    }
+
+    fn fallback_plan(
+        &self,
+        state: &RouteState,
+        preference: Preference,
+        reason: FallbackReason,
+        failure: Option<(&Arc<LoadedPolicy>, String)>,
+    ) -> Plan {
+        let config = &state.config;
+        Metrics::count(&self.metrics.fallbacks, &config.route, reason.label());
+        match failure {
+            Some((policy, error)) => tracing::warn!(
+                route = %config.route,
+                policy_version = %policy.version,
+                fallback = %config.fallback,
+                error = %error,
+                "the policy failed; using the fallback model"
+            ),
+            None => tracing::debug!(
+                route = %config.route,
+                fallback = %config.fallback,
+                reason = reason.label(),
+                "no policy can run; using the fallback model"
+            ),
+        }
+        let order: Vec<String> = std::iter::once(config.fallback.clone())
+            .chain(
+                config
+                    .models
+                    .iter()
+                    .map(|m| m.name.clone())
+                    .filter(|name| *name != config.fallback),
+            )
+            .collect();
+        Plan {
+            record: new_record(state, &config.fallback, false, preference, None, None),
+            order,
+            embedding: Vec::new(),
+        }
+    }
+
+    /// Records a finished request: metrics, then the feedback buffer.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn finish(
+        &self,
+        state: &RouteState,
+        record: DecisionRecord,
+        served_model: &str,
+        embedding: Vec<f32>,
+        usage: Option<Usage>,
+        outcome: Outcome,
+        attempts: u32,
+        started: Instant,
+    ) {
+        let route = &state.config.route;
+        let latency = started.elapsed();
+        self.metrics.request_seconds.observe(latency.as_secs_f64());
+        let outcome_label = match &outcome {
+            Outcome::Success => "success".to_string(),
+            Outcome::UpstreamStatus { status } => format!("status_{status}"),
+            Outcome::Unreachable => "unreachable".to_string(),
+            Outcome::StreamInterrupted => "stream_interrupted".to_string(),
+            Outcome::ClientCancelled => "client_cancelled".to_string(),
+        };
+        self.metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                route: route.clone(),
+                model: served_model.to_string(),
+                routed: record.routed.to_string(),
+                outcome: outcome_label,
+            })
+            .inc();
+        let cost = usage.and_then(|u| cost_of(state, served_model, u));
+        if let (Some(usage), Some(cost)) = (usage, cost) {
+            self.metrics
+                .cost_usd
+                .get_or_create(&ModelLabels {
+                    route: route.clone(),
+                    model: served_model.to_string(),
+                })
+                .inc_by(cost);
+            for (kind, count) in [
+                ("prompt", usage.prompt_tokens),
+                ("completion", usage.completion_tokens),
+            ] {
+                self.metrics
+                    .tokens
+                    .get_or_create(&TokenLabels {
+                        route: route.clone(),
+                        model: served_model.to_string(),
+                        kind: kind.to_string(),
+                    })
+                    .inc_by(count);
+            }
+        }
+        let arrival = SystemTime::now()
+            .checked_sub(latency)
+            .unwrap_or(SystemTime::now());
+        let event = CompletedEvent {
+            decision: record,
+            served_model: served_model.to_string(),
+            embedding,
+            quality: None,
+            cost_usd: cost,
+            prompt_tokens: usage.map(|u| u.prompt_tokens),
+            completion_tokens: usage.map(|u| u.completion_tokens),
+            latency_ms: latency.as_secs_f64() * 1e3,
+            outcome,
+            attempts,
+            timestamp_ms: arrival
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        };
+        for evicted in self.feedback.insert(event, Instant::now()) {
+            Metrics::count(&self.metrics.feedback, route, "evicted_without_feedback");
+            self.events.submit(evicted);
+        }
+    }
+}
+
+/// Reads the preference from the header, else from the body field (which it removes), else
+/// returns `default`.
+fn read_preference(
+    object: &mut serde_json::Map<String, Value>,
+    headers: &HeaderMap,
+    default: Preference,
+) -> Result<Preference, (StatusCode, ErrorBody, &'static str)> {
+    let invalid_preference = |message: String, param: &str| {
+        (
+            StatusCode::BAD_REQUEST,
+            ErrorBody::new("invalid_request_error", message).with_param(param),
+            "invalid_preference",
+        )
+    };
+    let from_body = match object.remove(PREFERENCE_FIELD) {
+        None => None,
+        Some(Value::String(text)) => Some(
+            Preference::parse(&text)
+                .map_err(|e| invalid_preference(e.to_string(), PREFERENCE_FIELD))?,
+        ),
+        Some(value @ Value::Object(_)) => {
+            Some(serde_json::from_value::<Preference>(value).map_err(|e| {
+                invalid_preference(format!("invalid {PREFERENCE_FIELD}: {e}"), PREFERENCE_FIELD)
+            })?)
+        }
+        Some(other) => {
+            return Err(invalid_preference(
+                format!(
+                    "invalid {PREFERENCE_FIELD} {other}: expected a string such as \"quality=0.8\" or an object such as {{\"quality\": 0.8}}"
+                ),
+                PREFERENCE_FIELD,
+            ));
+        }
+    };
+    let from_header = match headers.get(PREFERENCE_HEADER) {
+        None => None,
+        Some(value) => {
+            let text = value.to_str().map_err(|_| {
+                invalid_preference(
+                    format!("the {PREFERENCE_HEADER} header is not visible ASCII"),
+                    PREFERENCE_HEADER,
+                )
+            })?;
+            Some(
+                Preference::parse(text)
+                    .map_err(|e| invalid_preference(e.to_string(), PREFERENCE_HEADER))?,
+            )
+        }
+    };
+    Ok(from_header.or(from_body).unwrap_or(default))
+}
+
+/// Cost in USD of `usage` on `model` at the route's prices.
+pub(crate) fn cost_of(state: &RouteState, model: &str, usage: Usage) -> Option<f64> {
+    let model = state.config.model(model)?;
+    Some(
+        model
+            .pricing
+            .cost_usd(usage.prompt_tokens, usage.completion_tokens),
+    )
+}
+
+fn new_record(
+    state: &RouteState,
+    model: &str,
+    routed: bool,
+    preference: Preference,
+    policy_version: Option<String>,
+    propensity: Option<f64>,
+) -> DecisionRecord {
+    DecisionRecord {
+        decision_id: format!("{:032x}", rand::rng().random::<u128>()),
+        route: state.config.route.clone(),
+        config_version: state.config.version,
+        model: model.to_string(),
+        routed,
+        preference,
+        policy_version,
+        propensity,
+    }
+}
+
+/// Adds the decision headers to a response.
+pub(crate) fn decision_headers(
+    headers: &mut HeaderMap,
+    record: &DecisionRecord,
+    served_model: &str,
+    attempts: u32,
+    cost: Option<f64>,
+) {
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(name, value);
+        }
+    };
+    set(DECISION_ID_HEADER, record.decision_id.clone());
+    set(MODEL_HEADER, served_model.to_string());
+    set(ROUTED_HEADER, record.routed.to_string());
+    set(ATTEMPTS_HEADER, attempts.to_string());
+    if let Some(version) = &record.policy_version {
+        set(POLICY_VERSION_HEADER, version.clone());
+    }
+    if let Some(propensity) = record.propensity {
+        set(PROPENSITY_HEADER, propensity.to_string());
+    }
+    if let Some(cost) = cost {
+        set(COST_HEADER, format!("{cost:.10}"));
+    }
+}
