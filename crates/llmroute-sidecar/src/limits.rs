@@ -12,7 +12,7 @@ pub struct Limits {
     pub max_json_depth: usize,
     /// Maximum number of request headers.
     pub max_headers: usize,
-    /// Maximum size of the buffer that contains the request line and headers, in bytes.
+    /// Maximum size of the request line and headers together, in bytes.
     pub max_header_bytes: usize,
     /// Time a client gets to send the request headers.
     pub header_read_timeout: Duration,

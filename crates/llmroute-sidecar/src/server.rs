@@ -212,7 +212,7 @@ pub async fn serve(
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)
                     .max_headers(limits.max_headers)
-                    .max_buf_size(limits.max_header_bytes.max(8192))
+                    .max_header_size(limits.max_header_bytes)
                     .serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {

@@ -318,6 +318,25 @@ impl Sidecar {
                 "content_type",
             ));
         }
+        // A declared length over the limit is rejected before reading, so that the client does
+        // not have to send the body first.
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limits.max_body_bytes as u64) {
+            return Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                ErrorBody::new(
+                    "invalid_request_error",
+                    format!(
+                        "the request body exceeds {} bytes; send a smaller request",
+                        limits.max_body_bytes
+                    ),
+                ),
+                "body_too_large",
+            ));
+        }
         let bytes = Limited::new(body, limits.max_body_bytes)
             .collect()
             .await
