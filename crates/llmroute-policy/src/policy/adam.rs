@@ -9,6 +9,9 @@ pub struct Adam {
     pub beta1: f32,
     pub beta2: f32,
     pub epsilon: f32,
+    /// Decoupled weight decay λ (AdamW, Loshchilov and Hutter, 2019): each step also applies
+    /// `θ ← θ − lr · λ · θ` to the weight matrices, not to biases.
+    pub weight_decay: f32,
     step: i32,
     first_moment: Vec<Vec<f32>>,
     second_moment: Vec<Vec<f32>>,
@@ -21,6 +24,7 @@ impl Adam {
             beta1: 0.9,
             beta2: 0.999,
             epsilon: 1e-8,
+            weight_decay: 0.0,
             step: 0,
             first_moment: Vec::new(),
             second_moment: Vec::new(),
@@ -41,6 +45,10 @@ impl Adam {
         let correction2 = 1.0 - self.beta2.powi(self.step);
 
         for (index, (param, grad)) in params.iter_mut().zip(grads.iter()).enumerate() {
+            if WEIGHT_MATRICES.contains(&index) && self.weight_decay > 0.0 {
+                let shrink = 1.0 - self.learning_rate * self.weight_decay;
+                param.iter_mut().for_each(|value| *value *= shrink);
+            }
             let m = &mut self.first_moment[index];
             let v = &mut self.second_moment[index];
             for i in 0..param.len() {
@@ -54,6 +62,10 @@ impl Adam {
         }
     }
 }
+
+/// Positions of the weight matrices in [`parameter_slices`]: the preference encoder, the hidden
+/// layer and the logit layer.
+const WEIGHT_MATRICES: [usize; 3] = [0, 2, 4];
 
 /// Mutable views of every trainable tensor, in a fixed order shared with [`gradient_slices`].
 pub fn parameter_slices(network: &mut PolicyNetwork) -> Vec<&mut [f32]> {

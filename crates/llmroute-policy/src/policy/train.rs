@@ -31,6 +31,9 @@ pub struct TrainConfig {
     /// Samples (bandit interactions) per step.
     pub batch_size: usize,
     pub learning_rate: f32,
+    /// Decoupled weight decay λ of the weight matrices (AdamW).
+    #[serde(default)]
+    pub weight_decay: f32,
     /// Entropy bonus β at the first step.
     pub entropy_start: f32,
     /// Entropy bonus β at the last step.
@@ -50,6 +53,9 @@ impl Default for TrainConfig {
             steps: 10_000,
             batch_size: 64,
             learning_rate: 1e-3,
+            // On the same validation splits, λ = 0.1 raised the mean reward over the sweep both
+            // on held-out prompts and on held-out tasks, for two seeds.
+            weight_decay: 0.1,
             entropy_start: 0.05,
             entropy_end: 0.005,
             preference_dim: 16,
@@ -117,6 +123,7 @@ pub fn train(
         None => PolicyNetwork::new(shape, &mut rng),
     };
     let mut adam = Adam::new(config.learning_rate);
+    adam.weight_decay = config.weight_decay;
     let pulls_before = environment.pulls();
 
     let tail_start = config.steps - config.steps.div_ceil(10);
