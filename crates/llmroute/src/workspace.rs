@@ -89,6 +89,29 @@ impl Workspace {
     }
 }
 
+/// Loads a data set by name, keeping at most `max_prompts` prompts per split, evenly spaced so
+/// that every task stays represented. `None` keeps every prompt.
+pub fn load_dataset(name: &str, max_prompts: Option<usize>) -> Result<RoutingDataset> {
+    let mut dataset = llmroute_policy::data::load(name)?;
+    if let Some(max) = max_prompts {
+        anyhow::ensure!(
+            max >= 1,
+            "invalid --max-prompts 0: keep at least one prompt per split"
+        );
+        dataset.train = dataset
+            .train
+            .subset(&evenly_spaced(dataset.train.len(), max));
+        dataset.test = dataset.test.subset(&evenly_spaced(dataset.test.len(), max));
+    }
+    Ok(dataset)
+}
+
+/// `min(count, max)` indices of `0..count`, evenly spaced.
+fn evenly_spaced(count: usize, max: usize) -> Vec<usize> {
+    let keep = count.min(max);
+    (0..keep).map(|i| i * count / keep).collect()
+}
+
 /// Creates a progress bar on stderr. indicatif draws nothing when stderr is not a terminal.
 pub fn progress_bar(length: u64, message: &str) -> ProgressBar {
     let bar = ProgressBar::new(length);

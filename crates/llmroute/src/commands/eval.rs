@@ -6,13 +6,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::baselines::Router;
-use llmroute_policy::data;
 use llmroute_policy::eval::{self, EvalConfig, TrainerError};
 use llmroute_policy::policy::{BarpRouter, TrainConfig, train};
 use llmroute_policy::reward::Reward;
 
 use super::train::HyperArgs;
-use crate::workspace::{Workspace, progress_bar};
+use crate::workspace::{Workspace, load_dataset, progress_bar};
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
@@ -30,7 +29,7 @@ pub struct EvalArgs {
 }
 
 pub fn run(workspace: &Workspace, args: &EvalArgs) -> Result<()> {
-    let dataset = data::load(&args.dataset)?;
+    let dataset = load_dataset(&args.dataset, args.hyper.max_prompts)?;
     let barp_config = args.hyper.config()?;
     let embeddings = workspace.embed_dataset(&dataset)?;
 

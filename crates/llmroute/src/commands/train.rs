@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use llmroute_policy::bandit::ReplayEnvironment;
-use llmroute_policy::data;
 use llmroute_policy::policy::metadata::POLICY_FORMAT;
 use llmroute_policy::policy::{
     PolicyManifest, PolicyMetadata, TrainConfig, TrainingRecord, to_onnx_bytes, train,
@@ -14,7 +13,7 @@ use llmroute_policy::policy::{
 use llmroute_policy::reward::{DEFAULT_TAU_PERCENTILE, Reward, calibrate_tau};
 use sha2::{Digest, Sha256};
 
-use crate::workspace::{Workspace, progress_bar};
+use crate::workspace::{Workspace, load_dataset, progress_bar};
 
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
@@ -47,6 +46,9 @@ pub struct HyperArgs {
     /// Cost scale τ in USD per call [default: the 95th percentile of training costs].
     #[arg(long)]
     pub tau: Option<f32>,
+    /// Keep at most this many prompts per split, evenly spaced (for quick runs and tests).
+    #[arg(long)]
+    pub max_prompts: Option<usize>,
 }
 
 impl HyperArgs {
@@ -82,7 +84,7 @@ impl HyperArgs {
 }
 
 pub fn run(workspace: &Workspace, args: &TrainArgs) -> Result<()> {
-    let dataset = data::load(&args.dataset)?;
+    let dataset = load_dataset(&args.dataset, args.hyper.max_prompts)?;
     let config = args.hyper.config()?;
     let reward = args.hyper.reward(dataset.train.cost.iter().copied())?;
 

@@ -1,0 +1,178 @@
+//! The `llmroute` binary end to end: `train` writes a policy that ONNX Runtime serves, `eval`
+//! writes every row and repeats itself exactly for a seed, and bad input is a clear error.
+//! Runs on small evenly spaced subsets of the bundled data, with the real encoder and runtime
+//! (set up by `llmroute setup`).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use llmroute_policy::assets::{Assets, default_cache_dir};
+use llmroute_policy::policy::{OnnxPolicy, PolicyManifest};
+use llmroute_policy::runtime::init_onnx_runtime;
+use sha2::{Digest, Sha256};
+
+fn llmroute(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llmroute"))
+        .args(args)
+        .output()
+        .expect("llmroute starts")
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "llmroute failed: {}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn path_arg(path: &Path) -> &str {
+    path.to_str().expect("temporary paths are UTF-8")
+}
+
+#[test]
+fn train_writes_servable_policy() {
+    let out = tempfile::tempdir().unwrap();
+    let output = llmroute(&[
+        "train",
+        "--dataset",
+        "paretobandit-k3",
+        "--max-prompts",
+        "60",
+        "--steps",
+        "40",
+        "--version",
+        "test-v1",
+        "--out",
+        path_arg(out.path()),
+    ]);
+    assert_success(&output);
+
+    let onnx = std::fs::read(out.path().join("policy.onnx")).expect("policy.onnx written");
+    let manifest: PolicyManifest = serde_json::from_slice(
+        &std::fs::read(out.path().join("policy.json")).expect("policy.json written"),
+    )
+    .expect("policy.json parses");
+    assert_eq!(manifest.sha256, hex::encode(Sha256::digest(&onnx)));
+    assert_eq!(manifest.metadata.version, "test-v1");
+    assert_eq!(manifest.metadata.models.len(), 3);
+    let training = manifest.training.expect("training record");
+    assert_eq!(training.prompts, 60);
+    assert_eq!(training.interactions, 40 * 64);
+
+    let assets = Assets::locate(&default_cache_dir().unwrap()).expect("assets set up");
+    let environment = init_onnx_runtime(&assets.onnx_runtime).expect("runtime loads");
+    let mut policy = OnnxPolicy::from_bytes(&onnx, &environment, "policy.onnx").expect("loads");
+    assert_eq!(policy.metadata(), &manifest.metadata);
+    let probabilities = policy
+        .probabilities(&[0.05; 384], 0.7)
+        .expect("decision runs");
+    assert_eq!(probabilities.len(), 3);
+    assert!((probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+}
+
+#[test]
+fn eval_rows_repeat_for_seed() {
+    let first = tempfile::tempdir().unwrap();
+    let second = tempfile::tempdir().unwrap();
+    let run = |dir: &Path| {
+        let json = dir.join("rows.json");
+        let output = llmroute(&[
+            "eval",
+            "--dataset",
+            "paretobandit-k3",
+            "--max-prompts",
+            "150",
+            "--steps",
+            "30",
+            "--seed",
+            "3",
+            "--out",
+            path_arg(dir),
+            "--json",
+            path_arg(&json),
+        ]);
+        assert_success(&output);
+        std::fs::read_to_string(json).expect("JSON rows written")
+    };
+    let rows = run(first.path());
+    assert_eq!(rows, run(second.path()), "same seed, same rows");
+
+    for file in ["report.md", "quality_cost_id.svg", "quality_cost_ood.svg"] {
+        assert!(first.path().join(file).is_file(), "{file} written");
+    }
+
+    let parsed: serde_json::Value = serde_json::from_str(&rows).unwrap();
+    let rows = parsed
+        .as_array()
+        .or_else(|| parsed["rows"].as_array())
+        .expect("rows array");
+    for router in [
+        "barp",
+        "mlp-full-info",
+        "knn-full-info",
+        "linucb",
+        "epsilon-greedy",
+        "thompson",
+        "random",
+        "oracle",
+        "single:mistralai/mistral-large-2512",
+    ] {
+        for split in ["id", "ood"] {
+            let points = rows
+                .iter()
+                .filter(|row| row["router"] == router && row["split"] == split)
+                .count();
+            assert_eq!(points, 11, "{router} on {split}: one row per sweep point");
+        }
+    }
+    let row = &rows[0];
+    for field in [
+        "router",
+        "split",
+        "w_quality",
+        "mean_quality",
+        "mean_cost",
+        "mean_reward",
+        "shares",
+    ] {
+        assert!(row.get(field).is_some(), "row has `{field}`: {row}");
+    }
+}
+
+#[test]
+fn unknown_dataset_is_clear_error() {
+    let output = llmroute(&[
+        "train",
+        "--dataset",
+        "no-such-data",
+        "--out",
+        "/nonexistent",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no-such-data"), "names the value: {stderr}");
+    assert!(
+        stderr.contains("llmrouter-9llm"),
+        "lists the known data sets: {stderr}"
+    );
+}
+
+#[test]
+fn invalid_cost_scale_is_clear_error() {
+    for value in ["0", "-1", "NaN"] {
+        let output = llmroute(&[
+            "train",
+            "--dataset",
+            "paretobandit-k3",
+            &format!("--tau={value}"),
+        ]);
+        assert!(!output.status.success(), "--tau={value} accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("--tau {value}")),
+            "names the value: {stderr}"
+        );
+    }
+}
