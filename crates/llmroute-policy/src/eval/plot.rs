@@ -1,7 +1,7 @@
 //! Hand-written SVG of mean quality against mean cost per call, one file per split.
 //!
-//! Every router except the single models is drawn as a polyline with markers across the sweep
-//! (w_quality from 0 to 1). Single models are grey squares with their names. The cost axis is
+//! Every router except the single models and `random` is drawn as a polyline with markers across
+//! the sweep (w_quality from 0 to 1); `random` gets markers only. Single models are grey squares with their names. The cost axis is
 //! logarithmic when the plotted costs span more than two decades.
 
 use std::fmt::Write as _;
@@ -211,11 +211,15 @@ pub fn render_svg(report: &EvalReport, split: &str) -> String {
             .iter()
             .map(|(x, y)| format!("{x:.1},{y:.1}"))
             .collect();
-        let _ = writeln!(
-            svg,
-            r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="1.8"/>"#,
-            path.join(" ")
-        );
+        // The random router ignores w_quality, so joining its points in sweep order would draw
+        // a line through noise: it gets markers only.
+        if router != "random" {
+            let _ = writeln!(
+                svg,
+                r#"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="1.8"/>"#,
+                path.join(" ")
+            );
+        }
         for (x, y) in &points {
             let _ = writeln!(
                 svg,
