@@ -618,10 +618,9 @@ fn read_preference(
     };
     let from_body = match object.remove(PREFERENCE_FIELD) {
         None => None,
-        Some(Value::String(text)) => Some(
-            Preference::parse(&text)
-                .map_err(|e| invalid_preference(e.to_string(), PREFERENCE_FIELD))?,
-        ),
+        Some(Value::String(text)) => Some(Preference::parse(&text).map_err(|e| {
+            invalid_preference(format!("invalid {PREFERENCE_FIELD}: {e}"), PREFERENCE_FIELD)
+        })?),
         Some(value @ Value::Object(_)) => {
             Some(serde_json::from_value::<Preference>(value).map_err(|e| {
                 invalid_preference(format!("invalid {PREFERENCE_FIELD}: {e}"), PREFERENCE_FIELD)
@@ -645,10 +644,12 @@ fn read_preference(
                     PREFERENCE_HEADER,
                 )
             })?;
-            Some(
-                Preference::parse(text)
-                    .map_err(|e| invalid_preference(e.to_string(), PREFERENCE_HEADER))?,
-            )
+            Some(Preference::parse(text).map_err(|e| {
+                invalid_preference(
+                    format!("invalid {PREFERENCE_HEADER} header: {e}"),
+                    PREFERENCE_HEADER,
+                )
+            })?)
         }
     };
     Ok(from_header.or(from_body).unwrap_or(default))

@@ -36,6 +36,8 @@ enum Command {
     ReplayLlm(commands::replay_llm::ReplayLlmArgs),
     /// Run the routing sidecar: an OpenAI-compatible proxy on 127.0.0.1.
     Sidecar(commands::sidecar::SidecarArgs),
+    /// Print the model a policy file chooses for one prompt and preference.
+    Decide(commands::decide::DecideArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,6 +50,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => commands::bench::run(&workspace, &args),
         Command::ReplayLlm(args) => commands::replay_llm::run(&args),
         Command::Sidecar(args) => commands::sidecar::run(&workspace, &args),
+        Command::Decide(args) => commands::decide::run(&workspace, &args),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! One module per subcommand.
 
 pub mod bench;
+pub mod decide;
 pub mod eval;
 pub mod replay_llm;
 pub mod setup;
