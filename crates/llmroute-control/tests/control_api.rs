@@ -1,0 +1,219 @@
+//! The control API over HTTP on 127.0.0.1: long-polled configurations that follow the route
+//! files, policy artifacts by digest, event ingestion, and versions kept across restarts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use llmroute_api::{
+    CompletedEvent, DecisionRecord, EventBatch, Outcome, Preference, SidecarConfig,
+};
+use llmroute_control::{ControlPlane, Store, serve};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const ROUTE: &str = r#"apiVersion: llmroute.dev/v1alpha1
+kind: LLMRoute
+metadata:
+  name: chat
+spec:
+  models:
+    - name: small
+      endpoint: http://127.0.0.1:9/m/small/v1
+      model: small-1
+      pricing: {inputUsdPerMillionTokens: 0.1, outputUsdPerMillionTokens: 0.2}
+    - name: large
+      endpoint: http://127.0.0.1:9/m/large/v1
+      model: large-1
+      pricing: {inputUsdPerMillionTokens: 1, outputUsdPerMillionTokens: 4}
+  defaultPreference: {quality: 0.7}
+  fallback: small
+"#;
+
+async fn request(method: Method, url: &str, body: Vec<u8>) -> (StatusCode, Bytes) {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::builder()
+        .method(method)
+        .uri(url)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let response = client.request(request).await.unwrap();
+    let status = response.status();
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+fn event(id: &str) -> CompletedEvent {
+    CompletedEvent {
+        decision: DecisionRecord {
+            decision_id: id.to_string(),
+            route: "chat".into(),
+            config_version: 1,
+            model: "small".into(),
+            routed: true,
+            preference: Preference::from_quality(0.5).unwrap(),
+            policy_version: Some("v1".into()),
+            propensity: Some(0.9),
+        },
+        served_model: "small".into(),
+        embedding: vec![0.5; 4],
+        quality: Some(0.25),
+        cost_usd: Some(1e-5),
+        prompt_tokens: Some(10),
+        completion_tokens: Some(20),
+        latency_ms: 12.5,
+        outcome: Outcome::Success,
+        attempts: 1,
+        timestamp_ms: 1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_api_serves_routes() {
+    let routes = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let route_file = routes.path().join("chat.yaml");
+    std::fs::write(&route_file, ROUTE).unwrap();
+    let store = Arc::new(Store::open(state.path()).unwrap());
+    let (plane, report) = ControlPlane::new(routes.path(), store);
+    assert_eq!(report.changed, vec!["chat".to_string()]);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, plane.clone(), async {
+        let _ = stopped.await;
+    }));
+
+    let config_url = format!("{base}/v1/routes/chat/config");
+    let (status, body) = request(Method::GET, &config_url, vec![]).await;
+    assert_eq!(status, StatusCode::OK);
+    let config: SidecarConfig = serde_json::from_slice(&body).unwrap();
+    assert_eq!(config.version, 1);
+    assert_eq!(config.stable, None);
+
+    // Nothing changes within the wait: 304.
+    let (status, _) = request(
+        Method::GET,
+        &format!("{config_url}?version=1&waitSeconds=1"),
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_MODIFIED);
+
+    // A long poll returns as soon as a policy is published.
+    let long_poll_url = format!("{config_url}?version=1&waitSeconds=30");
+    let waiting = tokio::spawn(async move { request(Method::GET, &long_poll_url, vec![]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let policy_bytes = b"policy bytes".to_vec();
+    let published = plane.publish_policy("chat", "v1", &policy_bytes).unwrap();
+    let (status, body) = waiting.await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    let config: SidecarConfig = serde_json::from_slice(&body).unwrap();
+    assert_eq!(config.version, 2);
+    assert_eq!(config.stable.as_ref(), Some(&published));
+
+    let (status, body) = request(
+        Method::GET,
+        &format!("{base}/v1/policies/{}", published.sha256),
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body.as_ref(), policy_bytes.as_slice());
+    let (status, _) = request(
+        Method::GET,
+        &format!("{base}/v1/policies/{}", "0".repeat(64)),
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = request(
+        Method::GET,
+        &format!("{base}/v1/policies/../../etc"),
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // An edited file gives a new version; a broken one keeps the last good configuration.
+    std::fs::write(&route_file, ROUTE.replace("quality: 0.7", "quality: 0.4")).unwrap();
+    let report = plane.reload();
+    assert_eq!(report.changed, vec!["chat".to_string()]);
+    std::fs::write(
+        &route_file,
+        ROUTE.replace("fallback: small", "fallback: medium"),
+    )
+    .unwrap();
+    let report = plane.reload();
+    assert!(report.changed.is_empty());
+    assert!(
+        report.errors[0].contains("\"medium\""),
+        "{:?}",
+        report.errors
+    );
+    let (_, body) = request(Method::GET, &config_url, vec![]).await;
+    let config: SidecarConfig = serde_json::from_slice(&body).unwrap();
+    assert_eq!(config.version, 3);
+    assert!((config.default_preference.quality - 0.4).abs() < 1e-12);
+
+    // Events are stored once per decision id, even when a batch is sent again.
+    let batch = EventBatch {
+        route: "chat".into(),
+        sidecar: "pod-1".into(),
+        events: vec![event(&"a".repeat(32)), event(&"b".repeat(32))],
+    };
+    let body = serde_json::to_vec(&batch).unwrap();
+    let (status, reply) = request(Method::POST, &format!("{base}/v1/events"), body.clone()).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    let (_, reply) = request(Method::POST, &format!("{base}/v1/events"), body).await;
+    let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!(reply["inserted"], 0);
+    assert_eq!(plane.store().count_events("chat").unwrap(), 2);
+    assert_eq!(plane.store().events("chat").unwrap()[1], batch.events[1]);
+
+    let mut other = batch.clone();
+    other.route = "other".into();
+    let (status, _) = request(
+        Method::POST,
+        &format!("{base}/v1/events"),
+        serde_json::to_vec(&other).unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = request(Method::POST, &format!("{base}/v1/events"), b"{".to_vec()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = request(
+        Method::GET,
+        &format!("{base}/v1/routes/none/config"),
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+
+    // A restart on the same state keeps the version instead of starting again at 1.
+    std::fs::write(&route_file, ROUTE.replace("quality: 0.7", "quality: 0.4")).unwrap();
+    let store = Arc::new(Store::open(state.path()).unwrap());
+    let (plane, _) = ControlPlane::new(routes.path(), store);
+    let receiver = plane.subscribe("chat").unwrap();
+    assert_eq!(receiver.borrow().version, 3);
+    assert_eq!(plane.store().count_events("chat").unwrap(), 2);
+}
