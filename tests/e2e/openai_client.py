@@ -6,8 +6,8 @@ LLMROUTE_POLICY (the policy file the sidecar serves), LLMROUTE_ROUTE (the routed
 LLMROUTE_PROMPTS (a JSON file with recorded prompts) and LLMROUTE_EXPECTED (where to write the
 decision ids and feedback scores that the events file must contain).
 
-`python3 openai_client.py check-events EVENTS EXPECTED` checks the sidecar's events file after
-the sidecar stopped.
+`python3 openai_client.py check-events EVENTS EXPECTED` checks the stored events after the sidecar
+stopped; EVENTS is the control plane's SQLite database or a JSON Lines events file.
 """
 
 import json
@@ -169,12 +169,22 @@ class SidecarWithOpenAIClient(unittest.TestCase):
         self.assertEqual(body["error"]["code"], "decision_not_found")
 
 
+def read_events(path):
+    """Reads completed events from the control plane's SQLite database or a JSON Lines file."""
+    if path.endswith(".sqlite3"):
+        import sqlite3
+
+        with sqlite3.connect(path) as connection:
+            return [json.loads(row[0]) for row in connection.execute("SELECT event FROM events ORDER BY id")]
+    with open(path) as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
 def check_events(events_path, expected_path):
     """Checks that every expected decision left one event with the feedback score."""
     with open(expected_path) as file:
         expected = json.load(file)
-    with open(events_path) as file:
-        events = [json.loads(line) for line in file if line.strip()]
+    events = read_events(events_path)
     by_id = {event["decision"]["decisionId"]: event for event in events}
     failures = []
     for decision_id, score in expected.items():

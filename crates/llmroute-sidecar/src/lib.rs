@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod body;
+pub mod control;
 pub mod decision;
 pub mod events;
 pub mod feedback;
@@ -18,6 +19,7 @@ pub mod sidecar;
 pub mod sse;
 pub mod state;
 
+pub use control::{ControlClient, follow};
 pub use events::{BatchSettings, EventSender, EventSink};
 pub use limits::Limits;
 pub use server::serve;

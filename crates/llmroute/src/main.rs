@@ -38,6 +38,8 @@ enum Command {
     Sidecar(commands::sidecar::SidecarArgs),
     /// Print the model a policy file chooses for one prompt and preference.
     Decide(commands::decide::DecideArgs),
+    /// Run the control plane without Kubernetes, from a folder of LLMRoute YAML files.
+    Standalone(commands::standalone::StandaloneArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +53,7 @@ fn main() -> std::process::ExitCode {
         Command::ReplayLlm(args) => commands::replay_llm::run(&args),
         Command::Sidecar(args) => commands::sidecar::run(&workspace, &args),
         Command::Decide(args) => commands::decide::run(&workspace, &args),
+        Command::Standalone(args) => commands::standalone::run(&workspace, &args),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -66,7 +69,7 @@ fn main() -> std::process::ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
-            "warn,llmroute=info,llmroute_policy=info,llmroute_replay=info,llmroute_sidecar=info",
+            "warn,llmroute=info,llmroute_policy=info,llmroute_replay=info,llmroute_sidecar=info,llmroute_control=info",
         )
     });
     tracing_subscriber::fmt()

@@ -6,4 +6,5 @@ pub mod eval;
 pub mod replay_llm;
 pub mod setup;
 pub mod sidecar;
+pub mod standalone;
 pub mod train;

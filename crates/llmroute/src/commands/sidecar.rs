@@ -1,15 +1,18 @@
-//! `llmroute sidecar`: the routing proxy on 127.0.0.1, configured from local files.
+//! `llmroute sidecar`: the routing proxy on 127.0.0.1, configured from local files or from the
+//! control API.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use llmroute_api::PolicyRef;
+use llmroute_policy::encoder::Encoder;
 use llmroute_policy::policy::OnnxPolicy;
 use llmroute_sidecar::{
-    EventSink, Limits, RouteState, Sidecar, SidecarOptions, read_config, serve,
+    ControlClient, EventSink, Limits, RouteState, Sidecar, SidecarOptions, follow, read_config,
+    serve,
 };
 
 use crate::workspace::Workspace;
@@ -17,18 +20,30 @@ use crate::workspace::Workspace;
 #[derive(Debug, clap::Args)]
 pub struct SidecarArgs {
     /// Sidecar configuration of the route (JSON, the control API's format).
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "control",
+        conflicts_with = "control"
+    )]
+    pub config: Option<PathBuf>,
+    /// Base URL of the control API (for example http://127.0.0.1:8070); the configuration and
+    /// policies come from there and follow its changes, and events go there.
+    #[arg(long, value_name = "URL", requires = "route")]
+    pub control: Option<String>,
+    /// Route to serve, with --control.
+    #[arg(long, requires = "control")]
+    pub route: Option<String>,
     /// Policy file (policy.onnx from `llmroute train`). Repeatable: the configuration's stable
     /// and canary policies are looked up among these files by sha256. When the configuration
     /// names no stable policy, the first file becomes the stable policy.
-    #[arg(long = "policy", value_name = "FILE")]
+    #[arg(long = "policy", value_name = "FILE", conflicts_with = "control")]
     pub policies: Vec<PathBuf>,
     /// TCP port on 127.0.0.1 (0 picks a free port).
     #[arg(long, default_value_t = 8090)]
     pub port: u16,
-    /// Appends completed events to this JSON Lines file [default: events are counted as
-    /// dropped].
+    /// Appends completed events to this JSON Lines file [default: the control API with
+    /// --control, else events are counted as dropped].
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
     /// Seconds a finished request waits for feedback before its event is sent without quality.
@@ -42,8 +57,13 @@ pub struct SidecarArgs {
     pub sidecar_id: String,
 }
 
-pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
-    let mut config = read_config(&args.config)?;
+/// Loads the route state from --config and --policy files.
+fn state_from_files(
+    workspace: &Workspace,
+    args: &SidecarArgs,
+    path: &Path,
+) -> Result<(RouteState, Option<Encoder>)> {
+    let mut config = read_config(path)?;
     let mut artifacts: HashMap<String, Vec<u8>> = HashMap::new();
     let environment =
         if args.policies.is_empty() && config.stable.is_none() && config.canary.is_none() {
@@ -85,8 +105,11 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
         &digest,
         None,
     )
-    .with_context(|| format!("failed to load the route of {}", args.config.display()))?;
+    .with_context(|| format!("failed to load the route of {}", path.display()))?;
+    Ok((state, encoder))
+}
 
+pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
     if args.feedback_ttl_seconds == 0 {
         bail!("invalid --feedback-ttl-seconds 0: use at least 1");
     }
@@ -97,10 +120,6 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
         },
         feedback_ttl: Duration::from_secs(args.feedback_ttl_seconds),
         sidecar_id: args.sidecar_id.clone(),
-        sink: match &args.events {
-            Some(path) => EventSink::File(path.clone()),
-            None => EventSink::Discard,
-        },
         ..SidecarOptions::default()
     };
 
@@ -114,12 +133,59 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
             .await
             .with_context(|| format!("failed to bind {address}; pick another --port"))?;
         let bound = listener.local_addr()?;
+        let file_sink = args.events.clone().map(EventSink::File);
+        let (state, encoder, environment, control) = match (&args.config, &args.control) {
+            (Some(path), _) => {
+                let (state, encoder) = state_from_files(workspace, args, path)?;
+                (state, encoder, None, None)
+            }
+            (None, Some(base)) => {
+                let route = args.route.as_deref().expect("clap requires --route");
+                let environment = workspace.onnx_runtime()?;
+                let encoder = workspace.encoder(1)?;
+                let client = ControlClient::new(base, route);
+                tracing::info!(route, control = %base, "waiting for the first route configuration");
+                let first = client
+                    .first_state(
+                        Some(&environment),
+                        encoder.digest(),
+                        crate::shutdown::signal(),
+                    )
+                    .await;
+                let Some(state) = first else {
+                    return Ok(());
+                };
+                (state, Some(encoder), Some(environment), Some(client))
+            }
+            (None, None) => bail!("pass --config FILE, or --control URL with --route NAME"),
+        };
+        let sink = match (file_sink, &control) {
+            (Some(sink), _) => sink,
+            (None, Some(client)) => EventSink::Http {
+                url: client.base().to_string(),
+                client: client.http_client(),
+            },
+            (None, None) => EventSink::Discard,
+        };
+        let options = SidecarOptions { sink, ..options };
         let (sidecar, events) = Sidecar::new(state, encoder, options);
         println!(
             "sidecar of route {} listening on http://{bound}/v1",
             sidecar.state().config.route
         );
+        let (stop_follow, follow_stopped) = tokio::sync::oneshot::channel::<()>();
+        let follower = control.map(|client| {
+            tokio::spawn(follow(sidecar.clone(), client, environment, async {
+                let _ = follow_stopped.await;
+            }))
+        });
         serve(listener, sidecar, events, crate::shutdown::signal()).await?;
+        let _ = stop_follow.send(());
+        if let Some(follower) = follower {
+            follower
+                .await
+                .context("the configuration follower failed")?;
+        }
         Ok(())
     })
 }

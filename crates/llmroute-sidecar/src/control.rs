@@ -1,0 +1,265 @@
+//! Following the control API: long-polling the route's configuration, fetching policy
+//! artifacts by sha256, and swapping the sidecar's route state. The last good state keeps
+//! serving while the control plane is unreachable or sends something unusable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use llmroute_api::SidecarConfig;
+use ort::environment::Environment;
+use sha2::{Digest, Sha256};
+
+use crate::sidecar::Sidecar;
+use crate::state::RouteState;
+
+/// Wait of one long poll, in seconds; the control API caps it at 60.
+pub const LONG_POLL_SECONDS: u64 = 30;
+/// Maximum size of a policy artifact, in bytes (a policy file is about 200 KB).
+pub const MAX_POLICY_BYTES: usize = 64 * 1024 * 1024;
+/// Maximum size of a configuration response, in bytes.
+const MAX_CONFIG_BYTES: usize = 4 * 1024 * 1024;
+/// First delay after a failed poll; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Maximum delay between failed polls.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// A client of one route's control API.
+#[derive(Debug, Clone)]
+pub struct ControlClient {
+    base: String,
+    route: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl ControlClient {
+    /// Creates a client for `route` at the control API `base` (for example
+    /// `http://127.0.0.1:8070`).
+    pub fn new(base: &str, route: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            route: route.to_string(),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    /// Base URL of the control API.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Returns the HTTP client, shared with the event sender.
+    pub fn http_client(&self) -> Client<HttpConnector, Full<Bytes>> {
+        self.client.clone()
+    }
+
+    async fn get(
+        &self,
+        url: &str,
+        timeout: Duration,
+        limit: usize,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let request = Request::builder()
+            .method(Method::GET)
+            .uri(url)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| format!("invalid URL {url}: {e}"))?;
+        let response = tokio::time::timeout(timeout, self.client.request(request))
+            .await
+            .map_err(|_| format!("GET {url} timed out after {} s", timeout.as_secs()))?
+            .map_err(|e| format!("GET {url} failed: {e}"))?;
+        let status = response.status();
+        let body =
+            tokio::time::timeout(timeout, Limited::new(response.into_body(), limit).collect())
+                .await
+                .map_err(|_| format!("reading the response of GET {url} timed out"))?
+                .map_err(|e| format!("failed to read the response of GET {url}: {e}"))?
+                .to_bytes();
+        Ok((status, body))
+    }
+
+    /// Fetches the configuration when its version is above `known`, waiting up to `wait`
+    /// seconds for a change; `None` when nothing changed.
+    pub async fn fetch_config(
+        &self,
+        known: u64,
+        wait_seconds: u64,
+    ) -> Result<Option<SidecarConfig>, String> {
+        let url = format!(
+            "{}/v1/routes/{}/config?version={known}&waitSeconds={wait_seconds}",
+            self.base, self.route
+        );
+        let timeout = Duration::from_secs(wait_seconds + 15);
+        let (status, body) = self.get(&url, timeout, MAX_CONFIG_BYTES).await?;
+        match status {
+            StatusCode::OK => serde_json::from_slice(&body)
+                .map(Some)
+                .map_err(|e| format!("invalid configuration from {url}: {e}")),
+            StatusCode::NOT_MODIFIED => Ok(None),
+            _ => Err(format!(
+                "GET {url} responded {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(500)])
+            )),
+        }
+    }
+
+    /// Fetches a policy artifact and checks its digest.
+    pub async fn fetch_policy(&self, sha256: &str) -> Result<Vec<u8>, String> {
+        let url = format!("{}/v1/policies/{sha256}", self.base);
+        let (status, body) = self
+            .get(&url, Duration::from_secs(60), MAX_POLICY_BYTES)
+            .await?;
+        if status != StatusCode::OK {
+            return Err(format!("GET {url} responded {status}"));
+        }
+        let actual = hex_digest(&body);
+        if actual != sha256 {
+            return Err(format!(
+                "policy from {url} has sha256 {actual}; the artifact is corrupt"
+            ));
+        }
+        Ok(body.to_vec())
+    }
+
+    /// Builds the route state for `config`, fetching the policies that `previous` does not
+    /// already have.
+    pub async fn build_state(
+        &self,
+        config: SidecarConfig,
+        previous: Option<&RouteState>,
+        environment: Option<&Environment>,
+        encoder_digest: &str,
+    ) -> Result<RouteState, String> {
+        let mut artifacts = std::collections::HashMap::new();
+        for reference in config.stable.iter().chain(config.canary.iter()) {
+            let loaded = previous.is_some_and(|state| {
+                [&state.stable, &state.canary]
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p.sha256 == reference.sha256)
+            });
+            if !loaded {
+                let bytes = self.fetch_policy(&reference.sha256).await?;
+                artifacts.insert(reference.sha256.clone(), bytes);
+            }
+        }
+        RouteState::build(
+            config,
+            &|sha256| artifacts.get(sha256).cloned(),
+            environment,
+            encoder_digest,
+            previous,
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    /// Waits for the first usable configuration, retrying with backoff; `None` when
+    /// `shutdown` completes first.
+    pub async fn first_state(
+        &self,
+        environment: Option<&Environment>,
+        encoder_digest: &str,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Option<RouteState> {
+        tokio::pin!(shutdown);
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let attempt = async {
+                let config = self
+                    .fetch_config(0, 0)
+                    .await?
+                    .ok_or_else(|| "the control API has no configuration yet".to_string())?;
+                self.build_state(config, None, environment, encoder_digest)
+                    .await
+            };
+            tokio::select! {
+                result = attempt => match result {
+                    Ok(state) => return Some(state),
+                    Err(error) => {
+                        tracing::warn!(route = %self.route, control = %self.base, error = %error, retry_in_ms = backoff.as_millis() as u64, "failed to get the first route configuration; retrying");
+                    }
+                },
+                () = &mut shutdown => return None,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = &mut shutdown => return None,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+fn hex_digest(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Long-polls the control API and swaps the sidecar's route state on every new usable
+/// configuration, until `shutdown` completes. Failures are logged and retried with backoff;
+/// the current state keeps serving meanwhile.
+pub async fn follow(
+    sidecar: Arc<Sidecar>,
+    client: ControlClient,
+    environment: Option<Environment>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut backoff = FIRST_BACKOFF;
+    // The newest version seen, also when it could not be used. A broken version is then not
+    // fetched again in a loop, and the next version replaces it.
+    let mut known = sidecar.state().config.version;
+    loop {
+        let poll = client.fetch_config(known, LONG_POLL_SECONDS);
+        let result = tokio::select! {
+            result = poll => result,
+            () = &mut shutdown => return,
+        };
+        let failed = match result {
+            Ok(None) => false,
+            Ok(Some(config)) => {
+                let version = config.version;
+                known = known.max(version);
+                let current = sidecar.state();
+                match client
+                    .build_state(
+                        config,
+                        Some(&current),
+                        environment.as_ref(),
+                        sidecar.encoder_digest(),
+                    )
+                    .await
+                {
+                    Ok(state) => {
+                        sidecar.replace_state(state);
+                        false
+                    }
+                    Err(error) => {
+                        tracing::error!(route = %current.config.route, config_version = version, serving_version = current.config.version, error = %error, "rejected a route configuration; the previous one keeps serving");
+                        false
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(control = %client.base, error = %error, retry_in_ms = backoff.as_millis() as u64, "failed to poll the control API; the current configuration keeps serving");
+                true
+            }
+        };
+        if failed {
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = &mut shutdown => return,
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        } else {
+            backoff = FIRST_BACKOFF;
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! `llmroute standalone`: the control plane without Kubernetes. Routes come from `LLMRoute`
+//! YAML files in a folder (watched for changes); policies and events live in a state folder.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use llmroute_control::{ControlPlane, Store, serve};
+use llmroute_policy::policy::OnnxPolicy;
+
+use crate::workspace::Workspace;
+
+#[derive(Debug, clap::Args)]
+pub struct StandaloneArgs {
+    /// Folder of LLMRoute YAML files (*.yaml, *.yml), reloaded when a file changes.
+    #[arg(long, value_name = "DIR")]
+    pub routes: PathBuf,
+    /// State folder for policy artifacts and the event database (created when missing).
+    #[arg(long, value_name = "DIR", default_value = "llmroute-state")]
+    pub state: PathBuf,
+    /// TCP port on 127.0.0.1 (0 picks a free port).
+    #[arg(long, default_value_t = 8070)]
+    pub port: u16,
+    /// Publishes a policy file (policy.onnx from `llmroute train`) for a route before serving,
+    /// as ROUTE=FILE; its version label comes from the file. Repeatable.
+    #[arg(long = "publish", value_name = "ROUTE=FILE")]
+    pub publish: Vec<String>,
+    /// Seconds between checks of the route folder for changes.
+    #[arg(long, default_value_t = 1)]
+    pub watch_interval_seconds: u64,
+}
+
+pub fn run(workspace: &Workspace, args: &StandaloneArgs) -> Result<()> {
+    if !args.routes.is_dir() {
+        bail!(
+            "the route folder {} does not exist; create it and put LLMRoute YAML files in it",
+            args.routes.display()
+        );
+    }
+    if args.watch_interval_seconds == 0 {
+        bail!("invalid --watch-interval-seconds 0: use at least 1");
+    }
+    let store = Arc::new(Store::open(&args.state)?);
+    let (plane, report) = ControlPlane::new(&args.routes, store);
+    for error in &report.errors {
+        eprintln!("warning: {error}");
+    }
+    for item in &args.publish {
+        publish(workspace, &plane, item)?;
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the async runtime")?;
+    runtime.block_on(async {
+        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("failed to bind {address}; pick another --port"))?;
+        let bound = listener.local_addr()?;
+        println!(
+            "control API listening on http://{bound}, routes: {}",
+            plane.route_names().join(", ")
+        );
+        let (stop_watch, watch_stopped) = tokio::sync::oneshot::channel::<()>();
+        let watcher = tokio::spawn(plane.clone().watch_folder(
+            Duration::from_secs(args.watch_interval_seconds),
+            async {
+                let _ = watch_stopped.await;
+            },
+        ));
+        serve(listener, plane, crate::shutdown::signal()).await?;
+        let _ = stop_watch.send(());
+        watcher.await.context("the route folder watcher failed")?;
+        Ok(())
+    })
+}
+
+/// Checks a ROUTE=FILE policy against the route and publishes it.
+fn publish(workspace: &Workspace, plane: &ControlPlane, item: &str) -> Result<()> {
+    let Some((route, file)) = item.split_once('=') else {
+        bail!("invalid --publish {item:?}: expected ROUTE=FILE");
+    };
+    let Some(receiver) = plane.subscribe(route) else {
+        bail!(
+            "invalid --publish {item:?}: route {route:?} is not defined; routes: {}",
+            plane.route_names().join(", ")
+        );
+    };
+    let bytes =
+        std::fs::read(file).with_context(|| format!("failed to read the policy file {file}"))?;
+    let environment = workspace.onnx_runtime()?;
+    let policy = OnnxPolicy::from_bytes(&bytes, &environment, file)?;
+    let config = receiver.borrow().clone();
+    if let Some(model) = policy
+        .metadata()
+        .models
+        .iter()
+        .find(|m| config.model(m).is_none())
+    {
+        bail!(
+            "policy {file} routes to model {model:?}, which route {route:?} does not list; train it on the route's models"
+        );
+    }
+    let version = policy.metadata().version.clone();
+    let reference = plane.publish_policy(route, &version, &bytes)?;
+    println!(
+        "published policy {version} (sha256 {}) for route {route}",
+        reference.sha256
+    );
+    Ok(())
+}
