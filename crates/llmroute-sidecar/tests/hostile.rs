@@ -370,3 +370,59 @@ async fn hostile_requests_are_rejected() {
     assert!(metrics.contains("reason=\"body_too_large\""), "{metrics}");
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutated_bodies_get_clean_answers() {
+    use rand::{Rng, SeedableRng};
+
+    let harness = Harness::start(Setup::default()).await;
+    let chat = format!("{}/v1/chat/completions", harness.base);
+    let prompt = harness.dataset.test.prompts[2].clone();
+    let valid = json!({
+        "model": ROUTE,
+        "stream": false,
+        "messages": [{"role": "user", "content": prompt}],
+        "llmroute_preference": {"quality": 0.4},
+    })
+    .to_string()
+    .into_bytes();
+    let alphabet = b"{}[]\":,\\ 0123456789.-eE\x00\xff\xc3tfnul";
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    // A bounded number of seeded mutations: byte flips, inserted JSON punctuation, cuts and
+    // duplicated slices.
+    for case in 0..300 {
+        let mut body = valid.clone();
+        for _ in 0..rng.random_range(1..6) {
+            let at = rng.random_range(0..body.len());
+            match rng.random_range(0..4) {
+                0 => body[at] = alphabet[rng.random_range(0..alphabet.len())],
+                1 => body.insert(at, alphabet[rng.random_range(0..alphabet.len())]),
+                2 => body.truncate(at.max(1)),
+                _ => {
+                    let end = (at + rng.random_range(1..40)).min(body.len());
+                    let slice = body[at..end].to_vec();
+                    body.splice(at..at, slice);
+                }
+            }
+        }
+        let reply = send(
+            Method::POST,
+            &chat,
+            &[("content-type", "application/json")],
+            body.clone(),
+        )
+        .await;
+        let status = reply.status.as_u16();
+        assert!(
+            status == 200 || (400..500).contains(&status),
+            "case {case}: status {status} for {}",
+            String::from_utf8_lossy(&body)
+        );
+        if status != 200 {
+            reply.openai_error();
+        }
+    }
+    let health = send(Method::GET, &format!("{}/healthz", harness.base), &[], "").await;
+    assert_eq!(health.status, 200);
+    harness.stop().await;
+}
