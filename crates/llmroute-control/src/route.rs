@@ -28,7 +28,7 @@ pub struct LlmRoute {
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
 }
 
@@ -43,10 +43,10 @@ pub struct LlmRouteSpec {
     /// Model used when no policy can run.
     pub fallback: String,
     /// Maximum number of models one request is tried on.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
     /// Pins the stable policy to a published version; the newest published version otherwise.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyPin>,
 }
 
@@ -66,11 +66,11 @@ pub struct RouteModel {
     pub endpoint: String,
     /// Upstream model id.
     pub model: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_secret_ref: Option<SecretKeyRef>,
     pub pricing: RoutePricing,
     /// Timeout for the response headers and each gap between streamed chunks, in seconds.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_seconds: Option<f64>,
 }
 

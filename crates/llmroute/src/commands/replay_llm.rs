@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use llmroute_api::{Exploration, ModelEndpoint, Preference, Pricing, SidecarConfig};
+use llmroute_control::route::{LlmRoute, LlmRouteSpec, Metadata, RouteModel, RoutePricing};
 use llmroute_policy::data;
 use llmroute_replay::{Faults, Recording, ReplayServer, SplitChoice, serve};
 
@@ -40,7 +41,11 @@ pub struct ReplayLlmArgs {
     /// this file once the port is bound.
     #[arg(long, value_name = "FILE")]
     pub route_config: Option<PathBuf>,
-    /// Route name written into --route-config.
+    /// Writes an LLMRoute resource (YAML) over every model of this server to this file once
+    /// the port is bound, for the route folder of `llmroute standalone`.
+    #[arg(long, value_name = "FILE")]
+    pub route_file: Option<PathBuf>,
+    /// Route name written into --route-config and --route-file.
     #[arg(long, default_value = "replay")]
     pub route: String,
 }
@@ -81,6 +86,13 @@ pub fn run(args: &ReplayLlmArgs) -> Result<()> {
                 .with_context(|| format!("failed to write {}", path.display()))?;
             println!("wrote the route configuration {}", path.display());
         }
+        if let Some(path) = &args.route_file {
+            let route = llmroute_resource(&route_config(&args.route, &dataset, bound));
+            let yaml = serde_yaml_ng::to_string(&route)?;
+            std::fs::write(path, yaml)
+                .with_context(|| format!("failed to write {}", path.display()))?;
+            println!("wrote the LLMRoute file {}", path.display());
+        }
         serve(listener, server, crate::shutdown::signal()).await?;
         Ok(())
     })
@@ -116,5 +128,40 @@ fn route_config(route: &str, dataset: &data::RoutingDataset, address: SocketAddr
         canary_weight: 0.0,
         fallback: dataset.models[0].clone(),
         max_attempts: llmroute_api::config::DEFAULT_MAX_ATTEMPTS,
+    }
+}
+
+/// Converts a sidecar configuration into the `LLMRoute` resource that produces it.
+fn llmroute_resource(config: &SidecarConfig) -> LlmRoute {
+    let models = config
+        .models
+        .iter()
+        .map(|model| RouteModel {
+            name: model.name.clone(),
+            endpoint: model.endpoint.clone(),
+            model: model.upstream_model.clone(),
+            api_key_secret_ref: None,
+            pricing: RoutePricing {
+                input_usd_per_million_tokens: model.pricing.input_usd_per_million_tokens,
+                output_usd_per_million_tokens: model.pricing.output_usd_per_million_tokens,
+            },
+            timeout_seconds: None,
+        })
+        .collect();
+    LlmRoute {
+        api_version: llmroute_control::route::API_VERSION.to_string(),
+        kind: llmroute_control::route::KIND.to_string(),
+        metadata: Metadata {
+            name: config.route.clone(),
+            namespace: None,
+        },
+        spec: LlmRouteSpec {
+            models,
+            default_preference: config.default_preference,
+            exploration: config.exploration,
+            fallback: config.fallback.clone(),
+            max_attempts: None,
+            policy: None,
+        },
     }
 }
