@@ -289,9 +289,10 @@ fn outputs_mark_estimated_costs() {
     assert!(svg.contains("ESTIMATED"));
     assert_eq!(
         svg.matches("<polyline").count(),
-        8,
-        "one line per sweep router"
+        7,
+        "one line per sweep router except random"
     );
+    assert!(svg.contains(">random</text>"), "random is in the legend");
     assert!(svg.contains(">large</text>"));
 }
 
