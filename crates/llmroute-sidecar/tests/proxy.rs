@@ -361,3 +361,65 @@ async fn upstream_client_error_passes_through() {
     assert_eq!(ids.len(), 1 + harness.dataset.models.len());
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_serves_its_share() {
+    let setup = Setup {
+        canary_weight: Some(0.5),
+        ..Setup::default()
+    };
+    let harness = Harness::start(setup).await;
+    let url = format!("{}/v1/chat/completions", harness.base);
+    let prompt = harness.dataset.test.prompts[4].clone();
+    let mut versions = std::collections::HashMap::new();
+    for _ in 0..40 {
+        let reply = post_json(&url, &[], &chat(ROUTE, &prompt)).await;
+        assert_eq!(reply.status, 200);
+        let version = reply.header("x-llmroute-policy-version").unwrap();
+        *versions.entry(version).or_insert(0) += 1;
+    }
+    // With weight 0.5, each version serves 40 requests with probability 2^-40 at most.
+    assert_eq!(versions.len(), 2, "{versions:?}");
+    assert!(versions.contains_key("test-v1"), "{versions:?}");
+    assert!(versions.contains_key("test-v2"), "{versions:?}");
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_reports_policy_propensity() {
+    let setup = Setup {
+        edit: |config| config.exploration = llmroute_api::Exploration::Sample,
+        ..Setup::default()
+    };
+    let mut harness = Harness::start(setup).await;
+    let url = format!("{}/v1/chat/completions", harness.base);
+    let prompt = harness.dataset.test.prompts[9].clone();
+    let probabilities = harness.expected_probabilities(&prompt, 0.5);
+    for _ in 0..10 {
+        let reply = post_json(
+            &url,
+            &[("x-llmroute-preference", "quality=0.5")],
+            &chat(ROUTE, &prompt),
+        )
+        .await;
+        assert_eq!(reply.status, 200);
+        let model = reply.header("x-llmroute-model").unwrap();
+        let k = harness
+            .dataset
+            .models
+            .iter()
+            .position(|m| *m == model)
+            .unwrap();
+        let propensity: f64 = reply
+            .header("x-llmroute-propensity")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            (propensity - f64::from(probabilities[k])).abs() < 1e-5,
+            "{model}: header {propensity}, policy {}",
+            probabilities[k]
+        );
+    }
+    harness.stop().await;
+}

@@ -79,8 +79,8 @@ pub fn assets() -> Assets {
 
 /// Trains a small policy on random embeddings for `models`, in which quality and cost both
 /// grow with the model index, so that the preference changes the decision.
-pub fn policy_bytes(models: &[String], encoder_digest: &str, version: &str) -> Vec<u8> {
-    let mut rng = ChaCha8Rng::seed_from_u64(5);
+pub fn policy_bytes(models: &[String], encoder_digest: &str, version: &str, seed: u64) -> Vec<u8> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let rows = 128;
     let k = models.len();
     let mut embeddings = Array2::from_shape_fn((rows, 384), |_| rng.random_range(-1.0f32..1.0));
@@ -95,6 +95,7 @@ pub fn policy_bytes(models: &[String], encoder_digest: &str, version: &str) -> V
     let mut bandit = ReplayEnvironment::new(embeddings.view(), quality.view(), cost.view());
     let config = TrainConfig {
         steps: 300,
+        seed,
         ..TrainConfig::default()
     };
     let tau = 0.01;
@@ -167,6 +168,8 @@ pub struct Setup {
     pub faults: fn(&RoutingDataset) -> Faults,
     pub edit: fn(&mut SidecarConfig),
     pub feedback_ttl: Duration,
+    /// Adds a second policy, `test-v2`, as the canary with this weight.
+    pub canary_weight: Option<f64>,
 }
 
 impl Default for Setup {
@@ -176,6 +179,7 @@ impl Default for Setup {
             faults: |_| Faults::none(),
             edit: |_| {},
             feedback_ttl: Duration::from_secs(600),
+            canary_weight: None,
         }
     }
 }
@@ -189,7 +193,8 @@ impl Harness {
         let encoder = Encoder::load(&assets, 1).unwrap();
         let checker = Encoder::load(&assets, 1).unwrap();
         let mut config = route_config(&dataset, &replay);
-        let bytes = policy_bytes(&dataset.models, encoder.digest(), "test-v1");
+        let bytes = policy_bytes(&dataset.models, encoder.digest(), "test-v1", 5);
+        let canary_bytes = policy_bytes(&dataset.models, encoder.digest(), "test-v2", 6);
         let policy = if setup.with_policy {
             let policy = OnnxPolicy::from_bytes(&bytes, &environment, "test").unwrap();
             config.stable = Some(PolicyRef {
@@ -200,8 +205,19 @@ impl Harness {
         } else {
             None
         };
+        let canary = OnnxPolicy::from_bytes(&canary_bytes, &environment, "canary").unwrap();
+        if let Some(weight) = setup.canary_weight {
+            config.canary = Some(PolicyRef {
+                version: "test-v2".to_string(),
+                sha256: canary.sha256().to_string(),
+            });
+            config.canary_weight = weight;
+        }
         (setup.edit)(&mut config);
         let artifact = |sha256: &str| {
+            if canary.sha256() == sha256 {
+                return Some(canary_bytes.clone());
+            }
             policy
                 .as_ref()
                 .filter(|p| p.sha256() == sha256)
