@@ -144,6 +144,8 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
                 let environment = workspace.onnx_runtime()?;
                 let encoder = workspace.encoder(1)?;
                 let client = ControlClient::new(base, route);
+                // NOTE: the listener is bound but not served until the first configuration
+                // arrives, so /healthz and /readyz do not respond while the sidecar waits.
                 tracing::info!(route, control = %base, "waiting for the first route configuration");
                 let first = client
                     .first_state(
