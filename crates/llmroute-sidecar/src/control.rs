@@ -72,7 +72,7 @@ impl ControlClient {
         let response = tokio::time::timeout(timeout, self.client.request(request))
             .await
             .map_err(|_| format!("GET {url} timed out after {} s", timeout.as_secs()))?
-            .map_err(|e| format!("GET {url} failed: {e}"))?;
+            .map_err(|e| format!("GET {url} failed: {}", crate::proxy::error_chain(&e)))?;
         let status = response.status();
         let body =
             tokio::time::timeout(timeout, Limited::new(response.into_body(), limit).collect())

@@ -240,7 +240,7 @@ impl Worker {
                     tokio::time::timeout(Duration::from_secs(10), client.request(request))
                         .await
                         .map_err(|_| "timed out after 10 s".to_string())?
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| crate::proxy::error_chain(&e))?;
                 let status = response.status();
                 if status.is_success() {
                     return Ok(());

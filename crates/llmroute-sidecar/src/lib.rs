@@ -22,6 +22,6 @@ pub mod state;
 pub use control::{ControlClient, follow};
 pub use events::{BatchSettings, EventSender, EventSink};
 pub use limits::Limits;
-pub use server::serve;
+pub use server::{serve, serve_not_ready};
 pub use sidecar::{Sidecar, SidecarOptions};
 pub use state::{LoadedPolicy, RouteState, StateError, read_config};

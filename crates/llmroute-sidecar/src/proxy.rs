@@ -477,7 +477,7 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
 
 /// Formats an error with its sources, because hyper's client error alone often reads only
 /// "client error (Connect)".
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

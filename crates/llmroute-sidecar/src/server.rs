@@ -243,6 +243,66 @@ pub async fn serve(
     Ok(())
 }
 
+/// Serves a not-ready sidecar on `listener` until `ready` completes: `/healthz` responds 200,
+/// `/readyz` 503, and every other request gets a 503 OpenAI-style error. Connections still open
+/// then get [`SHUTDOWN_GRACE`] to finish, so that the caller can serve the same listener.
+pub async fn serve_not_ready(listener: &TcpListener, ready: impl std::future::Future<Output = ()>) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(ready);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(error = %error, "failed to accept a connection; retrying in 50 ms");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let service = service_fn(|request: Request<Incoming>| async move {
+                    let response = match (request.method(), request.uri().path()) {
+                        (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
+                        (&Method::GET, "/readyz") => text_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "waiting for the first route configuration\n",
+                        ),
+                        _ => error_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            ErrorBody::new(
+                                "api_error",
+                                "the sidecar is waiting for its first route configuration from the control plane; retry shortly",
+                            )
+                            .with_code("not_ready"),
+                        ),
+                    };
+                    Ok::<_, Infallible>(response)
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(30))
+                    .serve_connection(TokioIo::new(stream), service);
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(peer = %peer, error = %error, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut ready => break,
+        }
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_seconds = SHUTDOWN_GRACE.as_secs(),
+            "closed not-ready connections still open after the grace period"
+        );
+    }
+}
+
 /// Releases the events whose feedback TTL passed, once per [`EXPIRY_PERIOD`].
 async fn expire_feedback(sidecar: Arc<Sidecar>) {
     let mut ticker = tokio::time::interval(EXPIRY_PERIOD);

@@ -12,7 +12,7 @@ use llmroute_policy::encoder::Encoder;
 use llmroute_policy::policy::OnnxPolicy;
 use llmroute_sidecar::{
     ControlClient, EventSink, Limits, RouteState, Sidecar, SidecarOptions, follow, read_config,
-    serve,
+    serve, serve_not_ready,
 };
 
 use crate::workspace::Workspace;
@@ -144,16 +144,25 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
                 let environment = workspace.onnx_runtime()?;
                 let encoder = workspace.encoder(1)?;
                 let client = ControlClient::new(base, route);
-                // NOTE: the listener is bound but not served until the first configuration
-                // arrives, so /healthz and /readyz do not respond while the sidecar waits.
                 tracing::info!(route, control = %base, "waiting for the first route configuration");
-                let first = client
-                    .first_state(
-                        Some(&environment),
-                        encoder.digest(),
-                        crate::shutdown::signal(),
-                    )
-                    .await;
+                // Until the first configuration arrives, /healthz responds 200, /readyz 503 and
+                // every other request gets a 503 error.
+                let (ready, became_ready) = tokio::sync::oneshot::channel::<()>();
+                let wait_for_state = async {
+                    let state = client
+                        .first_state(
+                            Some(&environment),
+                            encoder.digest(),
+                            crate::shutdown::signal(),
+                        )
+                        .await;
+                    let _ = ready.send(());
+                    state
+                };
+                let not_ready = serve_not_ready(&listener, async {
+                    let _ = became_ready.await;
+                });
+                let (first, ()) = tokio::join!(wait_for_state, not_ready);
                 let Some(state) = first else {
                     return Ok(());
                 };
