@@ -42,6 +42,13 @@ pub struct TrainConfig {
     pub preference_dim: usize,
     /// Hidden units of the decision head.
     pub hidden_dim: usize,
+    /// Learning rate at the last step, reached by cosine decay from `learning_rate`. `None`
+    /// keeps the learning rate constant.
+    #[serde(default)]
+    pub learning_rate_end: Option<f32>,
+    /// Rescales the advantages of each batch to zero mean and unit standard deviation.
+    #[serde(default)]
+    pub normalize_advantages: bool,
 }
 
 impl Default for TrainConfig {
@@ -60,6 +67,8 @@ impl Default for TrainConfig {
             entropy_end: 0.005,
             preference_dim: 16,
             hidden_dim: 128,
+            learning_rate_end: None,
+            normalize_advantages: false,
         }
     }
 }
@@ -72,12 +81,27 @@ impl TrainConfig {
 
     /// Entropy bonus at `step`, linear from `entropy_start` to `entropy_end`.
     pub fn entropy_at(&self, step: usize) -> f32 {
-        let progress = if self.steps > 1 {
+        self.entropy_start + (self.entropy_end - self.entropy_start) * self.progress(step)
+    }
+
+    /// Learning rate at `step`: `learning_rate`, or its cosine decay to `learning_rate_end`.
+    pub fn learning_rate_at(&self, step: usize) -> f32 {
+        match self.learning_rate_end {
+            None => self.learning_rate,
+            Some(end) => {
+                let cosine = 0.5 * (1.0 + (std::f32::consts::PI * self.progress(step)).cos());
+                end + (self.learning_rate - end) * cosine
+            }
+        }
+    }
+
+    /// Fraction of training done at `step`, from 0 at the first step to 1 at the last.
+    fn progress(&self, step: usize) -> f32 {
+        if self.steps > 1 {
             step as f32 / (self.steps - 1) as f32
         } else {
             1.0
-        };
-        self.entropy_start + (self.entropy_end - self.entropy_start) * progress
+        }
     }
 }
 
@@ -151,8 +175,13 @@ pub fn train(
             })
             .collect();
 
-        let beta = config.entropy_at(step);
-        let (mut gradients, stats) = reinforce_gradients(&network, &pass, &actions, &rewards, beta);
+        let options = ReinforceOptions {
+            beta: config.entropy_at(step),
+            normalize_advantages: config.normalize_advantages,
+        };
+        let (mut gradients, stats) =
+            reinforce_gradients_with(&network, &pass, &actions, &rewards, &options);
+        adam.learning_rate = config.learning_rate_at(step);
         adam.step(&mut network, &mut gradients);
 
         if step >= tail_start {
@@ -216,6 +245,15 @@ pub struct StepStats {
     pub loss: f32,
 }
 
+/// Options of [`reinforce_gradients_with`] beyond the batch itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReinforceOptions {
+    /// Entropy bonus β.
+    pub beta: f32,
+    /// Rescales the batch's advantages to zero mean and unit standard deviation.
+    pub normalize_advantages: bool,
+}
+
 /// Gradients of the REINFORCE loss for one batch with fixed actions and rewards.
 ///
 /// With `p = softmax(z)` and `H = −Σₖ pₖ log pₖ`:
@@ -227,15 +265,38 @@ pub fn reinforce_gradients(
     rewards: &[f32],
     beta: f32,
 ) -> (Gradients, StepStats) {
+    let options = ReinforceOptions {
+        beta,
+        ..ReinforceOptions::default()
+    };
+    reinforce_gradients_with(network, pass, actions, rewards, &options)
+}
+
+/// [`reinforce_gradients`] with optionally normalised advantages.
+pub fn reinforce_gradients_with(
+    network: &PolicyNetwork,
+    pass: &ForwardPass,
+    actions: &[usize],
+    rewards: &[f32],
+    options: &ReinforceOptions,
+) -> (Gradients, StepStats) {
     let batch = actions.len();
     let scale = 1.0 / batch as f32;
+    let beta = options.beta;
+    let mut advantages: Vec<f32> = (0..batch).map(|i| rewards[i] - pass.values[i]).collect();
+    if options.normalize_advantages && batch > 1 {
+        let mean = advantages.iter().sum::<f32>() * scale;
+        let variance = advantages.iter().map(|a| (a - mean).powi(2)).sum::<f32>() * scale;
+        let std = variance.sqrt() + 1e-6;
+        advantages.iter_mut().for_each(|a| *a = (*a - mean) / std);
+    }
     let mut d_logits = Array2::<f32>::zeros(pass.logits.raw_dim());
     let mut d_values = Array1::<f32>::zeros(batch);
     let (mut reward_sum, mut entropy_sum, mut loss) = (0.0f32, 0.0f32, 0.0f32);
 
     for i in 0..batch {
         let probabilities = pass.probabilities.row(i);
-        let advantage = rewards[i] - pass.values[i];
+        let advantage = advantages[i];
         let entropy: f32 = -probabilities
             .iter()
             .map(|&p| if p > 0.0 { p * p.ln() } else { 0.0 })
@@ -365,6 +426,84 @@ mod tests {
             }
         }
         assert_eq!(checked, 2 * 3 + 3 + 8 * 6 + 6 + 6 * 3 + 3 + 6 + 1);
+    }
+
+    /// Logit-bias gradients of the policy term alone (β = 0), the value head excluded.
+    fn logit_bias_gradient(
+        network: &PolicyNetwork,
+        pass: &ForwardPass,
+        rewards: &[f32],
+        options: &ReinforceOptions,
+    ) -> Vec<f32> {
+        let actions = [0, 2, 1, 2];
+        let (gradients, _) = reinforce_gradients_with(network, pass, &actions, rewards, options);
+        gradients.logit_bias.to_vec()
+    }
+
+    #[test]
+    fn normalized_advantages_ignore_reward_shift() {
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let network = small_network(&mut rng);
+        let embeddings = Array2::from_shape_fn((4, 5), |_| rng.random_range(-1.0..1.0));
+        let pass = network.forward(embeddings.view(), &[0.0, 0.3, 0.8, 1.0]);
+        let rewards = [0.4, -0.2, 0.9, 0.1];
+        let shifted: Vec<f32> = rewards.iter().map(|r| r + 0.7).collect();
+        let options = ReinforceOptions {
+            normalize_advantages: true,
+            ..Default::default()
+        };
+        let base = logit_bias_gradient(&network, &pass, &rewards, &options);
+        let moved = logit_bias_gradient(&network, &pass, &shifted, &options);
+        for (k, (&a, &b)) in base.iter().zip(&moved).enumerate() {
+            assert!((a - b).abs() < 1e-5, "logit {k}: {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn cosine_learning_rate_endpoints() {
+        let config = TrainConfig {
+            steps: 101,
+            learning_rate: 1e-3,
+            learning_rate_end: Some(1e-4),
+            ..TrainConfig::default()
+        };
+        assert!((config.learning_rate_at(0) - 1e-3).abs() < 1e-9);
+        assert!((config.learning_rate_at(50) - 5.5e-4).abs() < 1e-8);
+        assert!((config.learning_rate_at(100) - 1e-4).abs() < 1e-9);
+        let constant = TrainConfig::default();
+        assert_eq!(constant.learning_rate_at(5_000), constant.learning_rate);
+    }
+
+    #[test]
+    fn normalized_cosine_training_learns() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (embeddings, quality, cost) = synthetic_problem(&mut rng);
+        let mut environment =
+            ReplayEnvironment::new(embeddings.view(), quality.view(), cost.view());
+        let config = TrainConfig {
+            steps: 1500,
+            batch_size: 32,
+            hidden_dim: 32,
+            learning_rate_end: Some(1e-4),
+            normalize_advantages: true,
+            ..TrainConfig::default()
+        };
+        let (network, summary) = train(
+            &mut environment,
+            Reward::new(0.01),
+            &config,
+            None,
+            &ProgressBar::hidden(),
+        );
+
+        assert_eq!(summary.interactions, config.interactions() as u64);
+        let probabilities =
+            network.probabilities(embeddings.slice(ndarray::s![0..2, ..]), &[1.0, 0.0]);
+        assert_eq!(
+            crate::policy::argmax(probabilities.row(1).as_slice().unwrap()),
+            2,
+            "cluster B at w=0"
+        );
     }
 
     #[test]
