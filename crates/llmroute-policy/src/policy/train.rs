@@ -67,7 +67,9 @@ impl Default for TrainConfig {
             entropy_end: 0.005,
             preference_dim: 16,
             hidden_dim: 128,
-            learning_rate_end: None,
+            // Cosine decay to 1e-4 raised the mean validation reward over the sweep on both
+            // validation splits of llmrouter-9llm and paretobandit-k3 (means of seeds 7, 8, 9).
+            learning_rate_end: Some(1e-4),
             normalize_advantages: false,
         }
     }
@@ -470,7 +472,10 @@ mod tests {
         assert!((config.learning_rate_at(0) - 1e-3).abs() < 1e-9);
         assert!((config.learning_rate_at(50) - 5.5e-4).abs() < 1e-8);
         assert!((config.learning_rate_at(100) - 1e-4).abs() < 1e-9);
-        let constant = TrainConfig::default();
+        let constant = TrainConfig {
+            learning_rate_end: None,
+            ..TrainConfig::default()
+        };
         assert_eq!(constant.learning_rate_at(5_000), constant.learning_rate);
     }
 
