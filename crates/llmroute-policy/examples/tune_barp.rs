@@ -186,7 +186,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             "--only" => {
                 let value = args.next().ok_or("--only needs labels separated by ';'")?;
-                only = Some(value.split(';').map(|label| label.trim().to_string()).collect());
+                only = Some(
+                    value
+                        .split(';')
+                        .map(|label| label.trim().to_string())
+                        .collect(),
+                );
             }
             _ => name = arg,
         }
@@ -244,7 +249,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let candidates: Vec<_> = candidates()
         .into_iter()
-        .filter(|(label, _)| only.as_ref().is_none_or(|labels| labels.iter().any(|l| l == label)))
+        .filter(|(label, _)| {
+            only.as_ref()
+                .is_none_or(|labels| labels.iter().any(|l| l == label))
+        })
         .collect();
     if candidates.is_empty() {
         return Err("--only matches no candidate label; see candidates() for the labels".into());
