@@ -56,13 +56,18 @@ pub fn run(workspace: &Workspace, args: &BenchArgs) -> Result<()> {
         rows.push(bench_training(workspace, &args.dataset)?);
     }
 
+    let width = rows
+        .iter()
+        .map(|row| row.name.chars().count())
+        .max()
+        .unwrap_or(9);
     println!(
-        "{:<58} {:>7} {:>11} {:>11} {:>11}",
+        "{:<width$} {:>7} {:>11} {:>11} {:>11}",
         "benchmark", "runs", "p50", "p99", "mean"
     );
     for row in &rows {
         println!(
-            "{:<58} {:>7} {:>11} {:>11} {:>11}",
+            "{:<width$} {:>7} {:>11} {:>11} {:>11}",
             row.name,
             row.runs,
             format_duration(row.p50),
