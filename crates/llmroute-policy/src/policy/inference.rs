@@ -80,7 +80,7 @@ impl OnnxPolicy {
             path: origin.to_string(),
             source,
         };
-        // The metadata is checked before ONNX Runtime sees the file, so a wrong file gets an
+        // The metadata is checked before ONNX Runtime reads the file, so a wrong file gets an
         // error about policies rather than about graphs.
         let model = onnx::decode(bytes).map_err(|e| malformed(e.into()))?;
         let metadata = read_metadata(&model).map_err(malformed)?;

@@ -46,7 +46,7 @@ pub struct PolicyMetadata {
     pub cost_scale_usd: f32,
 }
 
-/// How a policy was trained; written to `policy.json` next to the ONNX file.
+/// Training record of a policy, written to `policy.json` next to the ONNX file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingRecord {
     pub dataset: String,

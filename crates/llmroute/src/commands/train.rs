@@ -68,7 +68,7 @@ impl HyperArgs {
         })
     }
 
-    /// The reward of this run: a pinned τ, or τ calibrated from every recorded training cost.
+    /// Returns the reward of this run: a pinned τ, or τ calibrated from every training cost.
     pub fn reward(&self, costs: impl IntoIterator<Item = f32>) -> Result<Reward> {
         let tau = match self.tau {
             Some(tau) if tau > 0.0 && tau.is_finite() => tau,
