@@ -39,15 +39,15 @@ pub struct FeedbackRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "kind")]
 pub enum Outcome {
-    /// The upstream responded with 2xx and the whole answer reached the client.
+    /// The upstream responded with 2xx and the whole response reached the client.
     Success,
     /// The last model tried responded with this HTTP status.
     UpstreamStatus { status: u16 },
     /// No model could be reached, or none responded in time.
     Unreachable,
-    /// The upstream failed or stalled after the answer had started.
+    /// The upstream failed or stalled after the response had started.
     StreamInterrupted,
-    /// The client went away before the answer was complete.
+    /// The client went away before the response was complete.
     ClientCancelled,
 }
 

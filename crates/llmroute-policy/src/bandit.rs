@@ -1,7 +1,7 @@
 //! Bandit feedback over recorded routing outcomes.
 //!
 //! A routing data set records every model's quality and cost for every prompt: full
-//! information. Production only ever sees the outcome of the model that was called. Learners
+//! information. Production only ever observes the outcome of the model that was called. Learners
 //! that claim bandit feedback train through [`ReplayEnvironment`], which reveals the outcome of
 //! the pulled arm only and counts every pull, so the restriction is enforced by the type rather
 //! than by convention.
@@ -65,12 +65,12 @@ impl<'a> ReplayEnvironment<'a> {
         self.embeddings.ncols()
     }
 
-    /// The context of one prompt: its embedding.
+    /// Returns the context of one prompt: its embedding.
     pub fn context(&self, prompt: usize) -> ArrayView1<'a, f32> {
         self.embeddings.index_axis_move(ndarray::Axis(0), prompt)
     }
 
-    /// All contexts, `[prompts × dim]`.
+    /// Returns all contexts, `[prompts × dim]`.
     pub fn contexts(&self) -> ArrayView2<'a, f32> {
         self.embeddings
     }

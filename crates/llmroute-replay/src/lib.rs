@@ -1,4 +1,4 @@
-//! replay-llm: OpenAI-compatible model endpoints that answer from a recorded routing data set,
+//! replay-llm: OpenAI-compatible model endpoints that respond from a recorded routing data set,
 //! so that the sidecar and the whole routing loop run on real routing data without API keys.
 //!
 //! Each model of the data set gets its own base URL, `http://HOST/m/<model>/v1`, serving

@@ -32,7 +32,7 @@ enum Command {
     Eval(commands::eval::EvalArgs),
     /// Measure policy decision, encoder and training times and print a table.
     Bench(commands::bench::BenchArgs),
-    /// Serve OpenAI-compatible endpoints that answer from a recorded routing data set.
+    /// Serve OpenAI-compatible endpoints that respond from a recorded routing data set.
     ReplayLlm(commands::replay_llm::ReplayLlmArgs),
     /// Run the routing sidecar: an OpenAI-compatible proxy on 127.0.0.1.
     Sidecar(commands::sidecar::SidecarArgs),

@@ -2,7 +2,7 @@
 //!
 //! For a prompt, the `k` training prompts with the highest cosine similarity of embeddings
 //! (ties to the lower training index) predict each model's quality and normalised cost
-//! `min(c / τ, 1)` as their means; the router picks `argmax w_q · q̂ − w_c · ĉ`.
+//! `min(c / τ, 1)` as their means. The router then picks `argmax w_q · q̂ − w_c · ĉ`.
 
 use ndarray::{Array2, ArrayView2, Axis};
 

@@ -104,7 +104,7 @@ pub fn estimate_cost(input_tokens: u32, output_tokens: u32, price: &ModelPrice) 
         / 1e6
 }
 
-/// The cost estimate in words, for [`CostSource::Estimated`] and every report.
+/// Describes the cost estimate in words, for [`CostSource::Estimated`] and every report.
 pub fn estimate_method() -> String {
     let mut per_task = String::new();
     for (task, tokens, _) in OUTPUT_TOKENS_BY_TASK {

@@ -1,8 +1,8 @@
 //! Routing data sets: recorded per-model quality and cost for every prompt.
 //!
 //! Every data set loads into one shape, [`RoutingDataset`]: a fixed model order (the action
-//! order of every router), a train and a test [`Split`], each with one quality score in [0, 1]
-//! and one cost in USD per (prompt, model) pair. Known data sets ([`DATASET_NAMES`]):
+//! order of every router) and a train and a test [`Split`]. Each split has one quality score
+//! in [0, 1] and one cost in USD per (prompt, model) pair. Known data sets ([`DATASET_NAMES`]):
 //!
 //! - `llmrouter-9llm`: 9 open LLMs on 14 tasks (LLMRouter, ulab-uiuc, MIT licence). Costs are
 //!   estimated from prices and token-count estimates; see [`llmrouter`].
@@ -57,7 +57,7 @@ pub enum DataError {
     InvalidFile { file: String, message: String },
 }
 
-/// Where per-call costs come from.
+/// Origin of the per-call costs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CostSource {
@@ -68,7 +68,7 @@ pub enum CostSource {
 }
 
 impl CostSource {
-    /// Whether costs are estimates rather than recorded charges.
+    /// Returns true when the costs are estimates rather than recorded charges.
     pub fn is_estimate(&self) -> bool {
         matches!(self, CostSource::Estimated { .. })
     }
@@ -206,7 +206,7 @@ fn load_from(name: &str, source: &FileSource) -> Result<RoutingDataset, DataErro
     Ok(dataset)
 }
 
-/// Where the gzipped source files of a data set are read from.
+/// Location of a data set's gzipped source files.
 #[derive(Debug, Clone)]
 pub(crate) enum FileSource {
     /// The copies compiled into the binary.

@@ -1,8 +1,9 @@
 //! Hand-written SVG of mean quality against mean cost per call, one file per split.
 //!
 //! Every router except the single models and `random` is drawn as a polyline with markers across
-//! the sweep (w_quality from 0 to 1); `random` gets markers only. Single models are grey squares with their names. The cost axis is
-//! logarithmic when the plotted costs span more than two decades.
+//! the sweep (w_quality from 0 to 1). `random` gets markers only, because it ignores the
+//! preference. Single models are grey squares with their names. The cost axis is logarithmic
+//! when the plotted costs span more than two decades.
 
 use std::fmt::Write as _;
 

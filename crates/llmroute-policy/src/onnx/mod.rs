@@ -157,7 +157,7 @@ pub fn encode(model: &ModelProto) -> Vec<u8> {
     model.encode_to_vec()
 }
 
-/// Parses the bytes of an `.onnx` file, keeping only the fields this module knows.
+/// Parses the bytes of an `.onnx` file, keeping only the fields this module defines.
 pub fn decode(bytes: &[u8]) -> Result<ModelProto, prost::DecodeError> {
     ModelProto::decode(bytes)
 }
@@ -220,7 +220,7 @@ pub fn attr_string(name: &str, value: &str) -> AttributeProto {
     }
 }
 
-/// A constant-tensor attribute (for `Constant` nodes).
+/// Builds a constant-tensor attribute (for `Constant` nodes).
 pub fn attr_tensor(name: &str, tensor: TensorProto) -> AttributeProto {
     AttributeProto {
         name: name.to_string(),
