@@ -1,10 +1,12 @@
 //! Wire types shared by the llmroute sidecar, the control plane and the operator: the sidecar
 //! configuration of a route, routing decisions, feedback, completed events and the
-//! OpenAI-style error body. Everything here is plain serde data, free of Kubernetes types.
+//! OpenAI-style error body, and the custom resources `LLMRoute` and `LLMPolicy`, whose
+//! Kubernetes types exist only with the `crd` feature.
 
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod crd;
 pub mod event;
 pub mod openai;
 pub mod preference;

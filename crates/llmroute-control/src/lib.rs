@@ -12,6 +12,6 @@ pub mod server;
 pub mod store;
 
 pub use plane::{ControlPlane, ReloadReport};
-pub use route::{LlmRoute, RouteError, load_routes};
-pub use server::serve;
+pub use route::{LlmRoute, RouteError, load_routes, sidecar_config};
+pub use server::{ControlBackend, serve, serve_backend};
 pub use store::{Store, StoreError};

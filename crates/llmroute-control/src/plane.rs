@@ -147,7 +147,11 @@ impl ControlPlane {
         current: Option<&RouteEntry>,
     ) -> Result<(SidecarConfig, bool), String> {
         let name = &route.metadata.name;
-        let pinned = route.spec.policy.as_ref().map(|p| p.version.as_str());
+        let pinned = route
+            .spec
+            .policy
+            .as_ref()
+            .and_then(|p| p.version.as_deref());
         let stable = self
             .store
             .stable_policy(name, pinned)

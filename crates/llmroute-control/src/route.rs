@@ -1,15 +1,17 @@
-//! The `LLMRoute` resource as YAML files define it (the schema the custom resource will have),
-//! and its translation into a sidecar configuration.
+//! The `LLMRoute` resource as YAML files define it for `llmroute standalone` (the same spec as
+//! the custom resource), and the translation of a route spec into a sidecar configuration.
 
 use std::path::{Path, PathBuf};
 
-use llmroute_api::{
-    ApiKeyRef, Exploration, ModelEndpoint, PolicyRef, Preference, Pricing, SidecarConfig,
+pub use llmroute_api::crd::{
+    ConfigMapKeyRef, ExplorationSpec, LlmRouteSpec, PolicySpec, RouteModel, RoutePricing,
+    SecretKeyRef,
 };
+use llmroute_api::{ApiKeyRef, ModelEndpoint, PolicyRef, Pricing, SidecarConfig};
 use serde::{Deserialize, Serialize};
 
 /// API group and version of the resource.
-pub const API_VERSION: &str = "llmroute.dev/v1alpha1";
+pub const API_VERSION: &str = llmroute_api::crd::API_VERSION;
 /// Kind of the resource.
 pub const KIND: &str = "LLMRoute";
 
@@ -30,64 +32,6 @@ pub struct Metadata {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-}
-
-/// The route a user declares: models, preference, exploration, fallback and policy pin.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LlmRouteSpec {
-    pub models: Vec<RouteModel>,
-    pub default_preference: Preference,
-    #[serde(default)]
-    pub exploration: Exploration,
-    /// Model used when no policy can run.
-    pub fallback: String,
-    /// Maximum number of models one request is tried on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_attempts: Option<u32>,
-    /// Pins the stable policy to a published version; the newest published version otherwise.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy: Option<PolicyPin>,
-}
-
-/// A pinned policy version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct PolicyPin {
-    pub version: String,
-}
-
-/// One model of a route.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RouteModel {
-    pub name: String,
-    /// Base URL of an OpenAI-compatible API, up to and including `/v1`.
-    pub endpoint: String,
-    /// Upstream model id.
-    pub model: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key_secret_ref: Option<SecretKeyRef>,
-    pub pricing: RoutePricing,
-    /// Timeout for the response headers and each gap between streamed chunks, in seconds.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout_seconds: Option<f64>,
-}
-
-/// A key of a Kubernetes Secret.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct SecretKeyRef {
-    pub name: String,
-    pub key: String,
-}
-
-/// Prices in USD per million tokens.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RoutePricing {
-    pub input_usd_per_million_tokens: f64,
-    pub output_usd_per_million_tokens: f64,
 }
 
 /// A route file that cannot be used.
@@ -119,51 +63,71 @@ impl LlmRoute {
         if route.metadata.name.is_empty() {
             return Err(invalid("metadata.name is empty".to_string()));
         }
+        let errors = route.spec.check();
+        if !errors.is_empty() {
+            return Err(invalid(
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ));
+        }
         Ok(route)
     }
 
     /// Builds the sidecar configuration of this route with the given version and policy.
     pub fn sidecar_config(&self, version: u64, stable: Option<PolicyRef>) -> SidecarConfig {
-        let spec = &self.spec;
-        let models = spec
-            .models
-            .iter()
-            .map(|model| ModelEndpoint {
-                name: model.name.clone(),
-                endpoint: model.endpoint.clone(),
-                upstream_model: model.model.clone(),
-                api_key: model
-                    .api_key_secret_ref
-                    .as_ref()
-                    .map(|secret| ApiKeyRef::Secret {
-                        name: secret.name.clone(),
-                        key: secret.key.clone(),
-                        env: api_key_env(&model.name),
-                    }),
-                pricing: Pricing {
-                    input_usd_per_million_tokens: model.pricing.input_usd_per_million_tokens,
-                    output_usd_per_million_tokens: model.pricing.output_usd_per_million_tokens,
-                },
-                timeout_ms: model
-                    .timeout_seconds
-                    .map(|s| (s * 1000.0).round().max(0.0) as u64)
-                    .unwrap_or(llmroute_api::config::DEFAULT_TIMEOUT_MS),
-            })
-            .collect();
-        SidecarConfig {
-            route: self.metadata.name.clone(),
-            version,
-            models,
-            default_preference: spec.default_preference,
-            exploration: spec.exploration,
-            stable,
-            canary: None,
-            canary_weight: 0.0,
-            fallback: spec.fallback.clone(),
-            max_attempts: spec
-                .max_attempts
-                .unwrap_or(llmroute_api::config::DEFAULT_MAX_ATTEMPTS),
-        }
+        sidecar_config(&self.metadata.name, &self.spec, version, stable)
+    }
+}
+
+/// Builds the sidecar configuration of the route `route` (its key in the control API) from its
+/// spec, with the given configuration version and stable policy.
+pub fn sidecar_config(
+    route: &str,
+    spec: &LlmRouteSpec,
+    version: u64,
+    stable: Option<PolicyRef>,
+) -> SidecarConfig {
+    let models = spec
+        .models
+        .iter()
+        .map(|model| ModelEndpoint {
+            name: model.name.clone(),
+            endpoint: model.endpoint.clone(),
+            upstream_model: model.model.clone(),
+            api_key: model
+                .api_key_secret_ref
+                .as_ref()
+                .map(|secret| ApiKeyRef::Secret {
+                    name: secret.name.clone(),
+                    key: secret.key.clone(),
+                    env: api_key_env(&model.name),
+                }),
+            pricing: Pricing {
+                input_usd_per_million_tokens: model.pricing.input_usd_per_million_tokens,
+                output_usd_per_million_tokens: model.pricing.output_usd_per_million_tokens,
+            },
+            timeout_ms: model
+                .timeout_seconds
+                .map(|s| (s * 1000.0).round().max(0.0) as u64)
+                .unwrap_or(llmroute_api::config::DEFAULT_TIMEOUT_MS),
+        })
+        .collect();
+    SidecarConfig {
+        route: route.to_string(),
+        version,
+        models,
+        default_preference: spec.default_preference,
+        exploration: spec.exploration(),
+        stable,
+        canary: None,
+        canary_weight: 0.0,
+        fallback: spec.fallback.clone(),
+        max_attempts: spec
+            .max_attempts
+            .unwrap_or(llmroute_api::config::DEFAULT_MAX_ATTEMPTS),
     }
 }
 
@@ -220,6 +184,7 @@ pub fn load_routes(folder: &Path) -> Result<Vec<RouteFile>, RouteError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llmroute_api::Exploration;
 
     const ROUTE: &str = r#"
 apiVersion: llmroute.dev/v1alpha1

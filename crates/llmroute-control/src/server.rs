@@ -27,6 +27,52 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::plane::ControlPlane;
+use crate::store::Store;
+
+/// What the control API serves: the routes' configurations, policy artifacts and the event
+/// store. `llmroute standalone` serves a [`ControlPlane`] of route files; the operator serves
+/// routes and policies from the cluster.
+pub trait ControlBackend: Send + Sync + 'static {
+    /// Subscribes to the configuration of `route`, or `None` when the route is not served.
+    fn subscribe(
+        &self,
+        route: &str,
+    ) -> Option<tokio::sync::watch::Receiver<Arc<llmroute_api::SidecarConfig>>>;
+    /// Keys of the served routes, sorted.
+    fn route_names(&self) -> Vec<String>;
+    /// The bytes of the policy artifact with this sha256, `Ok(None)` when there is none. May
+    /// block: the server calls it on a blocking thread.
+    fn policy(&self, sha256: &str) -> Result<Option<Vec<u8>>, String>;
+    /// The event store.
+    fn store(&self) -> &Store;
+}
+
+impl ControlBackend for ControlPlane {
+    fn subscribe(
+        &self,
+        route: &str,
+    ) -> Option<tokio::sync::watch::Receiver<Arc<llmroute_api::SidecarConfig>>> {
+        ControlPlane::subscribe(self, route)
+    }
+
+    fn route_names(&self) -> Vec<String> {
+        ControlPlane::route_names(self)
+    }
+
+    fn policy(&self, sha256: &str) -> Result<Option<Vec<u8>>, String> {
+        match std::fs::read(self.store().policy_path(sha256)) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn store(&self) -> &Store {
+        ControlPlane::store(self)
+    }
+}
+
+type Backend = Arc<dyn ControlBackend>;
 
 /// Maximum wait of a long-polling configuration request.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
@@ -63,7 +109,7 @@ fn error(status: StatusCode, message: String) -> Response<ResponseBody> {
     )
 }
 
-async fn handle(plane: Arc<ControlPlane>, request: Request<Incoming>) -> Response<ResponseBody> {
+async fn handle(plane: Backend, request: Request<Incoming>) -> Response<ResponseBody> {
     let path = request.uri().path().to_string();
     let method = request.method().clone();
     if method == Method::GET && path == "/healthz" {
@@ -120,7 +166,7 @@ fn parse_query(query: &str) -> Result<(u64, Duration), String> {
     Ok((version, wait))
 }
 
-async fn get_config(plane: &ControlPlane, route: &str, query: &str) -> Response<ResponseBody> {
+async fn get_config(plane: &Backend, route: &str, query: &str) -> Response<ResponseBody> {
     let (known, wait) = match parse_query(query) {
         Ok(parsed) => parsed,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
@@ -153,17 +199,18 @@ async fn get_config(plane: &ControlPlane, route: &str, query: &str) -> Response<
     respond(StatusCode::OK, "application/json", body)
 }
 
-async fn get_policy(plane: &ControlPlane, sha256: &str) -> Response<ResponseBody> {
+async fn get_policy(plane: &Backend, sha256: &str) -> Response<ResponseBody> {
     if !is_sha256_hex(sha256) {
         return error(
             StatusCode::BAD_REQUEST,
             format!("invalid policy digest {sha256:?}: expected 64 lowercase hex digits"),
         );
     }
-    let path = plane.store().policy_path(sha256);
-    match tokio::task::spawn_blocking(move || std::fs::read(path)).await {
-        Ok(Ok(bytes)) => respond(StatusCode::OK, "application/octet-stream", bytes),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => error(
+    let backend = plane.clone();
+    let digest = sha256.to_string();
+    match tokio::task::spawn_blocking(move || backend.policy(&digest)).await {
+        Ok(Ok(Some(bytes))) => respond(StatusCode::OK, "application/octet-stream", bytes),
+        Ok(Ok(None)) => error(
             StatusCode::NOT_FOUND,
             format!("policy {sha256} is not published"),
         ),
@@ -184,10 +231,7 @@ async fn get_policy(plane: &ControlPlane, sha256: &str) -> Response<ResponseBody
     }
 }
 
-async fn post_events(
-    plane: &Arc<ControlPlane>,
-    request: Request<Incoming>,
-) -> Response<ResponseBody> {
+async fn post_events(plane: &Backend, request: Request<Incoming>) -> Response<ResponseBody> {
     let bytes = match Limited::new(request.into_body(), MAX_EVENTS_BYTES)
         .collect()
         .await
@@ -264,7 +308,16 @@ async fn post_events(
 /// Serves the control API on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
-    plane: Arc<ControlPlane>,
+    plane: Arc<impl ControlBackend>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    serve_backend(listener, plane, shutdown).await
+}
+
+/// [`serve`] for a backend chosen at run time.
+pub async fn serve_backend(
+    listener: TcpListener,
+    plane: Backend,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let address: SocketAddr = listener.local_addr()?;

@@ -259,6 +259,19 @@ impl Store {
         })
     }
 
+    /// Deletes the stored events and configuration versions of `route`, when the route is
+    /// deleted. Returns the number of events deleted.
+    pub fn delete_route(&self, route: &str) -> Result<u64, StoreError> {
+        self.with_connection(|connection| {
+            let transaction = connection.transaction()?;
+            let events =
+                transaction.execute("DELETE FROM events WHERE route = ?1", params![route])?;
+            transaction.execute("DELETE FROM route_configs WHERE route = ?1", params![route])?;
+            transaction.commit()?;
+            Ok(events as u64)
+        })
+    }
+
     /// Reads the stored events of `route`, oldest first.
     pub fn events(&self, route: &str) -> Result<Vec<CompletedEvent>, StoreError> {
         let texts: Vec<String> = self.with_connection(|connection| {

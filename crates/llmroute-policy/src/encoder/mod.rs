@@ -245,6 +245,15 @@ fn configure_tokenizer(bytes: &[u8]) -> Result<Tokenizer, String> {
     Ok(tokenizer)
 }
 
+/// The digest [`Encoder::digest`] reports for the encoder files at these paths, computed without
+/// loading ONNX Runtime (the operator records it in the policies it builds).
+pub fn digest_of_files(model: &Path, tokenizer: &Path) -> std::io::Result<String> {
+    Ok(encoder_digest(
+        &std::fs::read(model)?,
+        &std::fs::read(tokenizer)?,
+    ))
+}
+
 fn encoder_digest(model: &[u8], tokenizer: &[u8]) -> String {
     let mut hasher = Sha256::new();
     // Length prefixes keep the boundary between the two files unambiguous.

@@ -5,6 +5,7 @@ pub mod export;
 pub mod inference;
 pub mod metadata;
 pub mod network;
+pub mod prior;
 pub mod router;
 pub mod train;
 

@@ -7,8 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use llmroute_api::crd::ExplorationMode;
 use llmroute_api::{Exploration, ModelEndpoint, Preference, Pricing, SidecarConfig};
-use llmroute_control::route::{LlmRoute, LlmRouteSpec, Metadata, RouteModel, RoutePricing};
+use llmroute_control::route::{
+    ExplorationSpec, LlmRoute, LlmRouteSpec, Metadata, RouteModel, RoutePricing,
+};
 use llmroute_policy::data;
 use llmroute_replay::{Faults, Recording, ReplayServer, SplitChoice, serve};
 
@@ -131,6 +134,16 @@ fn route_config(route: &str, dataset: &data::RoutingDataset, address: SocketAddr
     }
 }
 
+/// The resource form of an exploration rule.
+fn exploration_spec(exploration: Exploration) -> Option<ExplorationSpec> {
+    let (mode, epsilon) = match exploration {
+        Exploration::Greedy => (ExplorationMode::Greedy, None),
+        Exploration::Sample => (ExplorationMode::Sample, None),
+        Exploration::EpsilonGreedy { epsilon } => (ExplorationMode::EpsilonGreedy, Some(epsilon)),
+    };
+    Some(ExplorationSpec { mode, epsilon })
+}
+
 /// Converts a sidecar configuration into the `LLMRoute` resource that produces it.
 fn llmroute_resource(config: &SidecarConfig) -> LlmRoute {
     let models = config
@@ -158,9 +171,10 @@ fn llmroute_resource(config: &SidecarConfig) -> LlmRoute {
         spec: LlmRouteSpec {
             models,
             default_preference: config.default_preference,
-            exploration: config.exploration,
+            exploration: exploration_spec(config.exploration),
             fallback: config.fallback.clone(),
             max_attempts: None,
+            cost_scale_usd: None,
             policy: None,
         },
     }
