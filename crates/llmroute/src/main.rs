@@ -40,6 +40,12 @@ enum Command {
     Decide(commands::decide::DecideArgs),
     /// Run the control plane without Kubernetes, from a folder of LLMRoute YAML files.
     Standalone(commands::standalone::StandaloneArgs),
+    /// Print the CustomResourceDefinitions of LLMRoute and LLMPolicy.
+    Crd,
+    /// Print every manifest a cluster needs to run the operator, for `kubectl apply -f -`.
+    Install(commands::install::InstallArgs),
+    /// Run the Kubernetes operator: the LLMRoute controller and the control API for sidecars.
+    Operator(commands::operator::OperatorArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -54,6 +60,9 @@ fn main() -> std::process::ExitCode {
         Command::Sidecar(args) => commands::sidecar::run(&workspace, &args),
         Command::Decide(args) => commands::decide::run(&workspace, &args),
         Command::Standalone(args) => commands::standalone::run(&workspace, &args),
+        Command::Crd => commands::crd::run(),
+        Command::Install(args) => commands::install::run(&args),
+        Command::Operator(args) => commands::operator::run(&workspace, &args),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -69,7 +78,7 @@ fn main() -> std::process::ExitCode {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
-            "warn,llmroute=info,llmroute_policy=info,llmroute_replay=info,llmroute_sidecar=info,llmroute_control=info",
+            "warn,llmroute=info,llmroute_policy=info,llmroute_replay=info,llmroute_sidecar=info,llmroute_control=info,llmroute_operator=info",
         )
     });
     tracing_subscriber::fmt()

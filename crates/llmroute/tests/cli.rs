@@ -176,3 +176,36 @@ fn invalid_cost_scale_is_clear_error() {
         );
     }
 }
+
+#[test]
+fn checked_in_crds_match_the_types() {
+    let output = llmroute(&["crd"]);
+    assert_success(&output);
+    let generated = String::from_utf8(output.stdout).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds/llmroute.yaml");
+    let checked_in = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        generated == checked_in,
+        "{} differs from `llmroute crd`; run `cargo run -p llmroute -- crd > crds/llmroute.yaml`",
+        path.display()
+    );
+}
+
+#[test]
+fn install_rejects_bad_settings_by_name() {
+    let output = llmroute(&["install", "--namespace", "Not_A_Namespace"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Not_A_Namespace"), "{stderr}");
+    let output = llmroute(&[
+        "install",
+        "--replicas",
+        "2",
+        "--image",
+        "example/llmroute:1",
+    ]);
+    assert_success(&output);
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("replicas: 2"), "{text}");
+    assert!(text.contains("image: example/llmroute:1"), "{text}");
+}

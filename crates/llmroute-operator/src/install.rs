@@ -1,0 +1,262 @@
+//! `llmroute install`: every object a cluster needs to run the operator, as one YAML stream for
+//! `kubectl apply -f -`. RBAC grants only what the operator calls.
+
+use serde_json::{Value, json};
+
+/// Settings of the rendered manifests.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    /// Namespace of the operator.
+    pub namespace: String,
+    /// Container image of `llmroute`.
+    pub image: String,
+    /// Operator replicas; with more than one, the Lease elects the leader.
+    pub replicas: u32,
+    /// Port of the control API.
+    pub control_port: u16,
+    /// Port of `/metrics`, `/healthz` and `/readyz`.
+    pub ops_port: u16,
+}
+
+impl Default for InstallOptions {
+    fn default() -> Self {
+        Self {
+            namespace: "llmroute-system".into(),
+            image: format!("llmroute:{}", env!("CARGO_PKG_VERSION")),
+            replicas: 1,
+            control_port: 8090,
+            ops_port: 8081,
+        }
+    }
+}
+
+/// Name of the operator's Deployment, service account, roles and Lease.
+pub const NAME: &str = "llmroute-operator";
+
+/// The objects, in the order `kubectl apply` needs them.
+pub fn manifests(options: &InstallOptions) -> Vec<Value> {
+    let ns = options.namespace.as_str();
+    let labels = json!({
+        "app.kubernetes.io/name": "llmroute",
+        "app.kubernetes.io/component": "operator",
+    });
+    let mut objects: Vec<Value> = llmroute_api::crd::definitions()
+        .into_iter()
+        .map(|crd| serde_json::to_value(crd).expect("a CRD serialises"))
+        .collect();
+    objects.push(json!({
+        "apiVersion": "v1",
+        "kind": "Namespace",
+        "metadata": {"name": ns, "labels": {"llmroute.dev/injection": "disabled"}},
+    }));
+    objects.push(json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+    }));
+    objects.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": NAME, "labels": labels},
+        "rules": [
+            // Routes: watched, finalizer added and removed, status written.
+            {"apiGroups": ["llmroute.dev"], "resources": ["llmroutes"],
+             "verbs": ["get", "list", "watch", "patch", "update"]},
+            {"apiGroups": ["llmroute.dev"], "resources": ["llmroutes/status"],
+             "verbs": ["get", "patch", "update"]},
+            // Owner references with blockOwnerDeletion need update on the owner's finalizers.
+            {"apiGroups": ["llmroute.dev"], "resources": ["llmroutes/finalizers"],
+             "verbs": ["update"]},
+            {"apiGroups": ["llmroute.dev"], "resources": ["llmpolicies"],
+             "verbs": ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]},
+            {"apiGroups": ["llmroute.dev"], "resources": ["llmpolicies/status"],
+             "verbs": ["get", "patch", "update"]},
+            // Policy artifacts, and a pretrained policy a route references.
+            {"apiGroups": [""], "resources": ["configmaps"],
+             "verbs": ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]},
+            // Only to check that a route's API-key Secret and key exist; never listed or watched.
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+            {"apiGroups": ["events.k8s.io"], "resources": ["events"],
+             "verbs": ["create", "patch"]},
+        ],
+    }));
+    objects.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": NAME, "labels": labels},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
+        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}],
+    }));
+    objects.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+        "rules": [
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+             "verbs": ["get", "create", "update"]},
+        ],
+    }));
+    objects.push(json!({
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME},
+        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}],
+    }));
+    objects.push(deployment(options, &labels));
+    objects.push(json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+        "spec": {
+            "selector": labels,
+            "ports": [
+                {"name": "control", "port": options.control_port, "targetPort": "control"},
+                {"name": "metrics", "port": options.ops_port, "targetPort": "ops"},
+            ],
+        },
+    }));
+    objects
+}
+
+fn deployment(options: &InstallOptions, labels: &Value) -> Value {
+    let probe = |path: &str| {
+        json!({
+            "httpGet": {"path": path, "port": "ops"},
+            "periodSeconds": 10,
+            "timeoutSeconds": 2,
+        })
+    };
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": NAME, "namespace": options.namespace, "labels": labels},
+        "spec": {
+            "replicas": options.replicas,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": NAME,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": 65532,
+                        "runAsGroup": 65532,
+                        "fsGroup": 65532,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [{
+                        "name": "operator",
+                        "image": options.image,
+                        "args": [
+                            "operator",
+                            format!("--control-listen=0.0.0.0:{}", options.control_port),
+                            format!("--ops-listen=0.0.0.0:{}", options.ops_port),
+                            "--data-dir=/var/lib/llmroute",
+                            "--lease-namespace=$(POD_NAMESPACE)",
+                            "--identity=$(POD_NAME)",
+                        ],
+                        "env": [
+                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                            {"name": "RUST_LOG", "value": "info"},
+                        ],
+                        "ports": [
+                            {"name": "control", "containerPort": options.control_port},
+                            {"name": "ops", "containerPort": options.ops_port},
+                        ],
+                        "livenessProbe": probe("/healthz"),
+                        "readinessProbe": probe("/readyz"),
+                        "resources": {
+                            "requests": {"cpu": "100m", "memory": "128Mi"},
+                            "limits": {"memory": "512Mi"},
+                        },
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/llmroute"}],
+                    }],
+                    // TODO: the event store lives on an emptyDir here, so events are lost when
+                    // the pod goes; the Helm chart (issue 7) gives it a PersistentVolumeClaim.
+                    "volumes": [{"name": "data", "emptyDir": {}}],
+                },
+            },
+        },
+    })
+}
+
+/// The manifests as one YAML stream.
+pub fn render(options: &InstallOptions) -> String {
+    let mut out = String::from(
+        "# llmroute operator: apply with `llmroute install | kubectl apply --server-side -f -`\n",
+    );
+    for object in manifests(options) {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&object).expect("JSON values serialise to YAML"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_object_has_kind_name_and_namespace_where_needed() {
+        let options = InstallOptions {
+            namespace: "ops".into(),
+            ..InstallOptions::default()
+        };
+        let objects = manifests(&options);
+        let kinds: Vec<&str> = objects
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "CustomResourceDefinition",
+                "CustomResourceDefinition",
+                "Namespace",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+                "Deployment",
+                "Service"
+            ]
+        );
+        for object in &objects {
+            let kind = object["kind"].as_str().unwrap();
+            assert!(object["metadata"]["name"].is_string(), "{kind}");
+            let cluster_scoped = matches!(
+                kind,
+                "CustomResourceDefinition" | "Namespace" | "ClusterRole" | "ClusterRoleBinding"
+            );
+            assert_eq!(
+                object["metadata"]["namespace"].as_str(),
+                (!cluster_scoped).then_some("ops"),
+                "{kind}"
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_are_only_read_by_name() {
+        let objects = manifests(&InstallOptions::default());
+        let role = objects.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
+        let secrets = role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["resources"][0] == "secrets")
+            .unwrap();
+        assert_eq!(secrets["verbs"], json!(["get"]));
+        let rendered = render(&InstallOptions::default());
+        assert!(!rendered.contains("\"*\""), "no wildcard grants");
+    }
+}

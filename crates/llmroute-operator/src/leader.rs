@@ -1,0 +1,167 @@
+//! Leader election on a `coordination.k8s.io/v1` Lease, as client-go's leaderelection does it:
+//! the holder renews the Lease every [`LeaderElection::renew_every`]; another replica takes it
+//! over only when `renewTime + leaseDurationSeconds` has passed. Every write carries the
+//! Lease's `resourceVersion`, so of two replicas that try at once, the API server lets one win
+//! and answers the other 409 Conflict.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+/// Settings of one elector.
+#[derive(Debug, Clone)]
+pub struct LeaderElection {
+    pub namespace: String,
+    pub lease_name: String,
+    /// This replica's identity, written into the Lease (its pod name in a cluster).
+    pub identity: String,
+    /// How long a Lease stays held without renewal.
+    pub lease_duration: Duration,
+    /// Period of renewals and of attempts to acquire.
+    pub renew_every: Duration,
+}
+
+impl LeaderElection {
+    pub fn new(namespace: &str, lease_name: &str, identity: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            lease_name: lease_name.to_string(),
+            identity: identity.to_string(),
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(2),
+        }
+    }
+
+    /// Runs the election until `shutdown` completes, publishing leadership on `leader`. On
+    /// shutdown a leader releases the Lease, so that another replica takes over at once.
+    pub async fn run(
+        self,
+        client: Client,
+        leader: watch::Sender<bool>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let api: Api<Lease> = Api::namespaced(client, &self.namespace);
+        tokio::pin!(shutdown);
+        let mut last_renewal: Option<tokio::time::Instant> = None;
+        tracing::info!(lease = %self.lease_name, namespace = %self.namespace, identity = %self.identity, "leader election started");
+        loop {
+            let held = match self.try_acquire_or_renew(&api).await {
+                Ok(held) => held,
+                Err(error) => {
+                    tracing::warn!(error = %error, "failed to read or write the leader Lease; retrying");
+                    // Keep leading until the Lease could have expired.
+                    *leader.borrow()
+                        && last_renewal.is_some_and(|at| {
+                            at.elapsed() < self.lease_duration.saturating_sub(self.renew_every)
+                        })
+                }
+            };
+            if held {
+                last_renewal = Some(tokio::time::Instant::now());
+            }
+            if held != *leader.borrow() {
+                if held {
+                    tracing::info!(identity = %self.identity, "became the leader");
+                } else {
+                    tracing::warn!(identity = %self.identity, "lost the leadership");
+                }
+                leader.send_replace(held);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.renew_every) => {}
+                () = &mut shutdown => break,
+            }
+        }
+        if *leader.borrow() {
+            leader.send_replace(false);
+            match self.release(&api).await {
+                Ok(()) => tracing::info!(identity = %self.identity, "released the leader Lease"),
+                Err(error) => {
+                    tracing::warn!(error = %error, "failed to release the leader Lease; another replica takes over when it expires")
+                }
+            }
+        }
+        tracing::info!("leader election stopped");
+    }
+
+    /// Takes or renews the Lease. Returns whether this replica holds it.
+    async fn try_acquire_or_renew(&self, api: &Api<Lease>) -> Result<bool, kube::Error> {
+        let now = Timestamp::now();
+        let Some(mut lease) = api.get_opt(&self.lease_name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.lease_name.clone()),
+                    namespace: Some(self.namespace.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec: Some(self.spec(now, now, 0)),
+            };
+            return match api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                Err(error) => Err(error),
+            };
+        };
+        let spec = lease.spec.clone().unwrap_or_default();
+        let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
+        let mine = holder == Some(self.identity.as_str());
+        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
+            (Some(MicroTime(renewed)), Some(seconds)) => renewed
+                .saturating_add(SignedDuration::from_secs(i64::from(seconds)))
+                .is_ok_and(|deadline| deadline < now),
+            _ => true,
+        };
+        if !mine && holder.is_some() && !expired {
+            return Ok(false);
+        }
+        let acquired_at = if mine {
+            spec.acquire_time.map(|MicroTime(t)| t).unwrap_or(now)
+        } else {
+            now
+        };
+        let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
+        lease.spec = Some(self.spec(acquired_at, now, transitions));
+        match api
+            .replace(&self.lease_name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    fn spec(&self, acquired: Timestamp, renewed: Timestamp, transitions: i32) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(self.identity.clone()),
+            lease_duration_seconds: Some(self.lease_duration.as_secs().max(1) as i32),
+            acquire_time: Some(MicroTime(acquired)),
+            renew_time: Some(MicroTime(renewed)),
+            lease_transitions: Some(transitions),
+            ..LeaseSpec::default()
+        }
+    }
+
+    /// Gives the Lease up: an empty holder lets the next replica take it without waiting.
+    async fn release(&self, api: &Api<Lease>) -> Result<(), kube::Error> {
+        let Some(mut lease) = api.get_opt(&self.lease_name).await? else {
+            return Ok(());
+        };
+        let Some(spec) = lease.spec.as_mut() else {
+            return Ok(());
+        };
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        api.replace(&self.lease_name, &PostParams::default(), &lease)
+            .await?;
+        Ok(())
+    }
+}

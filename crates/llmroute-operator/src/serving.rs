@@ -1,0 +1,261 @@
+//! The control API's view of the cluster: sidecar configurations from the routes' specs and
+//! statuses, policy artifacts from the policy ConfigMaps, events into the local store.
+//!
+//! Every replica serves, leader or not. A route's configuration is served once the leader has
+//! reconciled its current spec: the status records the configuration's version and digest,
+//! and a replica serves what it computes from spec and status only when the digests agree.
+//! Until then it keeps serving the previous configuration, so sidecars never see a spec that
+//! the operator has not checked.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt, watcher::watcher};
+use kube::{Api, ResourceExt};
+use llmroute_api::crd::LlmRoute;
+use llmroute_api::{PolicyRef, SidecarConfig};
+use llmroute_control::store::Store;
+use llmroute_control::{ControlBackend, sidecar_config};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::metrics::Metrics;
+use crate::names::{MANAGED_BY, MANAGED_BY_VALUE, POLICY_KEY, SHA256_ANNOTATION, route_key};
+use crate::reconcile::config_digest;
+
+/// Routes and policies as the control API serves them.
+pub struct ClusterBackend {
+    routes: RwLock<HashMap<String, watch::Sender<Arc<SidecarConfig>>>>,
+    policies: RwLock<HashMap<String, Vec<u8>>>,
+    store: Store,
+    routes_synced: AtomicBool,
+    policies_synced: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for ClusterBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterBackend").finish_non_exhaustive()
+    }
+}
+
+impl ControlBackend for ClusterBackend {
+    fn subscribe(&self, route: &str) -> Option<watch::Receiver<Arc<SidecarConfig>>> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        routes.get(route).map(watch::Sender::subscribe)
+    }
+
+    fn route_names(&self) -> Vec<String> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut names: Vec<String> = routes.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn policy(&self, sha256: &str) -> Result<Option<Vec<u8>>, String> {
+        let policies = self.policies.read().unwrap_or_else(|p| p.into_inner());
+        Ok(policies.get(sha256).cloned())
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl ClusterBackend {
+    pub fn new(store: Store, metrics: Arc<Metrics>) -> Self {
+        Self {
+            routes: RwLock::new(HashMap::new()),
+            policies: RwLock::new(HashMap::new()),
+            store,
+            routes_synced: AtomicBool::new(false),
+            policies_synced: AtomicBool::new(false),
+            metrics,
+        }
+    }
+
+    /// Whether both watches have listed their objects once.
+    pub fn is_synced(&self) -> bool {
+        self.routes_synced.load(Ordering::Relaxed) && self.policies_synced.load(Ordering::Relaxed)
+    }
+
+    /// Serves the configuration that `route`'s spec and status give, when the status describes
+    /// the current spec. Returns whether a new configuration was published.
+    pub fn update_route(&self, route: &LlmRoute) -> bool {
+        let Some(namespace) = route.namespace() else {
+            return false;
+        };
+        let key = route_key(&namespace, &route.name_any());
+        let Some(config) = served_config(&key, route) else {
+            return false;
+        };
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        let changed = match routes.get(&key) {
+            Some(sender) => {
+                if sender.borrow().version >= config.version && **sender.borrow() == config {
+                    false
+                } else if sender.borrow().version > config.version {
+                    // An older status than the one served (a stale watch event).
+                    false
+                } else {
+                    sender.send_replace(Arc::new(config));
+                    true
+                }
+            }
+            None => {
+                routes.insert(key.clone(), watch::channel(Arc::new(config)).0);
+                true
+            }
+        };
+        self.metrics.routes_served.set(routes.len() as i64);
+        if changed {
+            let version = routes[&key].borrow().version;
+            tracing::info!(route = %key, config_version = version, "serving a new sidecar configuration");
+        }
+        changed
+    }
+
+    /// Stops serving `key`; sidecars waiting on it get 404.
+    pub fn remove_route(&self, key: &str) {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if routes.remove(key).is_some() {
+            tracing::info!(route = %key, "route removed from the control API");
+        }
+        self.metrics.routes_served.set(routes.len() as i64);
+    }
+
+    /// Removes a deleted route and its stored events.
+    pub fn forget_route(&self, key: &str) {
+        self.remove_route(key);
+        match self.store.delete_route(key) {
+            Ok(events) => tracing::info!(route = %key, events, "deleted the route's stored events"),
+            Err(error) => {
+                tracing::error!(route = %key, error = %error, "failed to delete the route's stored events")
+            }
+        }
+    }
+
+    fn update_policy(&self, configmap: &ConfigMap) {
+        let Some((sha256, bytes)) = policy_artifact(configmap) else {
+            return;
+        };
+        let mut policies = self.policies.write().unwrap_or_else(|p| p.into_inner());
+        policies.insert(sha256, bytes);
+        self.metrics.policies_served.set(policies.len() as i64);
+    }
+
+    /// Watches every LLMRoute until the stream ends (it does not: the watcher retries with
+    /// backoff and logs each failure).
+    pub async fn watch_routes(self: Arc<Self>, api: Api<LlmRoute>) {
+        let mut seen = HashSet::new();
+        let mut stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .boxed();
+        loop {
+            match stream.try_next().await {
+                Ok(Some(Event::Apply(route) | Event::InitApply(route))) => {
+                    seen.insert(route_key(
+                        &route.namespace().unwrap_or_default(),
+                        &route.name_any(),
+                    ));
+                    self.update_route(&route);
+                }
+                Ok(Some(Event::Delete(route))) => {
+                    self.remove_route(&route_key(
+                        &route.namespace().unwrap_or_default(),
+                        &route.name_any(),
+                    ));
+                }
+                Ok(Some(Event::Init)) => seen.clear(),
+                Ok(Some(Event::InitDone)) => {
+                    let stale: Vec<String> = self
+                        .route_names()
+                        .into_iter()
+                        .filter(|key| !seen.contains(key))
+                        .collect();
+                    for key in stale {
+                        self.remove_route(&key);
+                    }
+                    if !self.routes_synced.swap(true, Ordering::Relaxed) {
+                        tracing::info!(routes = seen.len(), "listed the routes");
+                    }
+                }
+                Ok(None) => {
+                    tracing::error!("the route watch ended; the control API serves what it has");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "the route watch failed; retrying with backoff");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Watches the policy ConfigMaps the operator manages.
+    pub async fn watch_policies(self: Arc<Self>, api: Api<ConfigMap>) {
+        let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}"));
+        let mut stream = watcher(api, config).default_backoff().boxed();
+        loop {
+            match stream.try_next().await {
+                Ok(Some(Event::Apply(configmap) | Event::InitApply(configmap))) => {
+                    self.update_policy(&configmap);
+                }
+                // Policies stay servable after their ConfigMap goes: a sidecar may still be
+                // loading one, and digests never change meaning.
+                Ok(Some(Event::Delete(_) | Event::Init)) => {}
+                Ok(Some(Event::InitDone)) => {
+                    if !self.policies_synced.swap(true, Ordering::Relaxed) {
+                        tracing::info!("listed the policy ConfigMaps");
+                    }
+                }
+                Ok(None) => {
+                    tracing::error!("the policy watch ended; the control API serves what it has");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "the policy watch failed; retrying with backoff");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The configuration to serve for `route`, when its status describes its current spec.
+pub fn served_config(key: &str, route: &LlmRoute) -> Option<SidecarConfig> {
+    let status = route.status.as_ref()?;
+    let stable = PolicyRef {
+        version: status.stable_policy.clone()?,
+        sha256: status.stable_policy_sha256.clone()?,
+    };
+    let version = status.config_version?;
+    if status.config_digest.as_deref()? != config_digest(key, &route.spec, &stable) {
+        return None;
+    }
+    Some(sidecar_config(key, &route.spec, version, Some(stable)))
+}
+
+/// The digest and bytes of a policy ConfigMap, when its bytes match its digest annotation.
+fn policy_artifact(configmap: &ConfigMap) -> Option<(String, Vec<u8>)> {
+    let claimed = configmap.annotations().get(SHA256_ANNOTATION)?;
+    let ByteString(bytes) = configmap.binary_data.as_ref()?.get(POLICY_KEY)?;
+    let actual = hex::encode(Sha256::digest(bytes));
+    if *claimed != actual {
+        tracing::error!(
+            configmap = %configmap.name_any(),
+            namespace = %configmap.namespace().unwrap_or_default(),
+            claimed = %claimed,
+            actual = %actual,
+            "a policy ConfigMap's bytes do not match its sha256 annotation; not serving it"
+        );
+        return None;
+    }
+    Some((actual, bytes.clone()))
+}

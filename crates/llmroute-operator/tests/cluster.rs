@@ -1,0 +1,959 @@
+//! The operator against a real Kubernetes API server, one namespace per test.
+//!
+//! These tests need the server that `scripts/k8s-testenv start DIR` runs; `scripts/test` starts
+//! it and runs them with `--ignored`. They fail, rather than skip, when
+//! `LLMROUTE_TEST_KUBECONFIG` is not set. Each test runs its operators in this process, scoped
+//! to its own namespace, with its own leader Lease.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, ResourceExt};
+use llmroute_api::SidecarConfig;
+use llmroute_api::crd::{ConditionStatus, LlmPolicy, LlmRoute, PolicyOrigin, PolicyPhase};
+use llmroute_operator::OperatorConfig;
+use llmroute_operator::leader::LeaderElection;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+const ENCODER: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn client() -> Client {
+    // Logs go to the test's captured output; RUST_LOG chooses the level.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,llmroute_operator=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let path = std::env::var("LLMROUTE_TEST_KUBECONFIG").unwrap_or_else(|_| {
+        panic!(
+            "LLMROUTE_TEST_KUBECONFIG is not set: run scripts/test, or `scripts/k8s-testenv start DIR` and `source DIR/env`"
+        )
+    });
+    let kubeconfig = Kubeconfig::read_from(&path).expect("the test kubeconfig reads");
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("the test kubeconfig is valid");
+    Client::try_from(config).expect("a client")
+}
+
+/// Applies the CRDs and waits until both are established.
+async fn install_crds(client: &Client) {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in llmroute_api::crd::definitions() {
+        api.patch(
+            &crd.name_any(),
+            &PatchParams::apply("llmroute-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("the CRD applies");
+    }
+    for name in ["llmroutes.llmroute.dev", "llmpolicies.llmroute.dev"] {
+        eventually("CRD established", || async {
+            let crd = api.get(name).await.ok()?;
+            crd.status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        })
+        .await;
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, for at most [`WAIT`].
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct TestNamespace {
+    client: Client,
+    name: String,
+}
+
+impl TestNamespace {
+    async fn new(test: &str) -> Self {
+        let client = client().await;
+        install_crds(&client).await;
+        let name = format!("t-{test}-{}", std::process::id() % 100_000);
+        let api: Api<Namespace> = Api::all(client.clone());
+        let namespace: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": name}})).unwrap();
+        api.create(&PostParams::default(), &namespace)
+            .await
+            .expect("the test namespace is created");
+        Self { client, name }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    async fn delete(self) {
+        let api: Api<Namespace> = Api::all(self.client.clone());
+        // The namespace controller finishes the deletion; the test does not wait for it.
+        let _ = api.delete(&self.name, &DeleteParams::default()).await;
+    }
+}
+
+/// One operator running in this process.
+struct Operator {
+    control: String,
+    ops: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+    _data: tempfile::TempDir,
+}
+
+impl Operator {
+    async fn start(namespace: &TestNamespace, identity: &str) -> Self {
+        let control = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let config = OperatorConfig {
+            control_address: control.local_addr().unwrap(),
+            ops_address: ops.local_addr().unwrap(),
+            data_dir: data.path().to_path_buf(),
+            election: LeaderElection {
+                renew_every: Duration::from_millis(500),
+                lease_duration: Duration::from_secs(4),
+                ..LeaderElection::new(&namespace.name, "llmroute-operator", identity)
+            },
+            encoder_digest: ENCODER.into(),
+            embedding_dim: 384,
+            watch_namespace: Some(namespace.name.clone()),
+        };
+        let control_url = format!("http://{}", control.local_addr().unwrap());
+        let ops_url = format!("http://{}", ops.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let client = namespace.client.clone();
+        let task = tokio::spawn(async move {
+            llmroute_operator::run_with_listeners(client, config, control, ops, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("the operator runs");
+        });
+        let operator = Self {
+            control: control_url,
+            ops: ops_url,
+            stop: Some(stop),
+            task,
+            _data: data,
+        };
+        eventually("the operator to be ready", || async {
+            let (status, _) = get(&format!("{}/readyz", operator.ops)).await?;
+            (status == 200).then_some(())
+        })
+        .await;
+        operator
+    }
+
+    async fn is_leader(&self) -> bool {
+        let Some((_, body)) = get(&format!("{}/metrics", self.ops)).await else {
+            return false;
+        };
+        String::from_utf8_lossy(&body)
+            .lines()
+            .any(|line| line == "llmroute_operator_leader 1")
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(20), &mut self.task)
+            .await
+            .expect("the operator stops within 20 s")
+            .expect("the operator task ends cleanly");
+    }
+}
+
+/// A GET on 127.0.0.1 with a plain HTTP/1.1 client; `None` when the connection fails.
+async fn get(url: &str) -> Option<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(70), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let text_end = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&response[..text_end]).to_string();
+    let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
+    let mut body = response[text_end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Some((status, body))
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&data[..line_end]).trim(), 16)
+            .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[line_end + 2..line_end + 2 + size]);
+        data = &data[line_end + 2 + size + 2..];
+    }
+}
+
+fn route_manifest(name: &str, extra: Value) -> Value {
+    let mut spec = json!({
+        "models": [
+            {"name": "small", "endpoint": "http://127.0.0.1:9/v1", "model": "small-1",
+             "pricing": {"inputUsdPerMillionTokens": 0.1, "outputUsdPerMillionTokens": 0.4}},
+            {"name": "large", "endpoint": "http://127.0.0.1:9/v1", "model": "large-1",
+             "pricing": {"inputUsdPerMillionTokens": 2.5, "outputUsdPerMillionTokens": 10}}
+        ],
+        "defaultPreference": {"quality": 0.7},
+        "fallback": "small",
+    });
+    if let (Some(spec), Some(extra)) = (spec.as_object_mut(), extra.as_object()) {
+        for (key, value) in extra {
+            spec.insert(key.clone(), value.clone());
+        }
+    }
+    json!({
+        "apiVersion": "llmroute.dev/v1alpha1",
+        "kind": "LLMRoute",
+        "metadata": {"name": name},
+        "spec": spec,
+    })
+}
+
+async fn apply_route(namespace: &TestNamespace, manifest: &Value) -> Result<LlmRoute, kube::Error> {
+    let api: Api<LlmRoute> = namespace.api();
+    let name = manifest["metadata"]["name"].as_str().unwrap();
+    api.patch(
+        name,
+        &PatchParams::apply("llmroute-tests").force(),
+        &Patch::Apply(manifest),
+    )
+    .await
+}
+
+/// Waits until the route's `Ready` condition has `status` and `reason` for its current
+/// generation, and returns the route.
+async fn wait_ready(
+    namespace: &TestNamespace,
+    name: &str,
+    status: ConditionStatus,
+    reason: &str,
+) -> LlmRoute {
+    let api: Api<LlmRoute> = namespace.api();
+    eventually(&format!("{name} Ready={status:?} ({reason})"), || async {
+        let route = api.get(name).await.ok()?;
+        let current = route.status.as_ref()?;
+        let ready = current.conditions.iter().find(|c| c.type_ == "Ready")?;
+        (current.observed_generation == route.metadata.generation
+            && ready.status == status
+            && ready.reason == reason)
+            .then_some(route)
+    })
+    .await
+}
+
+async fn policies(namespace: &TestNamespace) -> Vec<LlmPolicy> {
+    let api: Api<LlmPolicy> = namespace.api();
+    api.list(&ListParams::default()).await.unwrap().items
+}
+
+async fn events_for(namespace: &TestNamespace, name: &str) -> Vec<Event> {
+    let api: Api<Event> = namespace.api();
+    api.list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+        .collect()
+}
+
+async fn sidecar_config(operator: &Operator, key: &str, after: u64) -> SidecarConfig {
+    eventually(
+        &format!("config of {key} above version {after}"),
+        || async {
+            let (status, body) = get(&format!(
+                "{}/v1/routes/{key}/config?version={after}&waitSeconds=1",
+                operator.control
+            ))
+            .await?;
+            if status != 200 {
+                return None;
+            }
+            serde_json::from_slice(&body).ok()
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn route_becomes_ready_with_an_initial_policy_and_follows_spec_changes() {
+    let namespace = TestNamespace::new("ready").await;
+    let operator = Operator::start(&namespace, "one").await;
+    apply_route(&namespace, &route_manifest("chat", json!({})))
+        .await
+        .unwrap();
+    let route = wait_ready(&namespace, "chat", ConditionStatus::True, "Serving").await;
+    let status = route.status.clone().unwrap();
+    assert_eq!(status.stable_policy.as_deref(), Some("v1"));
+    assert_eq!(status.models, Some(2));
+    assert_eq!(status.config_version, Some(1));
+    for condition in ["PolicyReady", "Progressing", "Degraded"] {
+        assert!(
+            status.conditions.iter().any(|c| c.type_ == condition),
+            "{condition} missing: {:?}",
+            status.conditions
+        );
+    }
+    assert!(
+        route
+            .finalizers()
+            .contains(&"llmroute.dev/cleanup".to_string())
+    );
+
+    // The initial policy: an LLMPolicy owned by the route, its ConfigMap, phase Stable.
+    let listed = policies(&namespace).await;
+    assert_eq!(listed.len(), 1);
+    let policy = &listed[0];
+    assert_eq!(policy.spec.origin, PolicyOrigin::PricingPrior);
+    assert_eq!(policy.spec.models, ["small", "large"]);
+    assert_eq!(
+        policy.status.as_ref().and_then(|s| s.phase),
+        Some(PolicyPhase::Stable)
+    );
+    assert_eq!(
+        policy.owner_references()[0].uid,
+        route.metadata.uid.clone().unwrap()
+    );
+    let configmaps: Api<ConfigMap> = namespace.api();
+    let configmap = configmaps.get(&policy.spec.artifact.name).await.unwrap();
+    let bytes = &configmap.binary_data.unwrap()["policy.onnx"].0;
+    assert_eq!(hex::encode(Sha256::digest(bytes)), policy.spec.sha256);
+
+    // The control API serves the configuration and the policy bytes.
+    let key = format!("{}/chat", namespace.name);
+    let config = sidecar_config(&operator, &key, 0).await;
+    assert_eq!(config.version, 1);
+    assert_eq!(config.stable.as_ref().unwrap().sha256, policy.spec.sha256);
+    let (code, served) = get(&format!(
+        "{}/v1/policies/{}",
+        operator.control, policy.spec.sha256
+    ))
+    .await
+    .unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(&served, bytes);
+
+    // A spec change: new generation observed, new configuration version, seen by a sidecar.
+    let mut changed = route_manifest("chat", json!({"defaultPreference": {"quality": 0.2}}));
+    changed["spec"]["exploration"] = json!({"mode": "epsilonGreedy", "epsilon": 0.1});
+    apply_route(&namespace, &changed).await.unwrap();
+    let route = wait_ready(&namespace, "chat", ConditionStatus::True, "Serving").await;
+    assert_eq!(route.metadata.generation, Some(2));
+    assert_eq!(route.status.as_ref().unwrap().observed_generation, Some(2));
+    assert_eq!(route.status.as_ref().unwrap().config_version, Some(2));
+    let config = sidecar_config(&operator, &key, 1).await;
+    assert_eq!(config.version, 2);
+    assert!((config.default_preference.quality - 0.2).abs() < 1e-9);
+    assert_eq!(
+        policies(&namespace).await.len(),
+        1,
+        "a preference change keeps the policy"
+    );
+
+    // A new pool needs a new policy: v2 from the prior, v1 retired.
+    let mut pool = route_manifest("chat", json!({}));
+    pool["spec"]["models"][1]["name"] = json!("huge");
+    apply_route(&namespace, &pool).await.unwrap();
+    let route = wait_ready(&namespace, "chat", ConditionStatus::True, "Serving").await;
+    assert_eq!(
+        route.status.as_ref().unwrap().stable_policy.as_deref(),
+        Some("v2")
+    );
+    let mut phases: Vec<(String, Option<PolicyPhase>)> = policies(&namespace)
+        .await
+        .into_iter()
+        .map(|p| (p.spec.version, p.status.and_then(|s| s.phase)))
+        .collect();
+    phases.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        phases,
+        [
+            ("v1".to_string(), Some(PolicyPhase::Retired)),
+            ("v2".to_string(), Some(PolicyPhase::Stable))
+        ]
+    );
+    let (_, metrics) = get(&format!("{}/metrics", operator.ops)).await.unwrap();
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains("llmroute_operator_reconciles_total{result=\"ok\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("llmroute_operator_routes_served 1"),
+        "{metrics}"
+    );
+    operator.stop().await;
+    namespace.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn invalid_routes_are_refused_or_reported_and_do_not_block_others() {
+    let namespace = TestNamespace::new("invalid").await;
+    let operator = Operator::start(&namespace, "one").await;
+
+    // What the schema and CEL rules catch never reaches the operator.
+    let bad_fallback = route_manifest("bad", json!({"fallback": "nope"}));
+    let error = apply_route(&namespace, &bad_fallback)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("spec.fallback must name one of spec.models"),
+        "{error}"
+    );
+    let bad_price = route_manifest("bad", json!({}));
+    let mut bad_price = bad_price;
+    bad_price["spec"]["models"][0]["pricing"]["inputUsdPerMillionTokens"] = json!(-1);
+    let error = apply_route(&namespace, &bad_price)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("inputUsdPerMillionTokens"), "{error}");
+    let bad_preference = route_manifest(
+        "bad",
+        json!({"defaultPreference": {"quality": 0.5, "cost": 0.7}}),
+    );
+    let error = apply_route(&namespace, &bad_preference)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("quality + cost must be 1"), "{error}");
+
+    // What only the operator can know: a pin to a version that does not exist.
+    let pinned = route_manifest("pinned", json!({"policy": {"version": "v9"}}));
+    apply_route(&namespace, &pinned).await.unwrap();
+    apply_route(&namespace, &route_manifest("good", json!({})))
+        .await
+        .unwrap();
+    let route = wait_ready(
+        &namespace,
+        "pinned",
+        ConditionStatus::False,
+        "UnknownPolicyVersion",
+    )
+    .await;
+    let ready = route
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert!(ready.message.contains("\"v9\""), "{}", ready.message);
+    assert!(
+        ready.message.contains("published versions: none"),
+        "{}",
+        ready.message
+    );
+    wait_ready(&namespace, "good", ConditionStatus::True, "Serving").await;
+    let events = eventually("an UnknownPolicyVersion Event", || async {
+        let events = events_for(&namespace, "pinned").await;
+        events
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("UnknownPolicyVersion")
+                    && e.type_.as_deref() == Some("Warning")
+            })
+            .then_some(events)
+    })
+    .await;
+    assert!(!events.is_empty());
+    // The invalid route is not served; the valid one is.
+    let (code, _) = get(&format!(
+        "{}/v1/routes/{}/pinned/config",
+        operator.control, namespace.name
+    ))
+    .await
+    .unwrap();
+    assert_eq!(code, 404);
+    sidecar_config(&operator, &format!("{}/good", namespace.name), 0).await;
+
+    // Fixing the pin makes the route ready.
+    apply_route(
+        &namespace,
+        &route_manifest("pinned", json!({"policy": {"version": "v1"}})),
+    )
+    .await
+    .unwrap();
+    // v1 is not published for "pinned" until the pin goes; remove it, then pin the real v1.
+    apply_route(&namespace, &route_manifest("pinned", json!({})))
+        .await
+        .unwrap();
+    wait_ready(&namespace, "pinned", ConditionStatus::True, "Serving").await;
+    apply_route(
+        &namespace,
+        &route_manifest("pinned", json!({"policy": {"version": "v1"}})),
+    )
+    .await
+    .unwrap();
+    wait_ready(&namespace, "pinned", ConditionStatus::True, "Serving").await;
+    operator.stop().await;
+    namespace.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn missing_secret_is_a_condition_until_it_is_created() {
+    let namespace = TestNamespace::new("secret").await;
+    let operator = Operator::start(&namespace, "one").await;
+    let mut manifest = route_manifest("keyed", json!({}));
+    manifest["spec"]["models"][1]["apiKeySecretRef"] = json!({"name": "llm-keys", "key": "large"});
+    apply_route(&namespace, &manifest).await.unwrap();
+    let route = wait_ready(
+        &namespace,
+        "keyed",
+        ConditionStatus::False,
+        "SecretNotFound",
+    )
+    .await;
+    let ready = route
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert!(ready.message.contains("llm-keys"), "{}", ready.message);
+    assert!(
+        ready
+            .message
+            .contains("kubectl create secret generic llm-keys"),
+        "{}",
+        ready.message
+    );
+
+    // A Secret without the key is a different reason.
+    let secrets: Api<Secret> = namespace.api();
+    let mut data = BTreeMap::new();
+    data.insert("small".to_string(), "x".to_string());
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "llm-keys"},
+        "stringData": data,
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    wait_ready(
+        &namespace,
+        "keyed",
+        ConditionStatus::False,
+        "SecretKeyNotFound",
+    )
+    .await;
+
+    let patch = json!({"stringData": {"large": "sk-test"}});
+    secrets
+        .patch("llm-keys", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_ready(&namespace, "keyed", ConditionStatus::True, "Serving").await;
+    let events = events_for(&namespace, "keyed").await;
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e.reason.as_deref()).collect();
+    for reason in [
+        "SecretNotFound",
+        "SecretKeyNotFound",
+        "Serving",
+        "PolicyPublished",
+    ] {
+        assert!(
+            reasons.contains(&reason),
+            "{reason} missing from {reasons:?}"
+        );
+    }
+    operator.stop().await;
+    namespace.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn deleting_a_route_removes_what_it_owns() {
+    let namespace = TestNamespace::new("delete").await;
+    let operator = Operator::start(&namespace, "one").await;
+    apply_route(&namespace, &route_manifest("gone", json!({})))
+        .await
+        .unwrap();
+    apply_route(&namespace, &route_manifest("kept", json!({})))
+        .await
+        .unwrap();
+    wait_ready(&namespace, "gone", ConditionStatus::True, "Serving").await;
+    wait_ready(&namespace, "kept", ConditionStatus::True, "Serving").await;
+    let key = format!("{}/gone", namespace.name);
+    sidecar_config(&operator, &key, 0).await;
+
+    let routes: Api<LlmRoute> = namespace.api();
+    routes
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the route to be gone", || async {
+        routes.get_opt("gone").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let configmaps: Api<ConfigMap> = namespace.api();
+    let left: Vec<String> = policies(&namespace)
+        .await
+        .into_iter()
+        .map(|p| p.spec.route)
+        .collect();
+    assert_eq!(left, ["kept"]);
+    let names: Vec<String> = configmaps
+        .list(&ListParams::default().labels("llmroute.dev/route"))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    assert_eq!(names, ["kept-policy-v1"]);
+    eventually("the control API to drop the route", || async {
+        let (code, _) = get(&format!("{}/v1/routes/{key}/config", operator.control)).await?;
+        (code == 404).then_some(())
+    })
+    .await;
+    operator.stop().await;
+    namespace.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn a_restarted_operator_publishes_no_duplicate_policy() {
+    let namespace = TestNamespace::new("restart").await;
+    let operator = Operator::start(&namespace, "first").await;
+    for name in ["a", "b", "c"] {
+        apply_route(&namespace, &route_manifest(name, json!({})))
+            .await
+            .unwrap();
+    }
+    for name in ["a", "b", "c"] {
+        wait_ready(&namespace, name, ConditionStatus::True, "Serving").await;
+    }
+    operator.stop().await;
+
+    let operator = Operator::start(&namespace, "second").await;
+    eventually("the new operator to lead", || async {
+        operator.is_leader().await.then_some(())
+    })
+    .await;
+    // Give the controller time to reconcile every route again.
+    let routes: Api<LlmRoute> = namespace.api();
+    let before: Vec<_> = routes.list(&ListParams::default()).await.unwrap().items;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let listed = policies(&namespace).await;
+    let mut names: Vec<String> = listed.iter().map(|p| p.name_any()).collect();
+    names.sort();
+    assert_eq!(names, ["a-v1", "b-v1", "c-v1"]);
+    for route in before {
+        let name = route.name_any();
+        let after = wait_ready(&namespace, &name, ConditionStatus::True, "Serving").await;
+        assert_eq!(
+            after.status.unwrap().config_version,
+            route.status.unwrap().config_version,
+            "a restart does not bump {name}'s configuration version"
+        );
+    }
+    operator.stop().await;
+    namespace.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn two_replicas_elect_one_leader_and_hand_over() {
+    let namespace = TestNamespace::new("leader").await;
+    let first = Operator::start(&namespace, "replica-a").await;
+    let second = Operator::start(&namespace, "replica-b").await;
+    let leases: Api<Lease> = namespace.api();
+    let holder = eventually("a Lease holder", || async {
+        leases
+            .get_opt("llmroute-operator")
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+    })
+    .await;
+    // Both replicas serve; exactly one leads, for several renewal periods.
+    for _ in 0..10 {
+        let leaders = [first.is_leader().await, second.is_leader().await];
+        assert_eq!(leaders.iter().filter(|l| **l).count(), 1, "{leaders:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    apply_route(&namespace, &route_manifest("shared", json!({})))
+        .await
+        .unwrap();
+    wait_ready(&namespace, "shared", ConditionStatus::True, "Serving").await;
+    let key = format!("{}/shared", namespace.name);
+    let a = sidecar_config(&first, &key, 0).await;
+    let b = sidecar_config(&second, &key, 0).await;
+    assert_eq!(a, b, "both replicas serve the same configuration");
+
+    // The leader stops and releases the Lease; the other takes over and reconciles.
+    let (leader, follower) = if holder == "replica-a" {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    leader.stop().await;
+    eventually("the follower to lead", || async {
+        follower.is_leader().await.then_some(())
+    })
+    .await;
+    apply_route(&namespace, &route_manifest("after", json!({})))
+        .await
+        .unwrap();
+    wait_ready(&namespace, "after", ConditionStatus::True, "Serving").await;
+    let lease = leases.get("llmroute-operator").await.unwrap();
+    let spec = lease.spec.unwrap();
+    assert_ne!(spec.holder_identity.as_deref(), Some(holder.as_str()));
+    assert!(spec.lease_transitions.unwrap_or(0) >= 1);
+    follower.stop().await;
+    namespace.delete().await;
+}
+
+/// Applies what `llmroute install` prints, then runs an operator as the installed service
+/// account (impersonated): its RBAC must be enough for every step, and no more than it needs.
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn installed_rbac_is_enough_for_the_operator_and_no_more() {
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    use kube::discovery::Discovery;
+
+    let namespace = TestNamespace::new("install").await;
+    let install_namespace = format!("{}-system", namespace.name);
+    let options = llmroute_operator::install::InstallOptions {
+        namespace: install_namespace.clone(),
+        ..Default::default()
+    };
+    let client = namespace.client.clone();
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    for object in llmroute_operator::install::manifests(&options) {
+        let (group, version) = match object["apiVersion"].as_str().unwrap().split_once('/') {
+            Some((group, version)) => (group.to_string(), version.to_string()),
+            None => (
+                String::new(),
+                object["apiVersion"].as_str().unwrap().to_string(),
+            ),
+        };
+        let gvk = GroupVersionKind::gvk(&group, &version, object["kind"].as_str().unwrap());
+        let (resource, capabilities) = discovery
+            .resolve_gvk(&gvk)
+            .expect("the server knows the kind");
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        let api: Api<DynamicObject> = match capabilities.scope {
+            kube::discovery::Scope::Namespaced => {
+                Api::namespaced_with(client.clone(), &install_namespace, &resource)
+            }
+            kube::discovery::Scope::Cluster => Api::all_with(client.clone(), &resource),
+        };
+        let _: &ApiResource = &resource;
+        // A server-side dry run first, then for real, as `kubectl apply --server-side` does.
+        for dry_run in [true, false] {
+            let mut params = PatchParams::apply("llmroute-install-test").force();
+            params.dry_run = dry_run;
+            api.patch(&name, &params, &Patch::Apply(&object))
+                .await
+                .unwrap_or_else(|e| panic!("{} {name} (dry run {dry_run}): {e}", object["kind"]));
+        }
+    }
+
+    // What the service account may and may not do.
+    let account = format!("system:serviceaccount:{install_namespace}:llmroute-operator");
+    let may = |verb: &str, group: &str, resource: &str, ns: &str| {
+        let client = client.clone();
+        let account = account.clone();
+        let (verb, group, resource, ns) = (
+            verb.to_string(),
+            group.to_string(),
+            resource.to_string(),
+            ns.to_string(),
+        );
+        async move {
+            use k8s_openapi::api::authorization::v1::SubjectAccessReview;
+            let review: SubjectAccessReview = serde_json::from_value(json!({
+                "spec": {"user": account, "groups": ["system:serviceaccounts"],
+                         "resourceAttributes": {"verb": verb, "group": group, "resource": resource, "namespace": ns}}
+            }))
+            .unwrap();
+            let api: Api<SubjectAccessReview> = Api::all(client);
+            let answer = api.create(&PostParams::default(), &review).await.unwrap();
+            answer.status.unwrap().allowed
+        }
+    };
+    let ns = namespace.name.as_str();
+    assert!(may("get", "", "secrets", ns).await);
+    assert!(
+        !may("list", "", "secrets", ns).await,
+        "secrets are never listed"
+    );
+    assert!(!may("watch", "", "secrets", ns).await);
+    assert!(!may("create", "", "pods", ns).await);
+    assert!(may("patch", "llmroute.dev", "llmroutes/status", ns).await);
+    assert!(
+        !may("delete", "llmroute.dev", "llmroutes", ns).await,
+        "routes belong to users"
+    );
+    assert!(
+        may(
+            "update",
+            "coordination.k8s.io",
+            "leases",
+            &install_namespace
+        )
+        .await
+    );
+    assert!(
+        !may("update", "coordination.k8s.io", "leases", ns).await,
+        "leases only in its own namespace"
+    );
+
+    // An operator with exactly these rights reconciles a route with a Secret end to end.
+    let mut config = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(std::env::var("LLMROUTE_TEST_KUBECONFIG").unwrap()).unwrap(),
+        &KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    config.auth_info.impersonate = Some(account.clone());
+    config.auth_info.impersonate_groups = Some(vec!["system:serviceaccounts".into()]);
+    let restricted = TestNamespace {
+        client: Client::try_from(config).unwrap(),
+        name: namespace.name.clone(),
+    };
+    let forbidden = restricted
+        .api::<Secret>()
+        .list(&ListParams::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        forbidden.contains("forbidden"),
+        "the client acts as the service account: {forbidden}"
+    );
+    let control = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops_url = format!("http://{}", ops.local_addr().unwrap());
+    let data = tempfile::tempdir().unwrap();
+    let operator_config = OperatorConfig {
+        control_address: control.local_addr().unwrap(),
+        ops_address: ops.local_addr().unwrap(),
+        data_dir: data.path().to_path_buf(),
+        election: LeaderElection::new(&install_namespace, "llmroute-operator", "installed"),
+        encoder_digest: ENCODER.into(),
+        embedding_dim: 384,
+        watch_namespace: Some(namespace.name.clone()),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(llmroute_operator::run_with_listeners(
+        restricted.client.clone(),
+        operator_config,
+        control,
+        ops,
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    eventually("the restricted operator to lead", || async {
+        let (_, body) = get(&format!("{ops_url}/metrics")).await?;
+        String::from_utf8_lossy(&body)
+            .lines()
+            .any(|l| l == "llmroute_operator_leader 1")
+            .then_some(())
+    })
+    .await;
+    let secrets: Api<Secret> = namespace.api();
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "keys"}, "stringData": {"large": "sk-test"}
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let mut manifest = route_manifest("rbac", json!({}));
+    manifest["spec"]["models"][1]["apiKeySecretRef"] = json!({"name": "keys", "key": "large"});
+    apply_route(&namespace, &manifest).await.unwrap();
+    wait_ready(&namespace, "rbac", ConditionStatus::True, "Serving").await;
+    let events = eventually("Events written by the restricted operator", || async {
+        let events = events_for(&namespace, "rbac").await;
+        (!events.is_empty()).then_some(events)
+    })
+    .await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("PolicyPublished"))
+    );
+    let routes: Api<LlmRoute> = namespace.api();
+    routes
+        .delete("rbac", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the route's cleanup under the installed RBAC", || async {
+        routes.get_opt("rbac").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let _ = stop.send(());
+    task.await.unwrap().unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let _ = namespaces
+        .delete(&install_namespace, &DeleteParams::default())
+        .await;
+    namespace.delete().await;
+}
