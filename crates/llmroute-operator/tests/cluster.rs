@@ -475,6 +475,84 @@ async fn invalid_routes_are_refused_or_reported_and_do_not_block_others() {
         .to_string();
     assert!(error.contains("quality + cost must be 1"), "{error}");
 
+    // Unknown fields: server-side apply and strict field validation (kubectl's default
+    // since 1.27) refuse them; other writes have them pruned, so the operator never sees them.
+    let routes: Api<LlmRoute> = namespace.api();
+    let mut unknown = route_manifest("typo", json!({}));
+    unknown["spec"]["fallbak"] = json!("small");
+    let error = apply_route(&namespace, &unknown)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("fallbak"), "{error}");
+    apply_route(&namespace, &route_manifest("typo", json!({})))
+        .await
+        .unwrap();
+    let typo = json!({"spec": {"fallbak": "large"}});
+    let mut strict = PatchParams::default();
+    strict.field_validation = Some(kube::api::ValidationDirective::Strict);
+    let error = routes
+        .patch("typo", &strict, &Patch::Merge(&typo))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("fallbak"), "{error}");
+    let mut lenient = PatchParams::default();
+    lenient.field_validation = Some(kube::api::ValidationDirective::Ignore);
+    let pruned = routes
+        .patch("typo", &lenient, &Patch::Merge(&typo))
+        .await
+        .unwrap();
+    assert_eq!(
+        pruned.spec.fallback, "small",
+        "the unknown field was pruned"
+    );
+    routes
+        .delete("typo", &DeleteParams::default())
+        .await
+        .unwrap();
+    let mut huge = route_manifest("huge", json!({}));
+    let model = huge["spec"]["models"][0].clone();
+    huge["spec"]["models"] = Value::Array(
+        (0..33)
+            .map(|i| {
+                let mut m = model.clone();
+                m["name"] = json!(format!("m{i}"));
+                m
+            })
+            .collect(),
+    );
+    huge["spec"]["fallback"] = json!("m0");
+    let error = apply_route(&namespace, &huge)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("spec.models"), "{error}");
+    huge["spec"]["models"] = json!([model.clone()]);
+    huge["spec"]["models"][0]["model"] = json!("x".repeat(300));
+    let error = apply_route(&namespace, &huge)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("spec.models[0].model"), "{error}");
+
+    // Conflicting edits: a second manager cannot silently take a field another one set.
+    apply_route(&namespace, &route_manifest("shared", json!({})))
+        .await
+        .unwrap();
+    let mut other = route_manifest("shared", json!({}));
+    other["spec"]["fallback"] = json!("large");
+    let error = routes
+        .patch(
+            "shared",
+            &PatchParams::apply("someone-else"),
+            &Patch::Apply(&other),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.to_lowercase().contains("conflict"), "{error}");
+
     // What only the operator can know: a pin to a version that does not exist.
     let pinned = route_manifest("pinned", json!({"policy": {"version": "v9"}}));
     apply_route(&namespace, &pinned).await.unwrap();
