@@ -18,6 +18,7 @@ pub mod server;
 pub mod sidecar;
 pub mod sse;
 pub mod state;
+pub mod tls;
 
 pub use control::{ControlClient, follow};
 pub use events::{BatchSettings, EventSender, EventSink};
@@ -25,3 +26,4 @@ pub use limits::Limits;
 pub use server::{serve, serve_not_ready};
 pub use sidecar::{Sidecar, SidecarOptions};
 pub use state::{LoadedPolicy, RouteState, StateError, read_config};
+pub use tls::{TlsError, UpstreamTls};

@@ -151,7 +151,20 @@ pub(crate) async fn forward(
                 .with_code("upstream_timeout"),
             ),
         ),
-        Some(Failure::Transport(_)) | None => (
+        Some(Failure::Transport(error)) => (
+            Outcome::Unreachable,
+            error_response(
+                StatusCode::BAD_GATEWAY,
+                ErrorBody::new(
+                    "api_error",
+                    format!(
+                        "no model of route {route} could be reached after {attempts} attempts; the last error: {error}"
+                    ),
+                )
+                .with_code("upstream_unreachable"),
+            ),
+        ),
+        None => (
             Outcome::Unreachable,
             error_response(
                 StatusCode::BAD_GATEWAY,
@@ -199,7 +212,7 @@ async fn send(
     let response = tokio::time::timeout(timeout, sidecar.client.request(request))
         .await
         .map_err(|_| Failure::Timeout)?
-        .map_err(|e| Failure::Transport(error_chain(&e)))?;
+        .map_err(|e| Failure::Transport(transport_error(&url, &e)))?;
     let status = response.status();
     if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let headers = response.headers().clone();
@@ -472,6 +485,18 @@ fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
         if !HOP_BY_HOP.contains(&name.as_str()) {
             to.append(name.clone(), value.clone());
         }
+    }
+}
+
+/// Describes a failed attempt to reach `url`, with advice when the TLS handshake failed.
+fn transport_error(url: &str, error: &(dyn std::error::Error + 'static)) -> String {
+    let chain = error_chain(error);
+    match crate::tls::rustls_error(error) {
+        Some(rustls::Error::InvalidCertificate(_)) => format!(
+            "{chain}; the TLS server certificate of {url} failed verification: trust the CA that signed it with the sidecar's upstream CA file or SSL_CERT_FILE"
+        ),
+        Some(_) => format!("{chain}; the TLS handshake with {url} failed"),
+        None => chain,
     }
 }
 

@@ -5,13 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use llmroute_api::openai::{Endpoint, prompt_text};
 use llmroute_api::{CompletedEvent, DecisionRecord, ErrorBody, Outcome, Preference};
 use llmroute_policy::encoder::Encoder;
@@ -26,6 +22,7 @@ use crate::limits::{self, Limits};
 use crate::metrics::{Metrics, ModelLabels, RequestLabels, TokenLabels};
 use crate::sse::Usage;
 use crate::state::{LoadedPolicy, RouteState};
+use crate::tls::{UpstreamClient, UpstreamTls};
 
 /// Request header that sets the preference, in the format of [`Preference::parse`].
 pub const PREFERENCE_HEADER: &str = "x-llmroute-preference";
@@ -62,6 +59,10 @@ pub struct SidecarOptions {
     /// Identity sent with event batches (for example the pod name).
     pub sidecar_id: String,
     pub sink: EventSink,
+    /// Root certificates for `https://` model endpoints: the system roots (or those of
+    /// `SSL_CERT_FILE` and `SSL_CERT_DIR` when set), plus the CA certificates of an optional
+    /// PEM file loaded with [`UpstreamTls::with_ca_file`].
+    pub upstream_tls: UpstreamTls,
 }
 
 impl Default for SidecarOptions {
@@ -74,6 +75,7 @@ impl Default for SidecarOptions {
             batch: BatchSettings::default(),
             sidecar_id: "sidecar".to_string(),
             sink: EventSink::Discard,
+            upstream_tls: UpstreamTls::default(),
         }
     }
 }
@@ -83,7 +85,7 @@ pub struct Sidecar {
     state: RwLock<Arc<RouteState>>,
     encoder: Option<Arc<Mutex<Encoder>>>,
     encoder_digest: String,
-    pub(crate) client: Client<HttpConnector, Full<Bytes>>,
+    pub(crate) client: UpstreamClient,
     pub(crate) options: SidecarOptions,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) feedback: FeedbackBuffer,
@@ -146,7 +148,7 @@ impl Sidecar {
             .as_ref()
             .map(|e| e.digest().to_string())
             .unwrap_or_default();
-        let client = Client::builder(TokioExecutor::new()).build_http();
+        let client = options.upstream_tls.client();
         let sidecar = Arc::new(Self {
             state: RwLock::new(Arc::new(state)),
             encoder: encoder.map(|e| Arc::new(Mutex::new(e))),

@@ -147,7 +147,7 @@ impl RouteState {
         encoder_digest: &str,
         previous: Option<&RouteState>,
     ) -> Result<Self, StateError> {
-        config.validate()?;
+        validate_with_https(&config)?;
         let mut api_keys = HashMap::new();
         for model in &config.models {
             if let Some(reference) = &model.api_key {
@@ -203,6 +203,29 @@ impl RouteState {
     }
 }
 
+/// Checks `config` as [`SidecarConfig::validate`] does, but accepts `https://` endpoints,
+/// which the sidecar's TLS client serves.
+// TODO: `SidecarConfig::validate` in llmroute-api still rejects `https://` endpoints, because
+// the sidecar had no TLS client when it was written. Once it accepts them, call it directly.
+fn validate_with_https(config: &SidecarConfig) -> Result<(), llmroute_api::ConfigError> {
+    let mut checked = config.clone();
+    let mut renamed = Vec::new();
+    for model in &mut checked.models {
+        if let Some(rest) = model.endpoint.strip_prefix("https://") {
+            let plain = format!("http://{rest}");
+            renamed.push((format!("{plain:?}"), format!("{:?}", model.endpoint)));
+            model.endpoint = plain;
+        }
+    }
+    checked.validate().map_err(|mut error| {
+        // Messages quote the endpoint that failed; quote it as the user wrote it.
+        for (plain, original) in &renamed {
+            error.message = error.message.replace(plain, original);
+        }
+        error
+    })
+}
+
 /// Reads a sidecar configuration from a JSON file.
 pub fn read_config(path: &Path) -> Result<SidecarConfig, StateError> {
     let text = std::fs::read_to_string(path).map_err(|source| StateError::Read {
@@ -213,4 +236,39 @@ pub fn read_config(path: &Path) -> Result<SidecarConfig, StateError> {
         path: path.display().to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(endpoint: &str) -> SidecarConfig {
+        serde_json::from_value(serde_json::json!({
+            "route": "chat",
+            "version": 1,
+            "models": [{
+                "name": "small",
+                "endpoint": endpoint,
+                "upstreamModel": "s",
+                "pricing": {"inputUsdPerMillionTokens": 1.0, "outputUsdPerMillionTokens": 2.0},
+                "timeoutMs": 1000
+            }],
+            "defaultPreference": {"quality": 0.5},
+            "fallback": "small"
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn https_endpoints_pass_validation() {
+        assert!(validate_with_https(&config("https://127.0.0.1:9000/v1")).is_ok());
+        assert!(validate_with_https(&config("http://127.0.0.1:9000/v1")).is_ok());
+        let error = validate_with_https(&config("https://127.0.0.1:9000/v1?x=1")).unwrap_err();
+        assert!(
+            error.message.contains("\"https://127.0.0.1:9000/v1?x=1\""),
+            "{}",
+            error.message
+        );
+        assert!(validate_with_https(&config("ftp://127.0.0.1/v1")).is_err());
+    }
 }
