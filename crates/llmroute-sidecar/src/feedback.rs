@@ -3,6 +3,10 @@
 //! Each finished request waits here until the application posts feedback for its decision id
 //! or the TTL passes. It then leaves as a completed event, with quality or without.
 //! When the buffer is full, the oldest waiting event leaves without quality.
+//!
+//! A streamed response sends its decision id in the headers, before it finishes. Its decision
+//! is registered when the headers go out, so that feedback posted during the stream is kept
+//! and joined with the event when the stream ends.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -23,6 +27,30 @@ struct Inner {
     waiting: HashMap<String, (Instant, CompletedEvent)>,
     /// Insertion order; entries whose id already left `waiting` are skipped.
     order: VecDeque<(Instant, String)>,
+    /// Decisions whose response is still streaming, with the score posted so far. The
+    /// streaming task always ends with [`FeedbackBuffer::insert`], which removes the entry.
+    streaming: HashMap<String, Option<f64>>,
+}
+
+/// Result of posting feedback for a decision.
+#[derive(Debug)]
+pub enum Joined {
+    /// The decision's event had finished; it now carries the score and leaves the buffer.
+    Event(Box<CompletedEvent>),
+    /// The decision's response is still streaming; the score joins its event at the end.
+    Held,
+    /// No decision with this id waits for feedback: it is unknown, its time to live passed,
+    /// or it already has feedback.
+    NotWaiting,
+}
+
+/// Events that [`FeedbackBuffer::insert`] releases at once.
+#[derive(Debug, Default)]
+pub struct Released {
+    /// The inserted event itself, when feedback for it arrived while it was streaming.
+    pub joined: Option<CompletedEvent>,
+    /// Events pushed out without feedback because the buffer was full.
+    pub evicted: Vec<CompletedEvent>,
 }
 
 impl FeedbackBuffer {
@@ -41,10 +69,28 @@ impl FeedbackBuffer {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Adds a finished request, keyed by its decision id, and returns the events pushed out
-    /// because the buffer was full.
-    pub fn insert(&self, event: CompletedEvent, now: Instant) -> Vec<CompletedEvent> {
+    /// Registers a decision whose response has started streaming, so that feedback posted
+    /// before the response finishes is kept until [`FeedbackBuffer::insert`].
+    pub fn start_streaming(&self, decision_id: &str) {
+        self.lock().streaming.insert(decision_id.to_string(), None);
+    }
+
+    /// Adds a finished request, keyed by its decision id. When feedback for it arrived while
+    /// it was streaming, the event leaves at once with its quality. Otherwise it waits, and
+    /// the events pushed out because the buffer was full are returned.
+    pub fn insert(&self, mut event: CompletedEvent, now: Instant) -> Released {
         let mut inner = self.lock();
+        let held = inner
+            .streaming
+            .remove(&event.decision.decision_id)
+            .flatten();
+        if held.is_some() {
+            event.quality = held;
+            return Released {
+                joined: Some(event),
+                evicted: Vec::new(),
+            };
+        }
         let mut evicted = Vec::new();
         while inner.waiting.len() >= self.capacity {
             let Some((_, id)) = inner.order.pop_front() else {
@@ -57,16 +103,27 @@ impl FeedbackBuffer {
         let id = event.decision.decision_id.clone();
         inner.order.push_back((now, id.clone()));
         inner.waiting.insert(id, (now, event));
-        evicted
+        Released {
+            joined: None,
+            evicted,
+        }
     }
 
-    /// Joins `score` with the waiting event of `decision_id`; `None` when no such event waits
-    /// (unknown, expired, or already given feedback).
-    pub fn feedback(&self, decision_id: &str, score: f64) -> Option<CompletedEvent> {
+    /// Joins `score` with the event of `decision_id`, or keeps it until the decision's stream
+    /// ends.
+    pub fn feedback(&self, decision_id: &str, score: f64) -> Joined {
         let mut inner = self.lock();
-        let (_, mut event) = inner.waiting.remove(decision_id)?;
-        event.quality = Some(score);
-        Some(event)
+        if let Some((_, mut event)) = inner.waiting.remove(decision_id) {
+            event.quality = Some(score);
+            return Joined::Event(Box::new(event));
+        }
+        match inner.streaming.get_mut(decision_id) {
+            Some(held @ None) => {
+                *held = Some(score);
+                Joined::Held
+            }
+            Some(Some(_)) | None => Joined::NotWaiting,
+        }
     }
 
     /// Removes and returns the events older than the TTL.
@@ -143,11 +200,13 @@ mod tests {
     fn feedback_joins_once() {
         let buffer = FeedbackBuffer::new(Duration::from_secs(60), 10);
         let now = Instant::now();
-        assert!(buffer.insert(event("a"), now).is_empty());
-        let joined = buffer.feedback("a", 0.7).expect("waiting");
+        assert!(buffer.insert(event("a"), now).evicted.is_empty());
+        let Joined::Event(joined) = buffer.feedback("a", 0.7) else {
+            panic!("event a is not waiting");
+        };
         assert_eq!(joined.quality, Some(0.7));
-        assert!(buffer.feedback("a", 0.7).is_none());
-        assert!(buffer.feedback("b", 0.7).is_none());
+        assert!(matches!(buffer.feedback("a", 0.7), Joined::NotWaiting));
+        assert!(matches!(buffer.feedback("b", 0.7), Joined::NotWaiting));
     }
 
     #[test]
@@ -171,10 +230,33 @@ mod tests {
         let now = Instant::now();
         buffer.insert(event("a"), now);
         buffer.insert(event("b"), now);
-        let evicted = buffer.insert(event("c"), now);
+        let evicted = buffer.insert(event("c"), now).evicted;
         assert_eq!(evicted.len(), 1);
         assert_eq!(evicted[0].decision.decision_id, "a");
         assert_eq!(buffer.len(), 2);
-        assert!(buffer.feedback("c", 0.1).is_some());
+        assert!(matches!(buffer.feedback("c", 0.1), Joined::Event(_)));
+    }
+
+    #[test]
+    fn feedback_during_stream_joins_at_end() {
+        let buffer = FeedbackBuffer::new(Duration::from_secs(60), 10);
+        let now = Instant::now();
+        buffer.start_streaming("a");
+        buffer.start_streaming("b");
+        assert!(matches!(buffer.feedback("a", 0.4), Joined::Held));
+        assert!(
+            matches!(buffer.feedback("a", 0.9), Joined::NotWaiting),
+            "a second score for the same decision is rejected"
+        );
+
+        let released = buffer.insert(event("a"), now);
+        let joined = released.joined.expect("a leaves with its score");
+        assert_eq!(joined.quality, Some(0.4));
+        assert!(buffer.is_empty(), "a does not wait for feedback again");
+
+        // Without feedback during the stream, the event waits as a non-streamed one does.
+        assert!(buffer.insert(event("b"), now).joined.is_none());
+        assert_eq!(buffer.len(), 1);
+        assert!(matches!(buffer.feedback("b", 0.6), Joined::Event(_)));
     }
 }

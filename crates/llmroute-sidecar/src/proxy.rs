@@ -413,6 +413,8 @@ fn stream_response(
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     decision_headers(response.headers_mut(), &record, &model.name, attempts, None);
+    // The client can post feedback as soon as it reads the decision id in these headers.
+    sidecar.feedback.start_streaming(&record.decision_id);
 
     let model_name = model.name.clone();
     let timeout = Duration::from_millis(model.timeout_ms);

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::body::{ResponseBody, error_response, json_response, text_response};
 use crate::events::EventSender;
+use crate::feedback::Joined;
 use crate::metrics::Metrics;
 use crate::sidecar::Sidecar;
 
@@ -140,27 +141,35 @@ impl Sidecar {
         if let Err(message) = feedback.validate() {
             return reject(StatusCode::BAD_REQUEST, "invalid", message);
         }
+        let accepted = || {
+            json_response(
+                StatusCode::OK,
+                json!({"decision_id": feedback.decision_id, "status": "accepted"}).to_string(),
+            )
+        };
         match self
             .feedback
             .feedback(&feedback.decision_id, feedback.score)
         {
-            Some(event) => {
+            Joined::Event(event) => {
                 Metrics::count(&self.metrics.feedback, &route, "joined");
                 tracing::debug!(route = %route, decision_id = %feedback.decision_id, "joined feedback");
-                self.events.submit(event);
-                json_response(
-                    StatusCode::OK,
-                    json!({"decision_id": feedback.decision_id, "status": "accepted"}).to_string(),
-                )
+                self.events.submit(*event);
+                accepted()
             }
-            None => {
+            Joined::Held => {
+                Metrics::count(&self.metrics.feedback, &route, "held_until_stream_end");
+                tracing::debug!(route = %route, decision_id = %feedback.decision_id, "holding feedback until the stream ends");
+                accepted()
+            }
+            Joined::NotWaiting => {
                 Metrics::count(&self.metrics.feedback, &route, "unknown_decision");
                 error_response(
                     StatusCode::NOT_FOUND,
                     ErrorBody::new(
                         "invalid_request_error",
                         format!(
-                            "decision {} is not waiting for feedback: it is unknown, its feedback time ran out, it already has feedback, or its response has not finished",
+                            "decision {} is not waiting for feedback: it is unknown, its feedback time ran out, or it already has feedback",
                             feedback.decision_id
                         ),
                     )

@@ -597,9 +597,14 @@ impl Sidecar {
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
         };
-        for evicted in self.feedback.insert(event, Instant::now()) {
+        let released = self.feedback.insert(event, Instant::now());
+        for evicted in released.evicted {
             Metrics::count(&self.metrics.feedback, route, "evicted_without_feedback");
             self.events.submit(evicted);
+        }
+        if let Some(joined) = released.joined {
+            tracing::debug!(route = %route, decision_id = %joined.decision.decision_id, "joined feedback posted during the stream");
+            self.events.submit(joined);
         }
     }
 }

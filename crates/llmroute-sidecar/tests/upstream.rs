@@ -14,11 +14,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{post_json, sse_payloads};
 use http::{Request, Response, StatusCode, header};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use llmroute_api::{Exploration, ModelEndpoint, Preference, Pricing, SidecarConfig};
 use llmroute_sidecar::body::{ChannelBody, ResponseBody, json_response};
 use llmroute_sidecar::{
@@ -313,6 +315,18 @@ impl Proxy {
         format!("{}/v1/chat/completions", self.base)
     }
 
+    /// Waits, at most [`STEP_TIMEOUT`], for a written event that `matches` accepts.
+    async fn wait_for_event(&self, matches: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            if let Some(event) = read_events(&self.events_path).into_iter().find(&matches) {
+                return Some(event);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
     /// Stops the sidecar and returns every event it wrote.
     async fn stop(self) -> Vec<Value> {
         let events = self.events_path.clone();
@@ -453,4 +467,85 @@ async fn untrusted_certificate_fails_over() {
         .filter(|e| e["outcome"]["kind"] == "unreachable")
         .count();
     assert_eq!(unreachable, 1, "{events:?}");
+}
+
+/// Sends a streamed chat completion for the route and returns the response with its body
+/// still open.
+async fn open_stream(proxy: &Proxy) -> Response<Incoming> {
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let request = Request::post(proxy.chat_url())
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(chat(ROUTE, true).to_string())))
+        .unwrap();
+    client.request(request).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn feedback_during_stream_is_joined() {
+    let upstream = Upstream::start(None).await;
+    let proxy = Proxy::start(
+        &[(PAUSE, upstream.endpoint("http"))],
+        UpstreamTls::default(),
+    )
+    .await;
+    let feedback_url = format!("{}/v1/feedback", proxy.base);
+
+    let response = open_stream(&proxy).await;
+    assert_eq!(response.status(), 200);
+    let decision_id = response.headers()["x-llmroute-decision-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(STEP_TIMEOUT, body.frame())
+        .await
+        .expect("the first chunk arrives")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("hel"));
+    tokio::time::timeout(STEP_TIMEOUT, upstream.signals.arrived.notified())
+        .await
+        .expect("the upstream pauses its stream");
+
+    // The stream is still open: feedback is accepted and held, and only once.
+    let feedback = json!({"decision_id": decision_id, "score": 0.8});
+    let reply = post_json(&feedback_url, &[], &feedback).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.json()["status"], "accepted");
+    let again = post_json(&feedback_url, &[], &feedback).await;
+    assert_eq!(again.status, 404);
+    assert_eq!(again.openai_error()["code"], "decision_not_found");
+    assert!(read_events(&proxy.events_path).is_empty());
+
+    upstream.signals.release.notify_one();
+    let rest = tokio::time::timeout(STEP_TIMEOUT, body.collect())
+        .await
+        .expect("the stream ends")
+        .unwrap()
+        .to_bytes();
+    let mut whole = first.to_vec();
+    whole.extend_from_slice(&rest);
+    assert_eq!(streamed_text(&whole), "hello");
+
+    // The event leaves as soon as the stream ends, because its feedback is already in.
+    let event = proxy
+        .wait_for_event(|e| e["decision"]["decisionId"] == decision_id.as_str())
+        .await
+        .expect("the event is written before the feedback time to live ends");
+    assert_eq!(event["quality"], 0.8);
+    assert_eq!(event["outcome"]["kind"], "success");
+    assert_eq!(event["completionTokens"], 2);
+    let late = post_json(&feedback_url, &[], &feedback).await;
+    assert_eq!(late.status, 404);
+
+    let events = proxy.stop().await;
+    assert_eq!(events.len(), 1, "{events:?}");
 }
