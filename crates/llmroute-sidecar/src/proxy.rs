@@ -53,6 +53,51 @@ impl Failure {
     }
 }
 
+/// A decision whose event is not recorded yet. Hyper drops the request future when the client
+/// closes the connection, so dropping this guard records the event as cancelled by the client.
+struct InFlight {
+    sidecar: Arc<Sidecar>,
+    state: Arc<RouteState>,
+    /// The decision and prompt embedding, until a path that records the event takes them.
+    decision: Option<(DecisionRecord, Vec<f32>)>,
+    /// The model of the current attempt.
+    model: String,
+    attempts: u32,
+    started: Instant,
+}
+
+impl InFlight {
+    /// Takes the decision out, for a path that records the event itself.
+    fn take(&mut self) -> (DecisionRecord, Vec<f32>) {
+        self.decision
+            .take()
+            .expect("each request path takes the decision once")
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some((record, embedding)) = self.decision.take() else {
+            return;
+        };
+        tracing::info!(
+            route = %self.state.config.route,
+            decision_id = %record.decision_id,
+            model = %self.model,
+            attempts = self.attempts,
+            "the client closed the connection before the response"
+        );
+        self.sidecar.cancel(
+            &self.state,
+            record,
+            &self.model,
+            embedding,
+            self.attempts,
+            self.started,
+        );
+    }
+}
+
 /// Tries the models of `order` until one responds without a retryable error, within the route's `maxAttempts`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn forward(
@@ -68,9 +113,18 @@ pub(crate) async fn forward(
     started: Instant,
 ) -> Response<ResponseBody> {
     let route = state.config.route.clone();
+    let decision_id = record.decision_id.clone();
     let max_attempts = state.config.max_attempts as usize;
     let mut last_failure = None;
     let mut attempts = 0u32;
+    let mut in_flight = InFlight {
+        sidecar: sidecar.clone(),
+        state: state.clone(),
+        decision: Some((record, embedding)),
+        model: String::new(),
+        attempts,
+        started,
+    };
     for name in order.iter().take(max_attempts) {
         let Some(model) = state.config.model(name).cloned() else {
             continue;
@@ -80,7 +134,7 @@ pub(crate) async fn forward(
             Metrics::count(&sidecar.metrics.retries, &route, &reason);
             tracing::warn!(
                 route = %route,
-                decision_id = %record.decision_id,
+                decision_id = %decision_id,
                 model = %model.name,
                 reason = %reason,
                 attempt = attempts + 1,
@@ -88,6 +142,8 @@ pub(crate) async fn forward(
             );
         }
         attempts += 1;
+        in_flight.model = model.name.clone();
+        in_flight.attempts = attempts;
         body["model"] = Value::String(model.upstream_model.clone());
         let bytes = Bytes::from(serde_json::to_vec(&body).expect("a JSON value serialises"));
         match send(&sidecar, &state, &model, endpoint, bytes).await {
@@ -96,8 +152,7 @@ pub(crate) async fn forward(
                     sidecar,
                     state,
                     &model,
-                    record,
-                    embedding,
+                    in_flight,
                     response,
                     stream,
                     strip_usage,
@@ -109,13 +164,13 @@ pub(crate) async fn forward(
             Err(failure) => {
                 match &failure {
                     Failure::Timeout => {
-                        tracing::warn!(route = %route, decision_id = %record.decision_id, model = %model.name, timeout_ms = model.timeout_ms, "the upstream timed out before its response headers")
+                        tracing::warn!(route = %route, decision_id = %decision_id, model = %model.name, timeout_ms = model.timeout_ms, "the upstream timed out before its response headers")
                     }
                     Failure::Transport(error) => {
-                        tracing::warn!(route = %route, decision_id = %record.decision_id, model = %model.name, error = %error, "failed to reach the upstream")
+                        tracing::warn!(route = %route, decision_id = %decision_id, model = %model.name, error = %error, "failed to reach the upstream")
                     }
                     Failure::Status { status, .. } => {
-                        tracing::warn!(route = %route, decision_id = %record.decision_id, model = %model.name, status = status.as_u16(), "the upstream responded with a retryable status")
+                        tracing::warn!(route = %route, decision_id = %decision_id, model = %model.name, status = status.as_u16(), "the upstream responded with a retryable status")
                     }
                 }
                 last_failure = Some(failure);
@@ -176,6 +231,7 @@ pub(crate) async fn forward(
             ),
         ),
     };
+    let (record, embedding) = in_flight.take();
     decision_headers(response.headers_mut(), &record, &served, attempts, None);
     sidecar.finish(
         &state, record, &served, embedding, None, outcome, attempts, started,
@@ -275,8 +331,7 @@ async fn respond(
     sidecar: Arc<Sidecar>,
     state: Arc<RouteState>,
     model: &ModelEndpoint,
-    record: DecisionRecord,
-    embedding: Vec<f32>,
+    mut in_flight: InFlight,
     upstream: Response<Incoming>,
     stream: bool,
     strip_usage: bool,
@@ -291,6 +346,8 @@ async fn respond(
         .is_some_and(|v| v.starts_with("text/event-stream"));
     let timeout = Duration::from_millis(model.timeout_ms);
     if stream && parts.status.is_success() && is_event_stream {
+        // From here on, the streaming task records the event, also when the client leaves.
+        let (record, embedding) = in_flight.take();
         return stream_response(
             sidecar,
             state,
@@ -307,6 +364,7 @@ async fn respond(
 
     let limit = sidecar.options.limits.max_upstream_bytes;
     let collected = tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await;
+    let (record, embedding) = in_flight.take();
     let bytes = match collected {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(error)) => {

@@ -537,6 +537,66 @@ impl Sidecar {
         started: Instant,
     ) {
         let route = &state.config.route;
+        let event = self.completed_event(
+            state,
+            record,
+            served_model,
+            embedding,
+            usage,
+            outcome,
+            attempts,
+            started,
+        );
+        let released = self.feedback.insert(event, Instant::now());
+        for evicted in released.evicted {
+            Metrics::count(&self.metrics.feedback, route, "evicted_without_feedback");
+            self.events.submit(evicted);
+        }
+        if let Some(joined) = released.joined {
+            tracing::debug!(route = %route, decision_id = %joined.decision.decision_id, "joined feedback posted during the stream");
+            self.events.submit(joined);
+        }
+    }
+
+    /// Records a request that the client cancelled before it received the response headers.
+    /// The client never saw the decision id, so the event goes to the queue without waiting for
+    /// feedback.
+    pub(crate) fn cancel(
+        &self,
+        state: &RouteState,
+        record: DecisionRecord,
+        served_model: &str,
+        embedding: Vec<f32>,
+        attempts: u32,
+        started: Instant,
+    ) {
+        let event = self.completed_event(
+            state,
+            record,
+            served_model,
+            embedding,
+            None,
+            Outcome::ClientCancelled,
+            attempts,
+            started,
+        );
+        self.events.submit(event);
+    }
+
+    /// Counts a finished request in the metrics and builds its event, without quality.
+    #[allow(clippy::too_many_arguments)]
+    fn completed_event(
+        &self,
+        state: &RouteState,
+        record: DecisionRecord,
+        served_model: &str,
+        embedding: Vec<f32>,
+        usage: Option<Usage>,
+        outcome: Outcome,
+        attempts: u32,
+        started: Instant,
+    ) -> CompletedEvent {
+        let route = &state.config.route;
         let latency = started.elapsed();
         self.metrics.request_seconds.observe(latency.as_secs_f64());
         let outcome_label = match &outcome {
@@ -581,7 +641,7 @@ impl Sidecar {
         let arrival = SystemTime::now()
             .checked_sub(latency)
             .unwrap_or(SystemTime::now());
-        let event = CompletedEvent {
+        CompletedEvent {
             decision: record,
             served_model: served_model.to_string(),
             embedding,
@@ -596,15 +656,6 @@ impl Sidecar {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
-        };
-        let released = self.feedback.insert(event, Instant::now());
-        for evicted in released.evicted {
-            Metrics::count(&self.metrics.feedback, route, "evicted_without_feedback");
-            self.events.submit(evicted);
-        }
-        if let Some(joined) = released.joined {
-            tracing::debug!(route = %route, decision_id = %joined.decision.decision_id, "joined feedback posted during the stream");
-            self.events.submit(joined);
         }
     }
 }

@@ -27,7 +27,8 @@ use llmroute_sidecar::{
     BatchSettings, EventSink, RouteState, Sidecar, SidecarOptions, UpstreamTls,
 };
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 const ROUTE: &str = "chat";
@@ -336,7 +337,7 @@ impl Proxy {
     }
 }
 
-/// Reads the events written so far to a JSON Lines file.
+/// Reads the events written so far from a JSON Lines file.
 fn read_events(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -546,6 +547,44 @@ async fn feedback_during_stream_is_joined() {
     let late = post_json(&feedback_url, &[], &feedback).await;
     assert_eq!(late.status, 404);
 
+    let events = proxy.stop().await;
+    assert_eq!(events.len(), 1, "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_request_records_event() {
+    let upstream = Upstream::start(None).await;
+    let proxy = Proxy::start(&[(HOLD, upstream.endpoint("http"))], UpstreamTls::default()).await;
+
+    let body = chat(ROUTE, false).to_string();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let address = proxy.base.strip_prefix("http://").unwrap();
+    let mut client = TcpStream::connect(address).await.unwrap();
+    client.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::timeout(STEP_TIMEOUT, upstream.signals.arrived.notified())
+        .await
+        .expect("the request reaches the upstream");
+    // The client closes the connection while the upstream delays its response.
+    drop(client);
+
+    let event = proxy
+        .wait_for_event(|e| e["outcome"]["kind"] == "clientCancelled")
+        .await
+        .expect("the cancelled request's event is written");
+    assert_eq!(event["servedModel"], HOLD);
+    assert_eq!(event["attempts"], 1);
+    assert_eq!(event["quality"], Value::Null);
+    assert_eq!(event["promptTokens"], Value::Null);
+    let metrics = proxy.sidecar.metrics().encode();
+    assert!(
+        metrics.contains("outcome=\"client_cancelled\""),
+        "{metrics}"
+    );
+
+    upstream.signals.release.notify_one();
     let events = proxy.stop().await;
     assert_eq!(events.len(), 1, "{events:?}");
 }
