@@ -49,6 +49,7 @@ pub const MAX_ATTEMPTS: u32 = 8;
         printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
         printcolumn = r#"{"name":"Stable","type":"string","jsonPath":".status.stablePolicy"}"#,
         printcolumn = r#"{"name":"Models","type":"integer","jsonPath":".status.models"}"#,
+        printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.injectedPods"}"#,
         printcolumn = r#"{"name":"Fallback","type":"string","priority":1,"jsonPath":".spec.fallback"}"#,
         printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
     )
@@ -270,6 +271,12 @@ pub struct LlmRouteStatus {
     /// sha256 of the sidecar configuration of `configVersion`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_digest: Option<String>,
+    /// Pods of the route that run the injected sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub injected_pods: Option<u32>,
+    /// Pods that ask for the route but were not injected; each has an Event with the reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_pods: Option<u32>,
 }
 
 /// Lifecycle phase of a policy version.

@@ -16,6 +16,10 @@ pub struct InstallOptions {
     pub control_port: u16,
     /// Port of `/metrics`, `/healthz` and `/readyz`.
     pub ops_port: u16,
+    /// Port of the injection webhook (TLS).
+    pub webhook_port: u16,
+    /// `Ignore` or `Fail`.
+    pub webhook_failure_policy: String,
 }
 
 impl Default for InstallOptions {
@@ -26,6 +30,8 @@ impl Default for InstallOptions {
             replicas: 1,
             control_port: 8090,
             ops_port: 8081,
+            webhook_port: 9443,
+            webhook_failure_policy: "Ignore".into(),
         }
     }
 }
@@ -78,6 +84,13 @@ pub fn manifests(options: &InstallOptions) -> Vec<Value> {
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
             {"apiGroups": ["events.k8s.io"], "resources": ["events"],
              "verbs": ["create", "patch"]},
+            // Pods the webhook decided on (label-selected watch): skip Events and counts.
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            // Its own webhook configuration, to keep the CA bundle current.
+            {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+             "verbs": ["get", "patch"], "resourceNames": [crate::webhook::CONFIGURATION_NAME]},
+            {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+             "verbs": ["create"]},
         ],
     }));
     objects.push(json!({
@@ -93,6 +106,9 @@ pub fn manifests(options: &InstallOptions) -> Vec<Value> {
         "metadata": {"name": NAME, "namespace": ns, "labels": labels},
         "rules": [
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+             "verbs": ["get", "create", "update"]},
+            // The webhook's CA and serving certificate.
+            {"apiGroups": [""], "resources": ["secrets"],
              "verbs": ["get", "create", "update"]},
         ],
     }));
@@ -113,9 +129,30 @@ pub fn manifests(options: &InstallOptions) -> Vec<Value> {
             "ports": [
                 {"name": "control", "port": options.control_port, "targetPort": "control"},
                 {"name": "metrics", "port": options.ops_port, "targetPort": "ops"},
+                {"name": "webhook", "port": 443, "targetPort": "webhook"},
             ],
         },
     }));
+    objects.push(crate::webhook::configuration(
+        &crate::webhook::WebhookConfigSpec {
+            name: crate::webhook::CONFIGURATION_NAME.into(),
+            namespace_labels: None,
+            target: crate::webhook::WebhookTarget::Service {
+                name: NAME.into(),
+                namespace: ns.to_string(),
+                port: 443,
+            },
+            failure_policy: options.webhook_failure_policy.clone(),
+            timeout_seconds: 3,
+            excluded_namespaces: vec![
+                "kube-system".into(),
+                "kube-public".into(),
+                "kube-node-lease".into(),
+                ns.to_string(),
+            ],
+        },
+        None,
+    ));
     objects
 }
 
@@ -153,6 +190,8 @@ fn deployment(options: &InstallOptions, labels: &Value) -> Value {
                             "operator",
                             format!("--control-listen=0.0.0.0:{}", options.control_port),
                             format!("--ops-listen=0.0.0.0:{}", options.ops_port),
+                            format!("--webhook-listen=0.0.0.0:{}", options.webhook_port),
+                            format!("--webhook-failure-policy={}", options.webhook_failure_policy),
                             "--data-dir=/var/lib/llmroute",
                             "--lease-namespace=$(POD_NAMESPACE)",
                             "--identity=$(POD_NAME)",
@@ -165,6 +204,7 @@ fn deployment(options: &InstallOptions, labels: &Value) -> Value {
                         "ports": [
                             {"name": "control", "containerPort": options.control_port},
                             {"name": "ops", "containerPort": options.ops_port},
+                            {"name": "webhook", "containerPort": options.webhook_port},
                         ],
                         "livenessProbe": probe("/healthz"),
                         "readinessProbe": probe("/readyz"),
@@ -227,7 +267,8 @@ mod tests {
                 "Role",
                 "RoleBinding",
                 "Deployment",
-                "Service"
+                "Service",
+                "MutatingWebhookConfiguration"
             ]
         );
         for object in &objects {
@@ -235,7 +276,11 @@ mod tests {
             assert!(object["metadata"]["name"].is_string(), "{kind}");
             let cluster_scoped = matches!(
                 kind,
-                "CustomResourceDefinition" | "Namespace" | "ClusterRole" | "ClusterRoleBinding"
+                "CustomResourceDefinition"
+                    | "Namespace"
+                    | "ClusterRole"
+                    | "ClusterRoleBinding"
+                    | "MutatingWebhookConfiguration"
             );
             assert_eq!(
                 object["metadata"]["namespace"].as_str(),

@@ -16,6 +16,7 @@ pub mod names;
 pub mod ops;
 pub mod reconcile;
 pub mod serving;
+pub mod webhook;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,7 @@ use crate::metrics::Metrics;
 use crate::names::{MANAGED_BY, MANAGED_BY_VALUE};
 use crate::reconcile::Context;
 use crate::serving::ClusterBackend;
+use crate::webhook::certs::{CertResolver, certified_key, ensure_secret};
 
 /// Settings of one operator process.
 #[derive(Debug, Clone)]
@@ -55,6 +57,46 @@ pub struct OperatorConfig {
     pub embedding_dim: usize,
     /// Watch routes in this namespace only; every namespace when `None`.
     pub watch_namespace: Option<String>,
+    /// The sidecar injection webhook; off when `None`.
+    pub webhook: Option<WebhookOptions>,
+}
+
+/// Settings of the injection webhook.
+#[derive(Debug, Clone)]
+pub struct WebhookOptions {
+    /// Address of the webhook's TLS server.
+    pub address: SocketAddr,
+    /// What to inject. `native_sidecars` is overridden by `sidecar_mode`.
+    pub injection: webhook::inject::InjectionSettings,
+    /// `auto` (native sidecars on servers from 1.29), `native` or `classic`.
+    pub sidecar_mode: SidecarMode,
+    /// The `MutatingWebhookConfiguration` the leader applies.
+    pub configuration: webhook::WebhookConfigSpec,
+    /// Where the serving certificate comes from.
+    pub certificate: CertificateSource,
+}
+
+/// How the injected sidecar runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SidecarMode {
+    Auto,
+    Native,
+    Classic,
+}
+
+/// Where the webhook's serving certificate comes from.
+#[derive(Debug, Clone)]
+pub enum CertificateSource {
+    /// The operator's own CA, kept in this Secret of the lease namespace, for these host names
+    /// or IP addresses; the leader writes the CA into the webhook configuration.
+    Managed {
+        secret: String,
+        hosts: Vec<String>,
+        lifetimes: webhook::certs::Lifetimes,
+    },
+    /// `tls.crt` and `tls.key` in a folder that another tool keeps current (cert-manager).
+    /// The webhook configuration's `caBundle` is left to that tool (its CA injector).
+    Files { folder: PathBuf },
 }
 
 impl OperatorConfig {
@@ -104,17 +146,50 @@ pub async fn run(
             address: config.ops_address,
             source,
         })?;
-    run_with_listeners(client, config, control_listener, ops_listener, shutdown).await
+    let webhook_listener =
+        match &config.webhook {
+            Some(options) => Some(TcpListener::bind(options.address).await.map_err(|source| {
+                StartError::Listen {
+                    address: options.address,
+                    source,
+                }
+            })?),
+            None => None,
+        };
+    run_with_listeners(
+        client,
+        config,
+        Listeners {
+            control: control_listener,
+            ops: ops_listener,
+            webhook: webhook_listener,
+        },
+        shutdown,
+    )
+    .await
+}
+
+/// The listeners of one operator, bound by the caller (tests bind port 0).
+#[derive(Debug)]
+pub struct Listeners {
+    pub control: TcpListener,
+    pub ops: TcpListener,
+    /// Required when the configuration enables the webhook.
+    pub webhook: Option<TcpListener>,
 }
 
 /// [`run`] on listeners bound by the caller (tests bind port 0).
 pub async fn run_with_listeners(
     client: Client,
     config: OperatorConfig,
-    control_listener: TcpListener,
-    ops_listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    let Listeners {
+        control: control_listener,
+        ops: ops_listener,
+        webhook: webhook_listener,
+    } = listeners;
     let version = client.apiserver_version().await?;
     tracing::info!(
         server_version = %version.git_version,
@@ -156,6 +231,41 @@ pub async fn run_with_listeners(
             .run(client.clone(), leader_tx, stopped()),
     );
 
+    let mut webhook_server = None;
+    if let (Some(options), Some(listener)) = (config.webhook.clone(), webhook_listener) {
+        let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
+        let mut injection = options.injection.clone();
+        injection.native_sidecars = match options.sidecar_mode {
+            SidecarMode::Native => true,
+            SidecarMode::Classic => false,
+            SidecarMode::Auto => version.major == "1" && minor >= 29,
+        };
+        tracing::info!(
+            native_sidecars = injection.native_sidecars,
+            server_minor = minor,
+            "injection webhook enabled"
+        );
+        let resolver = Arc::new(webhook::certs::CertResolver::default());
+        tasks.spawn(keep_certificate(
+            client.clone(),
+            options.clone(),
+            config.election.namespace.clone(),
+            resolver.clone(),
+            leader_rx.clone(),
+        ));
+        let handler = Arc::new(webhook::Webhook {
+            settings: injection,
+            backend: backend.clone(),
+            metrics: metrics.clone(),
+        });
+        webhook_server = Some(tokio::spawn(webhook::serve(
+            listener,
+            resolver,
+            handler,
+            stopped(),
+        )));
+    }
+
     let reporter = Reporter {
         controller: "llmroute-operator".into(),
         instance: Some(config.election.identity.clone()),
@@ -183,33 +293,50 @@ pub async fn run_with_listeners(
         }
         metrics.leader.set(1);
         tracing::info!("starting the LLMRoute controller");
+        let (pods_stop, pods_stopped) = watch::channel(false);
+        let pod_watch = config.webhook.as_ref().map(|_| {
+            tokio::spawn(webhook::watch_decided_pods(
+                config.api(&client),
+                client.clone(),
+                Recorder::new(
+                    client.clone(),
+                    Reporter {
+                        controller: "llmroute-injector".into(),
+                        instance: Some(config.election.identity.clone()),
+                    },
+                ),
+                pods_stopped,
+            ))
+        });
         let owned = watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}"));
         let mut lost = leader_rx.clone();
-        let controller = Controller::new(
-            Api::<LlmRoute>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .owns(Api::<LlmPolicy>::all(client.clone()), owned.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned)
-        .graceful_shutdown_on(async move {
-            let _ = lost.wait_for(|leader| !*leader).await;
-        })
-        .run(
-            reconcile::reconcile,
-            reconcile::error_policy,
-            context.clone(),
-        )
-        .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(error = %error, "controller event");
-            }
-        });
+        let controller =
+            Controller::new(config.api::<LlmRoute>(&client), watcher::Config::default())
+                .owns(config.api::<LlmPolicy>(&client), owned.clone())
+                .owns(config.api::<ConfigMap>(&client), owned)
+                .graceful_shutdown_on(async move {
+                    let _ = lost.wait_for(|leader| !*leader).await;
+                })
+                .run(
+                    reconcile::reconcile,
+                    reconcile::error_policy,
+                    context.clone(),
+                )
+                .for_each(|result| async move {
+                    if let Err(error) = result {
+                        tracing::debug!(error = %error, "controller event");
+                    }
+                });
         tokio::pin!(controller);
         let shutting_down = tokio::select! {
             () = &mut controller => false,
             () = &mut shutdown => true,
         };
         metrics.leader.set(0);
+        pods_stop.send_replace(true);
+        if let Some(task) = pod_watch {
+            let _ = task.await;
+        }
         if shutting_down {
             // Let reconciles in flight finish, then give up the Lease.
             stop_tx.send_replace(true);
@@ -223,7 +350,11 @@ pub async fn run_with_listeners(
     }
     stop_tx.send_replace(true);
     let _ = election.await;
-    for (name, handle) in [("control API", control), ("operations endpoints", ops)] {
+    let mut servers = vec![("control API", control), ("operations endpoints", ops)];
+    if let Some(handle) = webhook_server {
+        servers.push(("injection webhook", handle));
+    }
+    for (name, handle) in servers {
         match handle.await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(server = name, error = %error, "server failed"),
@@ -233,4 +364,82 @@ pub async fn run_with_listeners(
     tasks.abort_all();
     tracing::info!("operator stopped");
     Ok(())
+}
+
+/// Keeps the webhook's serving certificate loaded and, on the leader, current: creates or
+/// renews the Secret and writes the CA into the webhook configuration. Checks every 5 s.
+async fn keep_certificate(
+    client: Client,
+    options: WebhookOptions,
+    namespace: String,
+    resolver: Arc<CertResolver>,
+    leader: watch::Receiver<bool>,
+) {
+    let mut loaded: Option<String> = None;
+    // The CA bundle of the last configuration applied; `None` until one is.
+    let mut configured: Option<Option<String>> = None;
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        ticker.tick().await;
+        let is_leader = *leader.borrow();
+        let (cert, key, ca) = match &options.certificate {
+            CertificateSource::Managed {
+                secret,
+                hosts,
+                lifetimes,
+            } => {
+                match ensure_secret(&client, &namespace, secret, hosts, lifetimes, is_leader).await
+                {
+                    Ok(Some((set, _))) => (set.cert_pem, set.key_pem, Some(set.ca_pem)),
+                    Ok(None) => {
+                        tracing::info!(secret = %secret, "waiting for the leader to create the webhook certificate");
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(secret = %secret, error = %error, "failed to read or renew the webhook certificate; retrying in 5 s");
+                        continue;
+                    }
+                }
+            }
+            CertificateSource::Files { folder } => {
+                let read = |name: &str| std::fs::read_to_string(folder.join(name));
+                match (read("tls.crt"), read("tls.key")) {
+                    (Ok(cert), Ok(key)) => (cert, key, None),
+                    (Err(error), _) | (_, Err(error)) => {
+                        tracing::warn!(folder = %folder.display(), error = %error, "failed to read the webhook certificate files; retrying in 5 s");
+                        continue;
+                    }
+                }
+            }
+        };
+        if loaded.as_deref() != Some(cert.as_str()) {
+            match certified_key(&cert, &key) {
+                Ok(certified) => {
+                    resolver.set(certified);
+                    tracing::info!("loaded the webhook's serving certificate");
+                    loaded = Some(cert);
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, "invalid webhook certificate; keeping the previous one");
+                }
+            }
+        }
+        if is_leader && configured.as_ref() != Some(&ca) {
+            let configuration = webhook::configuration(&options.configuration, ca.as_deref());
+            match webhook::apply_configuration(&client, &configuration).await {
+                Ok(()) => {
+                    tracing::info!(
+                        name = webhook::CONFIGURATION_NAME,
+                        "applied the webhook configuration"
+                    );
+                    configured = Some(ca);
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "failed to apply the webhook configuration; retrying in 5 s");
+                }
+            }
+        } else if !is_leader {
+            configured = None;
+        }
+    }
 }

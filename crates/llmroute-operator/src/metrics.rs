@@ -14,6 +14,19 @@ pub struct ReconcileLabels {
     pub result: String,
 }
 
+/// Labels of the injection counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InjectionLabels {
+    /// `injected`, `skipped`, `already_injected`, `not_requested` or `invalid_review`.
+    pub outcome: String,
+}
+
+/// Labels of the skip counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SkipLabels {
+    pub reason: String,
+}
+
 /// Metrics of one operator process.
 pub struct Metrics {
     registry: Registry,
@@ -27,6 +40,12 @@ pub struct Metrics {
     pub routes_served: Gauge,
     /// Policy artifacts the control API can serve.
     pub policies_served: Gauge,
+    /// Admission reviews answered by the injection webhook, by outcome.
+    pub injections: Family<InjectionLabels, Counter>,
+    /// Pods not injected, by reason.
+    pub injection_skips: Family<SkipLabels, Counter>,
+    /// Time to answer one admission review, in seconds.
+    pub webhook_duration: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -69,8 +88,30 @@ impl Default for Metrics {
             "Policy artifacts the control API serves",
             policies_served.clone(),
         );
+        let injections = Family::<InjectionLabels, Counter>::default();
+        registry.register(
+            "webhook_reviews",
+            "Admission reviews answered by the injection webhook, by outcome",
+            injections.clone(),
+        );
+        let injection_skips = Family::<SkipLabels, Counter>::default();
+        registry.register(
+            "injection_skips",
+            "Pods that ask for a route but were not injected, by reason",
+            injection_skips.clone(),
+        );
+        // 50 µs to about 1.6 s.
+        let webhook_duration = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "webhook_duration_seconds",
+            "Time to answer one admission review",
+            webhook_duration.clone(),
+        );
         Self {
             registry,
+            injections,
+            injection_skips,
+            webhook_duration,
             reconciles,
             reconcile_duration,
             leader,
@@ -90,6 +131,26 @@ impl Metrics {
             })
             .inc();
         self.reconcile_duration.observe(seconds);
+    }
+
+    /// Counts one admission review and its duration.
+    pub fn observe_injection(&self, outcome: &str, started: std::time::Instant) {
+        self.injections
+            .get_or_create(&InjectionLabels {
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.webhook_duration
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts one skipped pod.
+    pub fn observe_skip(&self, reason: &str) {
+        self.injection_skips
+            .get_or_create(&SkipLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
     }
 
     /// The text exposition format.

@@ -359,6 +359,10 @@ async fn write_status(
     ctx: &Context,
 ) -> Result<(), Error> {
     let api: Api<LlmRoute> = Api::namespaced(ctx.client.clone(), namespace);
+    // The pod counts belong to the injection webhook's field manager.
+    let mut status = status.clone();
+    status.injected_pods = None;
+    status.skipped_pods = None;
     let patch = json!({
         "apiVersion": llmroute_api::crd::API_VERSION,
         "kind": "LLMRoute",
@@ -440,13 +444,18 @@ async fn evaluate(
         return Ok(Ok(policy.clone()));
     }
 
+    // The stable version; else the newest one without a phase, whose publication was
+    // interrupted before its phase was written (a restart must not publish it again).
+    let phase = |p: &LlmPolicy| p.status.as_ref().and_then(|s| s.phase);
     let stable = policies
         .iter()
         .rev()
-        .find(|p| p.status.as_ref().and_then(|s| s.phase) == Some(PolicyPhase::Stable));
+        .find(|p| phase(p) == Some(PolicyPhase::Stable))
+        .or_else(|| policies.iter().rev().find(|p| phase(p).is_none()));
     if let Some(stable) = stable
         && incompatibility(stable, &model_names, &ctx.encoder_digest).is_none()
     {
+        set_phases(&policies_api, &policies, &stable.spec.version).await?;
         return Ok(Ok(stable.clone()));
     }
 

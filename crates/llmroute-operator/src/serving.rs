@@ -32,6 +32,8 @@ use crate::reconcile::config_digest;
 /// Routes and policies as the control API serves them.
 pub struct ClusterBackend {
     routes: RwLock<HashMap<String, watch::Sender<Arc<SidecarConfig>>>>,
+    /// The route objects, for the injection webhook.
+    objects: RwLock<HashMap<String, Arc<LlmRoute>>>,
     policies: RwLock<HashMap<String, Vec<u8>>>,
     store: Store,
     routes_synced: AtomicBool,
@@ -72,11 +74,33 @@ impl ClusterBackend {
     pub fn new(store: Store, metrics: Arc<Metrics>) -> Self {
         Self {
             routes: RwLock::new(HashMap::new()),
+            objects: RwLock::new(HashMap::new()),
             policies: RwLock::new(HashMap::new()),
             store,
             routes_synced: AtomicBool::new(false),
             policies_synced: AtomicBool::new(false),
             metrics,
+        }
+    }
+
+    /// The route with this key, as last seen by the watch.
+    pub fn route(&self, key: &str) -> Option<Arc<LlmRoute>> {
+        self.objects
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned()
+    }
+
+    fn remember(&self, key: &str, route: Option<LlmRoute>) {
+        let mut objects = self.objects.write().unwrap_or_else(|p| p.into_inner());
+        match route {
+            Some(route) => {
+                objects.insert(key.to_string(), Arc::new(route));
+            }
+            None => {
+                objects.remove(key);
+            }
         }
     }
 
@@ -160,17 +184,15 @@ impl ClusterBackend {
         loop {
             match stream.try_next().await {
                 Ok(Some(Event::Apply(route) | Event::InitApply(route))) => {
-                    seen.insert(route_key(
-                        &route.namespace().unwrap_or_default(),
-                        &route.name_any(),
-                    ));
+                    let key = route_key(&route.namespace().unwrap_or_default(), &route.name_any());
+                    seen.insert(key.clone());
                     self.update_route(&route);
+                    self.remember(&key, Some(route));
                 }
                 Ok(Some(Event::Delete(route))) => {
-                    self.remove_route(&route_key(
-                        &route.namespace().unwrap_or_default(),
-                        &route.name_any(),
-                    ));
+                    let key = route_key(&route.namespace().unwrap_or_default(), &route.name_any());
+                    self.remove_route(&key);
+                    self.remember(&key, None);
                 }
                 Ok(Some(Event::Init)) => seen.clear(),
                 Ok(Some(Event::InitDone)) => {
@@ -181,6 +203,17 @@ impl ClusterBackend {
                         .collect();
                     for key in stale {
                         self.remove_route(&key);
+                    }
+                    let gone: Vec<String> = self
+                        .objects
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .keys()
+                        .filter(|key| !seen.contains(*key))
+                        .cloned()
+                        .collect();
+                    for key in gone {
+                        self.remember(&key, None);
                     }
                     if !self.routes_synced.swap(true, Ordering::Relaxed) {
                         tracing::info!(routes = seen.len(), "listed the routes");

@@ -150,13 +150,19 @@ impl Operator {
             encoder_digest: ENCODER.into(),
             embedding_dim: 384,
             watch_namespace: Some(namespace.name.clone()),
+            webhook: None,
         };
         let control_url = format!("http://{}", control.local_addr().unwrap());
         let ops_url = format!("http://{}", ops.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let client = namespace.client.clone();
         let task = tokio::spawn(async move {
-            llmroute_operator::run_with_listeners(client, config, control, ops, async {
+            let listeners = llmroute_operator::Listeners {
+                control,
+                ops,
+                webhook: None,
+            };
+            llmroute_operator::run_with_listeners(client, config, listeners, async {
                 let _ = stopped.await;
             })
             .await
@@ -489,16 +495,20 @@ async fn invalid_routes_are_refused_or_reported_and_do_not_block_others() {
         .await
         .unwrap();
     let typo = json!({"spec": {"fallbak": "large"}});
-    let mut strict = PatchParams::default();
-    strict.field_validation = Some(kube::api::ValidationDirective::Strict);
+    let strict = PatchParams {
+        field_validation: Some(kube::api::ValidationDirective::Strict),
+        ..PatchParams::default()
+    };
     let error = routes
         .patch("typo", &strict, &Patch::Merge(&typo))
         .await
         .unwrap_err()
         .to_string();
     assert!(error.contains("fallbak"), "{error}");
-    let mut lenient = PatchParams::default();
-    lenient.field_validation = Some(kube::api::ValidationDirective::Ignore);
+    let lenient = PatchParams {
+        field_validation: Some(kube::api::ValidationDirective::Ignore),
+        ..PatchParams::default()
+    };
     let pruned = routes
         .patch("typo", &lenient, &Patch::Merge(&typo))
         .await
@@ -976,13 +986,17 @@ async fn installed_rbac_is_enough_for_the_operator_and_no_more() {
         encoder_digest: ENCODER.into(),
         embedding_dim: 384,
         watch_namespace: Some(namespace.name.clone()),
+        webhook: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(llmroute_operator::run_with_listeners(
         restricted.client.clone(),
         operator_config,
-        control,
-        ops,
+        llmroute_operator::Listeners {
+            control,
+            ops,
+            webhook: None,
+        },
         async {
             let _ = stopped.await;
         },

@@ -45,7 +45,7 @@ enum Command {
     /// Print every manifest a cluster needs to run the operator, for `kubectl apply -f -`.
     Install(commands::install::InstallArgs),
     /// Run the Kubernetes operator: the LLMRoute controller and the control API for sidecars.
-    Operator(commands::operator::OperatorArgs),
+    Operator(Box<commands::operator::OperatorArgs>),
 }
 
 fn main() -> std::process::ExitCode {

@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use llmroute_operator::OperatorConfig;
 use llmroute_operator::leader::LeaderElection;
+use llmroute_operator::webhook::inject::InjectionSettings;
+use llmroute_operator::webhook::{WebhookConfigSpec, WebhookTarget};
+use llmroute_operator::{CertificateSource, OperatorConfig, SidecarMode, WebhookOptions};
 use llmroute_policy::encoder::{EMBEDDING_DIM, digest_of_files};
 
 use crate::workspace::Workspace;
@@ -34,6 +36,59 @@ pub struct OperatorArgs {
     /// Watch routes in this namespace only [default: every namespace].
     #[arg(long)]
     pub watch_namespace: Option<String>,
+    /// Address of the sidecar injection webhook's TLS server [default: no webhook].
+    #[arg(long)]
+    pub webhook_listen: Option<SocketAddr>,
+    /// Service through which the API server reaches the webhook and pods reach the control API.
+    #[arg(long, default_value = "llmroute-operator")]
+    pub service: String,
+    /// Port of the webhook on that Service.
+    #[arg(long, default_value_t = 443)]
+    pub webhook_service_port: u16,
+    /// URL the API server calls instead of the Service (an operator outside the cluster).
+    #[arg(long)]
+    pub webhook_url: Option<String>,
+    /// `Ignore` (pods are created without the sidecar when the webhook is down) or `Fail`.
+    #[arg(long, default_value = "Ignore", value_parser = ["Ignore", "Fail"])]
+    pub webhook_failure_policy: String,
+    /// Seconds the API server waits for the webhook.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=30))]
+    pub webhook_timeout_seconds: i32,
+    /// Folder with tls.crt and tls.key from another tool (cert-manager); the operator's own CA
+    /// otherwise.
+    #[arg(long)]
+    pub webhook_cert_dir: Option<PathBuf>,
+    /// Secret (in the lease namespace) holding the operator's CA and serving certificate.
+    #[arg(long, default_value = "llmroute-webhook-tls")]
+    pub webhook_cert_secret: String,
+    /// Host names or IP addresses of the serving certificate [default: the Service's names].
+    #[arg(long, value_delimiter = ',')]
+    pub webhook_hosts: Vec<String>,
+    /// Namespaces never sent to the webhook, besides the lease namespace.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kube-system,kube-public,kube-node-lease"
+    )]
+    pub excluded_namespaces: Vec<String>,
+    /// Image of the injected sidecar.
+    #[arg(long, default_value = concat!("llmroute:", env!("CARGO_PKG_VERSION")))]
+    pub sidecar_image: String,
+    /// Port of the injected sidecar on the pod's loopback.
+    #[arg(long, default_value_t = 8099)]
+    pub sidecar_port: u16,
+    /// `auto` (native sidecars on servers from 1.29), `native` or `classic`.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "native", "classic"])]
+    pub sidecar_mode: String,
+    /// CPU request of the injected sidecar.
+    #[arg(long, default_value = "100m")]
+    pub sidecar_cpu: String,
+    /// Memory request of the injected sidecar.
+    #[arg(long, default_value = "256Mi")]
+    pub sidecar_memory: String,
+    /// Control API URL as pods reach it [default: http://SERVICE.NAMESPACE.svc:PORT].
+    #[arg(long)]
+    pub control_url: Option<String>,
     /// Digest of the sidecars' prompt encoder [default: computed from the encoder files that
     /// `llmroute setup` installs].
     #[arg(long)]
@@ -65,6 +120,9 @@ pub fn run(workspace: &Workspace, args: &OperatorArgs) -> Result<()> {
             .unwrap_or_else(|_| "llmroute".into());
         format!("{host}-{}", std::process::id())
     });
+    let webhook = args
+        .webhook_listen
+        .map(|address| webhook_options(args, address));
     let config = OperatorConfig {
         control_address: args.control_listen,
         ops_address: args.ops_listen,
@@ -73,6 +131,7 @@ pub fn run(workspace: &Workspace, args: &OperatorArgs) -> Result<()> {
         encoder_digest,
         embedding_dim: EMBEDDING_DIM,
         watch_namespace: args.watch_namespace.clone(),
+        webhook,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -85,4 +144,66 @@ pub fn run(workspace: &Workspace, args: &OperatorArgs) -> Result<()> {
         llmroute_operator::run(client, config, crate::shutdown::signal()).await?;
         Ok(())
     })
+}
+
+fn webhook_options(args: &OperatorArgs, address: SocketAddr) -> WebhookOptions {
+    let namespace = &args.lease_namespace;
+    let service_host = format!("{}.{namespace}.svc", args.service);
+    let target = match &args.webhook_url {
+        Some(url) => WebhookTarget::Url(url.clone()),
+        None => WebhookTarget::Service {
+            name: args.service.clone(),
+            namespace: namespace.clone(),
+            port: args.webhook_service_port,
+        },
+    };
+    let hosts = if args.webhook_hosts.is_empty() {
+        vec![
+            service_host.clone(),
+            format!("{service_host}.cluster.local"),
+        ]
+    } else {
+        args.webhook_hosts.clone()
+    };
+    let certificate = match &args.webhook_cert_dir {
+        Some(folder) => CertificateSource::Files {
+            folder: folder.clone(),
+        },
+        None => CertificateSource::Managed {
+            secret: args.webhook_cert_secret.clone(),
+            hosts,
+            lifetimes: Default::default(),
+        },
+    };
+    let mut excluded = args.excluded_namespaces.clone();
+    excluded.push(namespace.clone());
+    let control_port = args.control_listen.port();
+    WebhookOptions {
+        address,
+        injection: InjectionSettings {
+            image: args.sidecar_image.clone(),
+            control_url: args
+                .control_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{service_host}:{control_port}")),
+            port: args.sidecar_port,
+            cpu_request: args.sidecar_cpu.clone(),
+            memory_request: args.sidecar_memory.clone(),
+            ..InjectionSettings::default()
+        },
+        sidecar_mode: match args.sidecar_mode.as_str() {
+            "native" => SidecarMode::Native,
+            "classic" => SidecarMode::Classic,
+            _ => SidecarMode::Auto,
+        },
+        configuration: WebhookConfigSpec {
+            name: llmroute_operator::webhook::CONFIGURATION_NAME.into(),
+            namespace_labels: None,
+            target,
+            failure_policy: args.webhook_failure_policy.clone(),
+            timeout_seconds: args.webhook_timeout_seconds,
+            excluded_namespaces: excluded,
+        },
+        certificate,
+    }
 }

@@ -1,0 +1,723 @@
+//! What the injection webhook does to one pod: inject the sidecar, or skip with a reason.
+//!
+//! The decision is a pure function of the pod, its route and the operator's settings, so it is
+//! tested without a server, the native-sidecar path included. A pod opts in with the annotation
+//! `llmroute.dev/route: <route in the pod's namespace>`.
+//!
+//! An injected pod carries `llmroute.dev/injected: <version>/<hash>`, the hash being over
+//! everything injected. A second pass with the same hash changes nothing; a pass with another
+//! hash (an upgrade, a changed route) removes what the previous one added and injects again.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+use llmroute_api::crd::LlmRoute;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+/// Annotation naming the route of a pod: the opt-in.
+pub const ROUTE_ANNOTATION: &str = "llmroute.dev/route";
+/// Annotation that turns injection off for a pod when `"false"`.
+pub const INJECT_ANNOTATION: &str = "llmroute.dev/inject";
+/// Annotation recording what was injected: `<operator version>/<hash>`.
+pub const INJECTED_ANNOTATION: &str = "llmroute.dev/injected";
+/// Annotation recording why injection was skipped: `<Reason>: <message>`.
+pub const SKIPPED_ANNOTATION: &str = "llmroute.dev/injection-skipped";
+/// Label on every pod the webhook decided on: `injected` or `skipped`, so the operator can
+/// watch only those pods.
+pub const INJECTION_LABEL: &str = "llmroute.dev/injection";
+/// Per-pod overrides of the sidecar's image, CPU and memory.
+pub const IMAGE_ANNOTATION: &str = "llmroute.dev/sidecar-image";
+pub const CPU_ANNOTATION: &str = "llmroute.dev/sidecar-cpu";
+pub const MEMORY_ANNOTATION: &str = "llmroute.dev/sidecar-memory";
+/// Name of the injected container.
+pub const SIDECAR_NAME: &str = "llmroute-sidecar";
+/// Name of the projected service-account token volume.
+pub const TOKEN_VOLUME: &str = "llmroute-token";
+/// Where the sidecar reads its token for the control API.
+pub const TOKEN_PATH: &str = "/var/run/secrets/llmroute.dev/serviceaccount";
+
+/// How the operator injects, from its flags (and later from the route).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InjectionSettings {
+    /// Sidecar image.
+    pub image: String,
+    /// Base URL of the control API as pods reach it.
+    pub control_url: String,
+    /// Port of the sidecar on the pod's loopback.
+    pub port: u16,
+    pub cpu_request: String,
+    pub memory_request: String,
+    pub memory_limit: String,
+    /// Audience of the projected token the sidecar presents to the control API.
+    pub token_audience: String,
+    /// Whether the API server runs native sidecars (init containers with
+    /// `restartPolicy: Always`, on by default from Kubernetes 1.29).
+    pub native_sidecars: bool,
+    /// The operator's version, recorded in the injected annotation.
+    pub version: String,
+}
+
+impl Default for InjectionSettings {
+    fn default() -> Self {
+        Self {
+            image: format!("llmroute:{}", env!("CARGO_PKG_VERSION")),
+            control_url: "http://llmroute-operator.llmroute-system.svc:8090".into(),
+            port: 8099,
+            cpu_request: "100m".into(),
+            memory_request: "256Mi".into(),
+            memory_limit: "512Mi".into(),
+            token_audience: "llmroute.dev".into(),
+            native_sidecars: true,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// Why a pod is not injected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SkipReason {
+    /// The pod uses the node's network: its loopback is the node's, shared with other pods.
+    HostNetwork,
+    /// `llmroute.dev/inject: "false"`.
+    OptedOut,
+    /// The annotated route does not exist in the pod's namespace.
+    RouteNotFound,
+    /// An llmroute annotation has a value that cannot be used.
+    InvalidAnnotation,
+}
+
+impl SkipReason {
+    /// The CamelCase reason of the Event and the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::HostNetwork => "HostNetwork",
+            Self::OptedOut => "OptedOut",
+            Self::RouteNotFound => "RouteNotFound",
+            Self::InvalidAnnotation => "InvalidAnnotation",
+        }
+    }
+}
+
+/// The webhook's decision on one pod.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// The pod does not ask for injection: no change.
+    NotRequested,
+    /// The pod already has this exact injection: no change but the injection label, when the
+    /// pod lacks it (so that the operator counts the pod).
+    AlreadyInjected { patch: Vec<Value> },
+    /// A JSON patch (RFC 6902) that injects the sidecar.
+    Inject { patch: Vec<Value>, hash: String },
+    /// A JSON patch that only records the skip on the pod, and why.
+    Skip {
+        reason: SkipReason,
+        message: String,
+        patch: Vec<Value>,
+    },
+}
+
+/// Decides what to do with `pod`; `route` is the route its annotation names, when it exists.
+pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings) -> Decision {
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let Some(route_name) = annotations.get(ROUTE_ANNOTATION) else {
+        return Decision::NotRequested;
+    };
+    let skip = |reason: SkipReason, message: String| Decision::Skip {
+        reason,
+        patch: record_skip(pod, reason, &message),
+        message,
+    };
+    if let Some(value) = annotations.get(INJECT_ANNOTATION) {
+        match value.as_str() {
+            "false" => {
+                return skip(
+                    SkipReason::OptedOut,
+                    format!("{INJECT_ANNOTATION} is \"false\""),
+                );
+            }
+            "true" => {}
+            other => {
+                return skip(
+                    SkipReason::InvalidAnnotation,
+                    format!("{INJECT_ANNOTATION} is {other:?}; use \"true\" or \"false\""),
+                );
+            }
+        }
+    }
+    if !llmroute_api::crd::is_dns_subdomain(route_name) {
+        return skip(
+            SkipReason::InvalidAnnotation,
+            format!("{ROUTE_ANNOTATION} is {route_name:?}, which is not a route name"),
+        );
+    }
+    let spec = pod.spec.clone().unwrap_or_default();
+    if spec.host_network == Some(true) {
+        return skip(
+            SkipReason::HostNetwork,
+            "the pod uses the host network, where 127.0.0.1 is shared with the node; the sidecar needs the pod's own loopback".into(),
+        );
+    }
+    let Some(route) = route else {
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        return skip(
+            SkipReason::RouteNotFound,
+            format!(
+                "LLMRoute {namespace}/{route_name} does not exist; create it or fix the {ROUTE_ANNOTATION} annotation, then recreate the pod"
+            ),
+        );
+    };
+    let overrides = match Overrides::read(&annotations, settings) {
+        Ok(overrides) => overrides,
+        Err(message) => return skip(SkipReason::InvalidAnnotation, message),
+    };
+    let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+    let container = sidecar_container(route, &namespace, route_name, &overrides, settings);
+    let hash = injection_hash(&container, settings);
+    let record = format!("{}/{hash}", settings.version);
+    if annotations.get(INJECTED_ANNOTATION) == Some(&record) && has_sidecar(&spec) {
+        let labelled = pod
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|labels| labels.get(INJECTION_LABEL).is_some_and(|v| v == "injected"));
+        let patch = if labelled {
+            Vec::new()
+        } else {
+            set_metadata(pod, &[], &[(INJECTION_LABEL, "injected")])
+        };
+        return Decision::AlreadyInjected { patch };
+    }
+    Decision::Inject {
+        patch: inject_patch(pod, container, &record, settings),
+        hash,
+    }
+}
+
+/// The sidecar settings after a pod's annotations.
+struct Overrides {
+    image: String,
+    cpu: String,
+    memory: String,
+}
+
+impl Overrides {
+    fn read(
+        annotations: &BTreeMap<String, String>,
+        settings: &InjectionSettings,
+    ) -> Result<Self, String> {
+        let get =
+            |key: &str, default: &str, valid: fn(&str) -> bool, format: &str| match annotations
+                .get(key)
+            {
+                None => Ok(default.to_string()),
+                Some(value) if valid(value) => Ok(value.clone()),
+                Some(value) => Err(format!("{key} is {value:?}; expected {format}")),
+            };
+        Ok(Self {
+            image: get(
+                IMAGE_ANNOTATION,
+                &settings.image,
+                |v| !v.is_empty() && !v.contains(char::is_whitespace),
+                "an image reference such as llmroute:0.1.0",
+            )?,
+            cpu: get(
+                CPU_ANNOTATION,
+                &settings.cpu_request,
+                is_quantity,
+                "a CPU quantity such as 100m or 1",
+            )?,
+            memory: get(
+                MEMORY_ANNOTATION,
+                &settings.memory_request,
+                is_quantity,
+                "a memory quantity such as 256Mi",
+            )?,
+        })
+    }
+}
+
+/// A Kubernetes resource quantity: digits with an optional fraction and a known suffix.
+fn is_quantity(value: &str) -> bool {
+    let digits_end = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, suffix) = value.split_at(digits_end);
+    !number.is_empty()
+        && number.parse::<f64>().is_ok()
+        && [
+            "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+        ]
+        .contains(&suffix)
+}
+
+fn sidecar_container(
+    route: &LlmRoute,
+    namespace: &str,
+    route_name: &str,
+    overrides: &Overrides,
+    settings: &InjectionSettings,
+) -> Value {
+    let mut env = vec![
+        json!({"name": "LLMROUTE_CONTROL_TOKEN_FILE", "value": format!("{TOKEN_PATH}/token")}),
+    ];
+    for model in &route.spec.models {
+        if let Some(secret) = &model.api_key_secret_ref {
+            env.push(json!({
+                "name": llmroute_control::route::api_key_env(&model.name),
+                "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
+            }));
+        }
+    }
+    let probe = |path: &str| {
+        json!({
+            "httpGet": {"path": path, "port": settings.port, "host": "127.0.0.1"},
+            "periodSeconds": 5,
+            "timeoutSeconds": 2,
+        })
+    };
+    json!({
+        "name": SIDECAR_NAME,
+        "image": overrides.image,
+        "args": [
+            "sidecar",
+            "--control", settings.control_url,
+            "--route", format!("{namespace}/{route_name}"),
+            "--port", settings.port.to_string(),
+        ],
+        "env": env,
+        "ports": [{"name": "llmroute", "containerPort": settings.port, "protocol": "TCP"}],
+        "resources": {
+            "requests": {"cpu": overrides.cpu, "memory": overrides.memory},
+            "limits": {"memory": settings.memory_limit},
+        },
+        "readinessProbe": probe("/readyz"),
+        "livenessProbe": probe("/healthz"),
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_PATH, "readOnly": true}],
+    })
+}
+
+/// sha256 (first 16 hex digits) over the container and the settings that shape the patch.
+fn injection_hash(container: &Value, settings: &InjectionSettings) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(container.to_string());
+    hasher.update([u8::from(settings.native_sidecars)]);
+    hasher.update(&settings.token_audience);
+    hex::encode(hasher.finalize())[..16].to_string()
+}
+
+fn has_sidecar(spec: &k8s_openapi::api::core::v1::PodSpec) -> bool {
+    let named = |c: &Container| c.name == SIDECAR_NAME;
+    spec.containers.iter().any(named)
+        || spec
+            .init_containers
+            .as_ref()
+            .is_some_and(|list| list.iter().any(named))
+}
+
+/// Escapes a key for a JSON pointer (RFC 6901).
+fn pointer(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// Patch operations that set annotation and label values, creating the maps when missing.
+fn set_metadata(pod: &Pod, annotations: &[(&str, &str)], labels: &[(&str, &str)]) -> Vec<Value> {
+    let mut patch = Vec::new();
+    for (field, entries, present) in [
+        (
+            "annotations",
+            annotations,
+            pod.metadata.annotations.is_some(),
+        ),
+        ("labels", labels, pod.metadata.labels.is_some()),
+    ] {
+        if entries.is_empty() {
+            continue;
+        }
+        if !present {
+            patch.push(json!({"op": "add", "path": format!("/metadata/{field}"), "value": {}}));
+        }
+        for (key, value) in entries {
+            patch.push(json!({
+                "op": "add",
+                "path": format!("/metadata/{field}/{}", pointer(key)),
+                "value": value,
+            }));
+        }
+    }
+    patch
+}
+
+/// Records a skip on the pod: the label lets the operator watch skipped pods, and the
+/// annotation `<Reason>: <message>` becomes the Event it publishes once the pod exists.
+fn record_skip(pod: &Pod, reason: SkipReason, message: &str) -> Vec<Value> {
+    let note = format!("{}: {message}", reason.as_str());
+    set_metadata(
+        pod,
+        &[(SKIPPED_ANNOTATION, note.as_str())],
+        &[(INJECTION_LABEL, "skipped")],
+    )
+}
+
+fn inject_patch(
+    pod: &Pod,
+    container: Value,
+    record: &str,
+    settings: &InjectionSettings,
+) -> Vec<Value> {
+    let spec = pod.spec.clone().unwrap_or_default();
+    let mut patch = Vec::new();
+
+    // Remove what an earlier injection added, highest index first so indices stay valid.
+    let init = spec.init_containers.clone().unwrap_or_default();
+    for (index, _) in init
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, c)| c.name == SIDECAR_NAME)
+    {
+        patch.push(json!({"op": "remove", "path": format!("/spec/initContainers/{index}")}));
+    }
+    for (index, _) in spec
+        .containers
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, c)| c.name == SIDECAR_NAME)
+    {
+        patch.push(json!({"op": "remove", "path": format!("/spec/containers/{index}")}));
+    }
+    let volumes = spec.volumes.clone().unwrap_or_default();
+    for (index, _) in volumes
+        .iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, v)| v.name == TOKEN_VOLUME)
+    {
+        patch.push(json!({"op": "remove", "path": format!("/spec/volumes/{index}")}));
+    }
+
+    // The sidecar: first init container when native (so it starts before the app), else the
+    // last container.
+    if settings.native_sidecars {
+        let mut native = container;
+        native["restartPolicy"] = json!("Always");
+        let remaining = init.iter().filter(|c| c.name != SIDECAR_NAME).count();
+        if remaining == 0 {
+            patch.push(json!({"op": "add", "path": "/spec/initContainers", "value": [native]}));
+        } else {
+            patch.push(json!({"op": "add", "path": "/spec/initContainers/0", "value": native}));
+        }
+    } else {
+        patch.push(json!({"op": "add", "path": "/spec/containers/-", "value": container}));
+    }
+
+    // The projected token, with its own audience, for the control API.
+    let token = json!({
+        "name": TOKEN_VOLUME,
+        "projected": {"sources": [{"serviceAccountToken": {
+            "audience": settings.token_audience,
+            "expirationSeconds": 3600,
+            "path": "token",
+        }}]},
+    });
+    if volumes.iter().all(|v| v.name == TOKEN_VOLUME) {
+        patch.push(json!({"op": "add", "path": "/spec/volumes", "value": [token]}));
+    } else {
+        patch.push(json!({"op": "add", "path": "/spec/volumes/-", "value": token}));
+    }
+
+    // Point the app at the sidecar unless it chose its own base URL.
+    let base = format!("http://127.0.0.1:{}/v1", settings.port);
+    for (index, app) in spec.containers.iter().enumerate() {
+        if app.name == SIDECAR_NAME {
+            continue;
+        }
+        // Indices of the app containers after the removals above.
+        let removed_before = spec.containers[..index]
+            .iter()
+            .filter(|c| c.name == SIDECAR_NAME)
+            .count();
+        let at = index - removed_before;
+        let env = app.env.clone().unwrap_or_default();
+        let has = |name: &str| env.iter().any(|e| e.name == name);
+        let mut added = Vec::new();
+        for name in ["OPENAI_BASE_URL", "OPENAI_API_BASE"] {
+            if !has(name) {
+                added.push(json!({"name": name, "value": base}));
+            }
+        }
+        if added.is_empty() {
+            continue;
+        }
+        if app.env.is_none() {
+            patch.push(
+                json!({"op": "add", "path": format!("/spec/containers/{at}/env"), "value": added}),
+            );
+        } else {
+            for value in added {
+                patch.push(json!({"op": "add", "path": format!("/spec/containers/{at}/env/-"), "value": value}));
+            }
+        }
+    }
+    patch.extend(set_metadata(
+        pod,
+        &[(INJECTED_ANNOTATION, record)],
+        &[(INJECTION_LABEL, "injected")],
+    ));
+    patch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route() -> LlmRoute {
+        serde_json::from_value(json!({
+            "apiVersion": "llmroute.dev/v1alpha1",
+            "kind": "LLMRoute",
+            "metadata": {"name": "chat", "namespace": "shop"},
+            "spec": {
+                "models": [
+                    {"name": "small", "endpoint": "http://127.0.0.1:9/v1", "model": "s",
+                     "pricing": {"inputUsdPerMillionTokens": 0.1, "outputUsdPerMillionTokens": 0.4}},
+                    {"name": "gpt-4o", "endpoint": "https://127.0.0.1:9/v1", "model": "l",
+                     "apiKeySecretRef": {"name": "keys", "key": "openai"},
+                     "pricing": {"inputUsdPerMillionTokens": 2.5, "outputUsdPerMillionTokens": 10}}
+                ],
+                "defaultPreference": {"quality": 0.7},
+                "fallback": "small"
+            }
+        }))
+        .unwrap()
+    }
+
+    fn pod(annotations: Value, spec: Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"generateName": "app-", "namespace": "shop", "annotations": annotations},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn app_spec() -> Value {
+        json!({"containers": [
+            {"name": "app", "image": "app:1"},
+            {"name": "worker", "image": "app:1", "env": [{"name": "OPENAI_BASE_URL", "value": "http://mine"}]}
+        ]})
+    }
+
+    /// Applies a decision's patch to the pod, as the API server does.
+    fn apply(pod: &Pod, decision: &Decision) -> Pod {
+        let patch = match decision {
+            Decision::Inject { patch, .. }
+            | Decision::Skip { patch, .. }
+            | Decision::AlreadyInjected { patch } => patch.clone(),
+            _ => return pod.clone(),
+        };
+        let mut value = serde_json::to_value(pod).unwrap();
+        let patch: json_patch::Patch = serde_json::from_value(Value::Array(patch)).unwrap();
+        json_patch::patch(&mut value, &patch).unwrap();
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn native_injection_adds_init_sidecar_env_and_token() {
+        let settings = InjectionSettings::default();
+        let pod = pod(json!({ROUTE_ANNOTATION: "chat"}), app_spec());
+        let decision = decide(&pod, Some(&route()), &settings);
+        assert!(matches!(decision, Decision::Inject { .. }), "{decision:?}");
+        let injected = apply(&pod, &decision);
+        let spec = injected.spec.clone().unwrap();
+        let init = spec.init_containers.clone().unwrap();
+        assert_eq!(init.len(), 1);
+        assert_eq!(init[0].name, SIDECAR_NAME);
+        assert_eq!(init[0].restart_policy.as_deref(), Some("Always"));
+        assert_eq!(spec.containers.len(), 2, "no regular sidecar container");
+        let args = init[0].args.clone().unwrap();
+        assert!(args.contains(&"shop/chat".to_string()), "{args:?}");
+        let env = init[0].env.clone().unwrap();
+        let key = env
+            .iter()
+            .find(|e| e.name == "LLMROUTE_API_KEY_GPT_4O")
+            .unwrap();
+        let secret = key.value_from.clone().unwrap().secret_key_ref.unwrap();
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("keys", "openai")
+        );
+        let app_env = spec.containers[0].env.clone().unwrap();
+        assert!(app_env.iter().any(|e| e.name == "OPENAI_BASE_URL"
+            && e.value.as_deref() == Some("http://127.0.0.1:8099/v1")));
+        assert!(app_env.iter().any(|e| e.name == "OPENAI_API_BASE"));
+        let worker_env = spec.containers[1].env.clone().unwrap();
+        let base = worker_env
+            .iter()
+            .find(|e| e.name == "OPENAI_BASE_URL")
+            .unwrap();
+        assert_eq!(
+            base.value.as_deref(),
+            Some("http://mine"),
+            "the pod's own value stays"
+        );
+        let volume = &spec.volumes.unwrap()[0];
+        let source = volume.projected.clone().unwrap().sources.unwrap()[0]
+            .service_account_token
+            .clone()
+            .unwrap();
+        assert_eq!(source.audience.as_deref(), Some("llmroute.dev"));
+        let annotations = injected.metadata.annotations.clone().unwrap();
+        assert!(annotations[INJECTED_ANNOTATION].starts_with(env!("CARGO_PKG_VERSION")));
+        assert_eq!(
+            injected.metadata.labels.unwrap()[INJECTION_LABEL],
+            "injected"
+        );
+    }
+
+    #[test]
+    fn classic_injection_appends_a_container() {
+        let settings = InjectionSettings {
+            native_sidecars: false,
+            ..InjectionSettings::default()
+        };
+        let pod = pod(json!({ROUTE_ANNOTATION: "chat"}), app_spec());
+        let injected = apply(&pod, &decide(&pod, Some(&route()), &settings));
+        let spec = injected.spec.unwrap();
+        assert!(spec.init_containers.is_none());
+        assert_eq!(spec.containers.len(), 3);
+        assert_eq!(spec.containers[2].name, SIDECAR_NAME);
+        assert!(spec.containers[2].restart_policy.is_none());
+    }
+
+    #[test]
+    fn second_pass_changes_nothing_and_upgrade_replaces() {
+        let settings = InjectionSettings::default();
+        let pod = pod(json!({ROUTE_ANNOTATION: "chat"}), app_spec());
+        let once = apply(&pod, &decide(&pod, Some(&route()), &settings));
+        assert_eq!(
+            decide(&once, Some(&route()), &settings),
+            Decision::AlreadyInjected { patch: vec![] }
+        );
+        let mut unlabelled = once.clone();
+        unlabelled.metadata.labels = None;
+        let relabelled = apply(&unlabelled, &decide(&unlabelled, Some(&route()), &settings));
+        assert_eq!(
+            relabelled.metadata.labels.unwrap()[INJECTION_LABEL],
+            "injected"
+        );
+        assert_eq!(relabelled.spec, once.spec, "only the label is added");
+
+        for native in [true, false] {
+            let upgraded = InjectionSettings {
+                image: "llmroute:9.9.9".into(),
+                native_sidecars: native,
+                ..InjectionSettings::default()
+            };
+            let twice = apply(&once, &decide(&once, Some(&route()), &upgraded));
+            let spec = twice.spec.unwrap();
+            let sidecars: Vec<&Container> = spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .filter(|c| c.name == SIDECAR_NAME)
+                .collect();
+            assert_eq!(sidecars.len(), 1, "native {native}");
+            assert_eq!(sidecars[0].image.as_deref(), Some("llmroute:9.9.9"));
+            assert_eq!(spec.volumes.unwrap().len(), 1, "one token volume");
+            let env = spec.containers[0].env.clone().unwrap();
+            assert_eq!(
+                env.iter().filter(|e| e.name == "OPENAI_BASE_URL").count(),
+                1
+            );
+        }
+    }
+
+    #[test]
+    fn skips_name_their_reason() {
+        let settings = InjectionSettings::default();
+        let cases = [
+            (
+                json!({ROUTE_ANNOTATION: "chat"}),
+                json!({"hostNetwork": true, "containers": [{"name": "a"}]}),
+                true,
+                SkipReason::HostNetwork,
+            ),
+            (
+                json!({ROUTE_ANNOTATION: "chat", INJECT_ANNOTATION: "false"}),
+                app_spec(),
+                true,
+                SkipReason::OptedOut,
+            ),
+            (
+                json!({ROUTE_ANNOTATION: "chat", INJECT_ANNOTATION: "maybe"}),
+                app_spec(),
+                true,
+                SkipReason::InvalidAnnotation,
+            ),
+            (
+                json!({ROUTE_ANNOTATION: "Not A Route"}),
+                app_spec(),
+                true,
+                SkipReason::InvalidAnnotation,
+            ),
+            (
+                json!({ROUTE_ANNOTATION: "chat", CPU_ANNOTATION: "lots"}),
+                app_spec(),
+                true,
+                SkipReason::InvalidAnnotation,
+            ),
+            (
+                json!({ROUTE_ANNOTATION: "missing"}),
+                app_spec(),
+                false,
+                SkipReason::RouteNotFound,
+            ),
+        ];
+        for (annotations, spec, route_exists, expected) in cases {
+            let pod = pod(annotations.clone(), spec);
+            let route = route();
+            let decision = decide(&pod, route_exists.then_some(&route), &settings);
+            let Decision::Skip {
+                reason, message, ..
+            } = &decision
+            else {
+                panic!("{annotations}: {decision:?}");
+            };
+            assert_eq!(*reason, expected, "{annotations}: {message}");
+            let skipped = apply(&pod, &decision);
+            assert_eq!(skipped.metadata.labels.unwrap()[INJECTION_LABEL], "skipped");
+            let note = &skipped.metadata.annotations.unwrap()[SKIPPED_ANNOTATION];
+            assert!(
+                note.starts_with(&format!("{}: ", expected.as_str())),
+                "{note}"
+            );
+            assert!(skipped.spec.unwrap().init_containers.is_none());
+        }
+    }
+
+    #[test]
+    fn unannotated_pods_are_left_alone() {
+        let pod = pod(json!({}), app_spec());
+        assert_eq!(
+            decide(&pod, None, &InjectionSettings::default()),
+            Decision::NotRequested
+        );
+    }
+
+    #[test]
+    fn quantities_follow_kubernetes_suffixes() {
+        for good in ["100m", "1", "0.5", "256Mi", "1G"] {
+            assert!(is_quantity(good), "{good}");
+        }
+        for bad in ["", "lots", "1 Gi", "Mi", "1.2.3"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+}
