@@ -256,13 +256,11 @@ impl SidecarConfig {
 
 /// Checks that `endpoint` is an absolute `http://` URL with a host and no query or fragment.
 fn check_endpoint(endpoint: &str) -> Result<(), String> {
-    if endpoint.starts_with("https://") {
-        // NOTE: the sidecar has no TLS client yet, so HTTPS endpoints are rejected here rather
-        // than failing on every request.
-        return Err("HTTPS endpoints are not supported yet; use an http:// URL".to_string());
-    }
-    let Some(rest) = endpoint.strip_prefix("http://") else {
-        return Err("expected an absolute URL starting with http://".to_string());
+    let Some(rest) = endpoint
+        .strip_prefix("http://")
+        .or_else(|| endpoint.strip_prefix("https://"))
+    else {
+        return Err("expected an absolute URL starting with http:// or https://".to_string());
     };
     let host = rest.split('/').next().unwrap_or_default();
     if host.is_empty() {
@@ -341,8 +339,8 @@ mod tests {
         let cases: [(&str, Edit); 11] = [
             ("appears twice", |c| c.models[1].name = "small".into()),
             ("not in `models`", |c| c.fallback = "medium".into()),
-            ("HTTPS endpoints", |c| {
-                c.models[0].endpoint = "https://api.example.test/v1".into()
+            ("a query", |c| {
+                c.models[0].endpoint = "https://api.example.test/v1?key=1".into()
             }),
             ("starting with http://", |c| {
                 c.models[0].endpoint = "127.0.0.1:9000".into()

@@ -147,7 +147,7 @@ impl RouteState {
         encoder_digest: &str,
         previous: Option<&RouteState>,
     ) -> Result<Self, StateError> {
-        validate_with_https(&config)?;
+        config.validate()?;
         let mut api_keys = HashMap::new();
         for model in &config.models {
             if let Some(reference) = &model.api_key {
@@ -203,29 +203,6 @@ impl RouteState {
     }
 }
 
-/// Checks `config` as [`SidecarConfig::validate`] does, but accepts `https://` endpoints,
-/// which the sidecar's TLS client serves.
-// TODO: `SidecarConfig::validate` in llmroute-api still rejects `https://` endpoints, because
-// the sidecar had no TLS client when it was written. Once it accepts them, call it directly.
-fn validate_with_https(config: &SidecarConfig) -> Result<(), llmroute_api::ConfigError> {
-    let mut checked = config.clone();
-    let mut renamed = Vec::new();
-    for model in &mut checked.models {
-        if let Some(rest) = model.endpoint.strip_prefix("https://") {
-            let plain = format!("http://{rest}");
-            renamed.push((format!("{plain:?}"), format!("{:?}", model.endpoint)));
-            model.endpoint = plain;
-        }
-    }
-    checked.validate().map_err(|mut error| {
-        // Messages quote the endpoint that failed; quote it as the user wrote it.
-        for (plain, original) in &renamed {
-            error.message = error.message.replace(plain, original);
-        }
-        error
-    })
-}
-
 /// Reads a sidecar configuration from a JSON file.
 pub fn read_config(path: &Path) -> Result<SidecarConfig, StateError> {
     let text = std::fs::read_to_string(path).map_err(|source| StateError::Read {
@@ -261,14 +238,16 @@ mod tests {
 
     #[test]
     fn https_endpoints_pass_validation() {
-        assert!(validate_with_https(&config("https://127.0.0.1:9000/v1")).is_ok());
-        assert!(validate_with_https(&config("http://127.0.0.1:9000/v1")).is_ok());
-        let error = validate_with_https(&config("https://127.0.0.1:9000/v1?x=1")).unwrap_err();
+        assert!(config("https://127.0.0.1:9000/v1").validate().is_ok());
+        assert!(config("http://127.0.0.1:9000/v1").validate().is_ok());
+        let error = config("https://127.0.0.1:9000/v1?x=1")
+            .validate()
+            .unwrap_err();
         assert!(
             error.message.contains("\"https://127.0.0.1:9000/v1?x=1\""),
             "{}",
             error.message
         );
-        assert!(validate_with_https(&config("ftp://127.0.0.1/v1")).is_err());
+        assert!(config("ftp://127.0.0.1/v1").validate().is_err());
     }
 }

@@ -52,6 +52,10 @@ pub struct SidecarArgs {
     /// Maximum request body, in bytes.
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
+    /// PEM file of extra CA certificates trusted for https:// model endpoints, on top of the
+    /// system roots (or SSL_CERT_FILE / SSL_CERT_DIR when set).
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
     /// Identity sent with event batches, for example the pod name.
     #[arg(long, env = "HOSTNAME", default_value = "sidecar")]
     pub sidecar_id: String,
@@ -120,6 +124,11 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
         },
         feedback_ttl: Duration::from_secs(args.feedback_ttl_seconds),
         sidecar_id: args.sidecar_id.clone(),
+        upstream_tls: match &args.upstream_ca_file {
+            Some(path) => llmroute_sidecar::UpstreamTls::with_ca_file(path)
+                .with_context(|| format!("invalid --upstream-ca-file {}", path.display()))?,
+            None => llmroute_sidecar::UpstreamTls::default(),
+        },
         ..SidecarOptions::default()
     };
 
