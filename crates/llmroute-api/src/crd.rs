@@ -97,6 +97,32 @@ pub struct LlmRouteSpec {
     /// Which policy to serve: a pinned version, and the policy new routes start with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicySpec>,
+    /// Settings of the sidecar injected into this route's pods, over the operator's defaults;
+    /// pod annotations override them in turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecar: Option<SidecarSpec>,
+}
+
+/// Sidecar settings of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarSpec {
+    /// Container image of the sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^\S+$"))]
+    pub image: Option<String>,
+    /// CPU request, such as `100m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9.]+(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"))]
+    pub cpu_request: Option<String>,
+    /// Memory request, such as `256Mi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9.]+(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"))]
+    pub memory_request: Option<String>,
+    /// Memory limit, such as `512Mi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9.]+(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"))]
+    pub memory_limit: Option<String>,
 }
 
 /// One model of a route.
@@ -555,6 +581,30 @@ impl LlmRouteSpec {
                 }
             }
         }
+        if let Some(sidecar) = &self.sidecar {
+            if let Some(image) = &sidecar.image
+                && (image.is_empty() || image.len() > 512 || image.contains(char::is_whitespace))
+            {
+                error(
+                    "spec.sidecar.image".into(),
+                    format!("{image:?} is not an image reference such as llmroute:0.1.0"),
+                );
+            }
+            for (field, value) in [
+                ("cpuRequest", &sidecar.cpu_request),
+                ("memoryRequest", &sidecar.memory_request),
+                ("memoryLimit", &sidecar.memory_limit),
+            ] {
+                if let Some(value) = value
+                    && !is_quantity(value)
+                {
+                    error(
+                        format!("spec.sidecar.{field}"),
+                        format!("{value:?} is not a Kubernetes quantity such as 100m or 256Mi"),
+                    );
+                }
+            }
+        }
         errors
     }
 
@@ -608,6 +658,20 @@ fn is_version_name(name: &str) -> bool {
         && bytes
             .iter()
             .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+}
+
+/// A Kubernetes resource quantity: a decimal number with an optional unit suffix.
+pub fn is_quantity(value: &str) -> bool {
+    let digits_end = value
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(value.len());
+    let (number, suffix) = value.split_at(digits_end);
+    !number.is_empty()
+        && number.parse::<f64>().is_ok()
+        && [
+            "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+        ]
+        .contains(&suffix)
 }
 
 /// A Kubernetes object name (RFC 1123 subdomain).
@@ -709,7 +773,16 @@ mod tests {
     #[test]
     fn each_rule_names_its_field() {
         type Edit = fn(&mut LlmRouteSpec);
-        let cases: [(Edit, &str); 10] = [
+        let cases: [(Edit, &str); 11] = [
+            (
+                |s| {
+                    s.sidecar = Some(SidecarSpec {
+                        memory_limit: Some("lots".into()),
+                        ..SidecarSpec::default()
+                    })
+                },
+                "spec.sidecar.memoryLimit",
+            ),
             (|s| s.models.clear(), "spec.models"),
             (|s| s.models[1].name = "small".into(), "spec.models[1].name"),
             (

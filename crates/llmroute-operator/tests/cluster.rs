@@ -1049,3 +1049,88 @@ async fn installed_rbac_is_enough_for_the_operator_and_no_more() {
         .await;
     namespace.delete().await;
 }
+
+/// A policy file for `models`, as `llmroute train` writes one (here the pricing prior).
+fn policy_file(models: &[&str], encoder: &str) -> Vec<u8> {
+    use llmroute_policy::policy::prior::{PricedModel, pricing_prior};
+    let priced: Vec<PricedModel> = models
+        .iter()
+        .enumerate()
+        .map(|(i, name)| PricedModel {
+            name: name.to_string(),
+            input_usd_per_million_tokens: 0.1 + i as f64,
+            output_usd_per_million_tokens: 0.4 + i as f64,
+        })
+        .collect();
+    let (network, metadata) = pricing_prior(&priced, "pretrained-1", encoder, 384, 0.002);
+    llmroute_policy::policy::to_onnx_bytes(&network, &metadata)
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn a_referenced_pretrained_policy_is_checked_and_used() {
+    let namespace = TestNamespace::new("pretrained").await;
+    let operator = Operator::start(&namespace, "one").await;
+    let configmaps: Api<ConfigMap> = namespace.api();
+    let initial = json!({"policy": {"initial": {"name": "trained", "key": "policy.onnx"}}});
+
+    // Missing ConfigMap: a condition that names it, checked again until it exists.
+    apply_route(&namespace, &route_manifest("chat", initial.clone()))
+        .await
+        .unwrap();
+    wait_ready(
+        &namespace,
+        "chat",
+        ConditionStatus::False,
+        "InitialPolicyNotFound",
+    )
+    .await;
+
+    // A policy for other models: refused with both lists in the message.
+    let wrong = policy_file(&["a", "b"], ENCODER);
+    let configmap: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "trained"},
+        "binaryData": {"policy.onnx": k8s_openapi::ByteString(wrong)},
+    }))
+    .unwrap();
+    configmaps
+        .create(&PostParams::default(), &configmap)
+        .await
+        .unwrap();
+    let route = wait_ready(
+        &namespace,
+        "chat",
+        ConditionStatus::False,
+        "InitialPolicyInvalid",
+    )
+    .await;
+    let ready = route
+        .status
+        .unwrap()
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert!(ready.message.contains("[a, b]"), "{}", ready.message);
+    assert!(
+        ready.message.contains("[small, large]"),
+        "{}",
+        ready.message
+    );
+
+    // The right policy: published as v1 with its own bytes, origin Pretrained.
+    let right = policy_file(&["small", "large"], ENCODER);
+    let patch = json!({"binaryData": {"policy.onnx": k8s_openapi::ByteString(right.clone())}});
+    configmaps
+        .patch("trained", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    wait_ready(&namespace, "chat", ConditionStatus::True, "Serving").await;
+    let listed = policies(&namespace).await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].spec.origin, PolicyOrigin::Pretrained);
+    assert_eq!(listed[0].spec.sha256, hex::encode(Sha256::digest(&right)));
+    assert_eq!(listed[0].spec.source.as_ref().unwrap().name, "trained");
+    operator.stop().await;
+    namespace.delete().await;
+}

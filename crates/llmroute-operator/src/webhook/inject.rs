@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
-use llmroute_api::crd::LlmRoute;
+use llmroute_api::crd::{LlmRoute, is_quantity};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -167,7 +167,7 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
             ),
         );
     };
-    let overrides = match Overrides::read(&annotations, settings) {
+    let overrides = match Overrides::read(&annotations, route, settings) {
         Ok(overrides) => overrides,
         Err(message) => return skip(SkipReason::InvalidAnnotation, message),
     };
@@ -194,18 +194,31 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
     }
 }
 
-/// The sidecar settings after a pod's annotations.
+/// The sidecar settings: the operator's, then the route's, then the pod's annotations.
 struct Overrides {
     image: String,
     cpu: String,
     memory: String,
+    memory_limit: String,
 }
 
 impl Overrides {
     fn read(
         annotations: &BTreeMap<String, String>,
+        route: &LlmRoute,
         settings: &InjectionSettings,
     ) -> Result<Self, String> {
+        let sidecar = route.spec.sidecar.clone().unwrap_or_default();
+        let image = sidecar.image.unwrap_or_else(|| settings.image.clone());
+        let cpu = sidecar
+            .cpu_request
+            .unwrap_or_else(|| settings.cpu_request.clone());
+        let memory = sidecar
+            .memory_request
+            .unwrap_or_else(|| settings.memory_request.clone());
+        let memory_limit = sidecar
+            .memory_limit
+            .unwrap_or_else(|| settings.memory_limit.clone());
         let get =
             |key: &str, default: &str, valid: fn(&str) -> bool, format: &str| match annotations
                 .get(key)
@@ -217,38 +230,25 @@ impl Overrides {
         Ok(Self {
             image: get(
                 IMAGE_ANNOTATION,
-                &settings.image,
+                &image,
                 |v| !v.is_empty() && !v.contains(char::is_whitespace),
                 "an image reference such as llmroute:0.1.0",
             )?,
             cpu: get(
                 CPU_ANNOTATION,
-                &settings.cpu_request,
+                &cpu,
                 is_quantity,
                 "a CPU quantity such as 100m or 1",
             )?,
             memory: get(
                 MEMORY_ANNOTATION,
-                &settings.memory_request,
+                &memory,
                 is_quantity,
                 "a memory quantity such as 256Mi",
             )?,
+            memory_limit,
         })
     }
-}
-
-/// A Kubernetes resource quantity: digits with an optional fraction and a known suffix.
-fn is_quantity(value: &str) -> bool {
-    let digits_end = value
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(value.len());
-    let (number, suffix) = value.split_at(digits_end);
-    !number.is_empty()
-        && number.parse::<f64>().is_ok()
-        && [
-            "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
-        ]
-        .contains(&suffix)
 }
 
 fn sidecar_container(
@@ -289,7 +289,7 @@ fn sidecar_container(
         "ports": [{"name": "llmroute", "containerPort": settings.port, "protocol": "TCP"}],
         "resources": {
             "requests": {"cpu": overrides.cpu, "memory": overrides.memory},
-            "limits": {"memory": settings.memory_limit},
+            "limits": {"memory": overrides.memory_limit},
         },
         "readinessProbe": probe("/readyz"),
         "livenessProbe": probe("/healthz"),
@@ -700,6 +700,37 @@ mod tests {
             );
             assert!(skipped.spec.unwrap().init_containers.is_none());
         }
+    }
+
+    #[test]
+    fn route_settings_apply_and_annotations_win() {
+        let mut route = route();
+        route.spec.sidecar = Some(llmroute_api::crd::SidecarSpec {
+            image: Some("llmroute:route".into()),
+            cpu_request: Some("250m".into()),
+            memory_request: None,
+            memory_limit: Some("1Gi".into()),
+        });
+        let settings = InjectionSettings::default();
+        let pod = pod(
+            json!({ROUTE_ANNOTATION: "chat", CPU_ANNOTATION: "500m"}),
+            app_spec(),
+        );
+        let injected = apply(&pod, &decide(&pod, Some(&route), &settings));
+        let sidecar = injected.spec.unwrap().init_containers.unwrap().remove(0);
+        assert_eq!(sidecar.image.as_deref(), Some("llmroute:route"));
+        let resources = sidecar.resources.unwrap();
+        let requests = resources.requests.unwrap();
+        assert_eq!(requests["cpu"].0, "500m", "the annotation wins");
+        assert_eq!(
+            requests["memory"].0, settings.memory_request,
+            "the default stays"
+        );
+        assert_eq!(
+            resources.limits.unwrap()["memory"].0,
+            "1Gi",
+            "the route's limit"
+        );
     }
 
     #[test]

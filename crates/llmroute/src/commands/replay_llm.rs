@@ -176,6 +176,7 @@ fn llmroute_resource(config: &SidecarConfig) -> LlmRoute {
             max_attempts: None,
             cost_scale_usd: None,
             policy: None,
+            sidecar: None,
         },
     }
 }
