@@ -118,8 +118,18 @@ pub async fn reconcile(route: Arc<LlmRoute>, ctx: Arc<Context>) -> Result<Action
         }
     })
     .instrument(span.clone())
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
+    let result = match result {
+        Ok(action) => Ok(action),
+        // A second cleanup raced the first, which already removed the finalizer and with it
+        // the route: nothing is left to do.
+        Err(kube::runtime::finalizer::Error::RemoveFinalizer(kube::Error::Api(status)))
+            if status.code == 404 =>
+        {
+            Ok(Action::await_change())
+        }
+        Err(error) => Err(Error::Finalizer(Box::new(error))),
+    };
     ctx.metrics
         .observe_reconcile(result.is_ok(), started.elapsed().as_secs_f64());
     if result.is_ok() {
