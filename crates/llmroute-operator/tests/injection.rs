@@ -80,6 +80,16 @@ struct Setup {
 
 impl Setup {
     async fn new(test: &str, lifetimes: Lifetimes) -> Self {
+        Self::with_certificate(test, managed(lifetimes), None).await
+    }
+
+    /// `injector_ca`: the CA that the test writes into the webhook configuration, as
+    /// cert-manager's CA injector would for a certificate it manages.
+    async fn with_certificate(
+        test: &str,
+        certificate: CertificateSource,
+        injector_ca: Option<String>,
+    ) -> Self {
         let client = client().await;
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
         for crd in llmroute_api::crd::definitions() {
@@ -142,11 +152,11 @@ impl Setup {
             task: None,
             _data: tempfile::tempdir().unwrap(),
         };
-        setup.start(lifetimes).await;
+        setup.start(certificate, injector_ca).await;
         setup
     }
 
-    async fn start(&mut self, lifetimes: Lifetimes) {
+    async fn start(&mut self, certificate: CertificateSource, injector_ca: Option<String>) {
         let control = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let webhook = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -188,11 +198,7 @@ impl Setup {
                     timeout_seconds: 3,
                     excluded_namespaces: vec!["kube-system".into()],
                 },
-                certificate: CertificateSource::Managed {
-                    secret: "llmroute-webhook-tls".into(),
-                    hosts: vec!["127.0.0.1".into()],
-                    lifetimes,
-                },
+                certificate,
             }),
         };
         let (stop, stopped) = oneshot::channel::<()>();
@@ -213,6 +219,20 @@ impl Setup {
         // Ready when the route is served and the configuration carries the CA.
         let configurations: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
         let name = self.configuration.clone();
+        if let Some(ca) = injector_ca {
+            eventually("the webhook configuration", || async {
+                configurations.get_opt(&name).await.ok()?
+            })
+            .await;
+            let patch = json!({"webhooks": [{
+                "name": "inject.llmroute.dev",
+                "clientConfig": {"caBundle": k8s_openapi::ByteString(ca.into_bytes())},
+            }]});
+            configurations
+                .patch(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+                .await
+                .unwrap();
+        }
         eventually("the webhook configuration with a CA bundle", || async {
             let configuration = configurations.get_opt(&name).await.ok()??;
             let webhook = configuration.webhooks?.into_iter().next()?;
@@ -289,6 +309,14 @@ impl Setup {
         let _ = namespaces
             .delete(&self.namespace, &DeleteParams::default())
             .await;
+    }
+}
+
+fn managed(lifetimes: Lifetimes) -> CertificateSource {
+    CertificateSource::Managed {
+        secret: "llmroute-webhook-tls".into(),
+        hosts: vec!["127.0.0.1".into()],
+        lifetimes,
     }
 }
 
@@ -473,6 +501,50 @@ async fn rotated_certificate_keeps_the_webhook_called() {
         .create_pod("after", json!({"llmroute.dev/route": "chat"}), false)
         .await;
     assert_eq!(sidecars(&after).len(), 1, "injected after the rotation");
+    setup.finish().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn certificate_files_from_another_tool_are_served_and_reloaded() {
+    use llmroute_operator::webhook::certs::{generate, renew_serving};
+    let folder = tempfile::tempdir().unwrap();
+    let hosts = vec!["127.0.0.1".to_string()];
+    let mut set = generate(&hosts, &Lifetimes::default()).unwrap();
+    let write = |set: &llmroute_operator::webhook::certs::CertificateSet| {
+        std::fs::write(folder.path().join("tls.crt"), &set.cert_pem).unwrap();
+        std::fs::write(folder.path().join("tls.key"), &set.key_pem).unwrap();
+    };
+    write(&set);
+    let source = CertificateSource::Files {
+        folder: folder.path().to_path_buf(),
+    };
+    let setup = Setup::with_certificate("files", source, Some(set.ca_pem.clone())).await;
+    let first = setup
+        .create_pod("first", json!({"llmroute.dev/route": "chat"}), false)
+        .await;
+    assert_eq!(sidecars(&first).len(), 1);
+    // The other tool renews the certificate; the operator serves the new files.
+    renew_serving(&mut set, &hosts, &Lifetimes::default()).unwrap();
+    write(&set);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let second = setup
+        .create_pod("second", json!({"llmroute.dev/route": "chat"}), false)
+        .await;
+    assert_eq!(
+        sidecars(&second).len(),
+        1,
+        "injected with the renewed certificate"
+    );
+    // The operator never wrote a Secret of its own.
+    let secrets: Api<Secret> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    assert!(
+        secrets
+            .get_opt("llmroute-webhook-tls")
+            .await
+            .unwrap()
+            .is_none()
+    );
     setup.finish().await;
 }
 
