@@ -429,7 +429,7 @@ async fn keep_certificate(
             match webhook::apply_configuration(&client, &configuration).await {
                 Ok(()) => {
                     tracing::info!(
-                        name = webhook::CONFIGURATION_NAME,
+                        name = %options.configuration.name,
                         "applied the webhook configuration"
                     );
                     configured = Some(ca);
