@@ -29,6 +29,31 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// Maximum delay between failed polls.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// A route state that could not be built from a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildError {
+    pub message: String,
+    /// True when fetching a policy failed in a way that may pass: the control API was
+    /// unreachable, timed out or responded 5xx. The same configuration is then worth trying
+    /// again.
+    pub transient: bool,
+}
+
+impl std::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl BuildError {
+    fn invalid(message: String) -> Self {
+        Self {
+            message,
+            transient: false,
+        }
+    }
+}
+
 /// A client of one route's control API.
 #[derive(Debug, Clone)]
 pub struct ControlClient {
@@ -109,19 +134,26 @@ impl ControlClient {
     }
 
     /// Fetches a policy artifact and checks its digest.
-    pub async fn fetch_policy(&self, sha256: &str) -> Result<Vec<u8>, String> {
+    pub async fn fetch_policy(&self, sha256: &str) -> Result<Vec<u8>, BuildError> {
         let url = format!("{}/v1/policies/{sha256}", self.base);
         let (status, body) = self
             .get(&url, Duration::from_secs(60), MAX_POLICY_BYTES)
-            .await?;
+            .await
+            .map_err(|message| BuildError {
+                message,
+                transient: true,
+            })?;
         if status != StatusCode::OK {
-            return Err(format!("GET {url} responded {status}"));
+            return Err(BuildError {
+                message: format!("GET {url} responded {status}"),
+                transient: status.is_server_error(),
+            });
         }
         let actual = hex_digest(&body);
         if actual != sha256 {
-            return Err(format!(
+            return Err(BuildError::invalid(format!(
                 "policy from {url} has sha256 {actual}; the artifact is corrupt"
-            ));
+            )));
         }
         Ok(body.to_vec())
     }
@@ -134,7 +166,7 @@ impl ControlClient {
         previous: Option<&RouteState>,
         environment: Option<&Environment>,
         encoder_digest: &str,
-    ) -> Result<RouteState, String> {
+    ) -> Result<RouteState, BuildError> {
         let mut artifacts = std::collections::HashMap::new();
         for reference in config.stable.iter().chain(config.canary.iter()) {
             let loaded = previous.is_some_and(|state| {
@@ -155,7 +187,7 @@ impl ControlClient {
             encoder_digest,
             previous,
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| BuildError::invalid(e.to_string()))
     }
 
     /// Waits for the first usable configuration, retrying with backoff; `None` when
@@ -176,6 +208,7 @@ impl ControlClient {
                     .ok_or_else(|| "the control API has no configuration yet".to_string())?;
                 self.build_state(config, None, environment, encoder_digest)
                     .await
+                    .map_err(|e| e.message)
             };
             tokio::select! {
                 result = attempt => match result {
@@ -213,8 +246,9 @@ pub async fn follow(
 ) {
     tokio::pin!(shutdown);
     let mut backoff = FIRST_BACKOFF;
-    // The newest version seen, also when it could not be used. A broken version is then not
-    // fetched again in a loop, and the next version replaces it.
+    // The newest version seen, also when it was rejected as invalid. A broken version is then
+    // not fetched again in a loop, and the next version replaces it. A version whose policy
+    // fetch failed transiently stays unknown, so that it is fetched again after the backoff.
     let mut known = sidecar.state().config.version;
     loop {
         let poll = client.fetch_config(known, LONG_POLL_SECONDS);
@@ -226,7 +260,6 @@ pub async fn follow(
             Ok(None) => false,
             Ok(Some(config)) => {
                 let version = config.version;
-                known = known.max(version);
                 let current = sidecar.state();
                 match client
                     .build_state(
@@ -238,10 +271,16 @@ pub async fn follow(
                     .await
                 {
                     Ok(state) => {
+                        known = known.max(version);
                         sidecar.replace_state(state);
                         false
                     }
+                    Err(error) if error.transient => {
+                        tracing::warn!(route = %current.config.route, config_version = version, error = %error, retry_in_ms = backoff.as_millis() as u64, "failed to fetch a policy of a route configuration; the current configuration keeps serving");
+                        true
+                    }
                     Err(error) => {
+                        known = known.max(version);
                         tracing::error!(route = %current.config.route, config_version = version, serving_version = current.config.version, error = %error, "rejected a route configuration; the previous one keeps serving");
                         false
                     }

@@ -165,6 +165,8 @@ struct ControlState {
     polled_versions: Vec<u64>,
     /// The sha256 of every policy request.
     policy_requests: Vec<String>,
+    /// Policy requests still to fail with 503, as a control plane under load does.
+    policy_failures_left: usize,
     events_mode: EventsMode,
     /// Event batches failed on purpose.
     failed_batches: usize,
@@ -212,6 +214,7 @@ impl MockControl {
                 policies: HashMap::new(),
                 polled_versions: Vec::new(),
                 policy_requests: Vec::new(),
+                policy_failures_left: 0,
                 events_mode: EventsMode::Accept,
                 failed_batches: 0,
                 received: HashMap::new(),
@@ -360,6 +363,13 @@ async fn respond(
     {
         let mut state = shared.lock();
         state.policy_requests.push(sha256.to_string());
+        if state.policy_failures_left > 0 {
+            state.policy_failures_left -= 1;
+            return reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Bytes::from(json!({"error": "unavailable on purpose"}).to_string()),
+            );
+        }
         return match state.policies.get(sha256) {
             Some(bytes) => reply(StatusCode::OK, Bytes::from(bytes.clone())),
             None => reply(
@@ -562,7 +572,10 @@ async fn last_config_serves_while_control_away() {
     let (_, policy) = sidecar.chat(ROUTE, &prompts[0]).await;
     assert_eq!(policy, "test-v1");
     // The follower waits in a long poll before the mock goes away.
-    assert!(mock.wait_for(|s| s.polled_versions.contains(&1)).await);
+    assert!(
+        mock.wait_for(|s| s.polled_versions.contains(&1)).await,
+        "the sidecar never long-polled for a version above 1"
+    );
 
     mock.stop().await;
     let base = mock.base();
@@ -706,6 +719,49 @@ async fn invalid_configs_keep_previous() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_fetch_503_is_retried() {
+    let (dataset, mut config, replay) = upstream().await;
+    let encoder = Encoder::load(&assets(), 1).unwrap();
+    let digest = encoder.digest().to_string();
+    let mock = MockControl::start().await;
+    let first_sha = mock.publish_policy(policy_bytes(&dataset.models, &digest, "test-v1", 5));
+    config.stable = Some(PolicyRef {
+        version: "test-v1".to_string(),
+        sha256: first_sha,
+    });
+    mock.set_config(&config);
+    let sidecar =
+        FollowingSidecar::start(&mock.base(), Some(encoder), SidecarOptions::default()).await;
+
+    // A 503 is not a verdict on configuration 2, so the sidecar fetches it again.
+    let second_sha = mock.publish_policy(policy_bytes(&dataset.models, &digest, "test-v2", 6));
+    mock.shared.lock().policy_failures_left = 1;
+    config.version = 2;
+    config.stable = Some(PolicyRef {
+        version: "test-v2".to_string(),
+        sha256: second_sha.clone(),
+    });
+    mock.set_config(&config);
+    assert!(
+        wait_until(|| sidecar.sidecar.state().config.version == 2).await,
+        "the sidecar did not take configuration 2 after one failed policy fetch"
+    );
+    let fetches = mock
+        .shared
+        .lock()
+        .policy_requests
+        .iter()
+        .filter(|sha| **sha == second_sha)
+        .count();
+    assert_eq!(fetches, 2);
+    let (_, policy) = sidecar.chat(ROUTE, &dataset.test.prompts[0]).await;
+    assert_eq!(policy, "test-v2");
+
+    drop(sidecar);
+    replay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_event_batches_are_retried() {
     let (dataset, config, replay) = upstream().await;
     let mock = MockControl::start().await;
@@ -726,7 +782,10 @@ async fn failed_event_batches_are_retried() {
         sidecar.feedback(&id).await;
         ids.push(id);
     }
-    assert!(mock.wait_for(|s| s.failed_batches >= 3).await);
+    assert!(
+        mock.wait_for(|s| s.failed_batches >= 3).await,
+        "the sidecar sent fewer than 3 batches to a failing control plane, so it did not retry"
+    );
     for prompt in &prompts[6..12] {
         let (id, _) = sidecar.chat(ROUTE, prompt).await;
         sidecar.feedback(&id).await;
@@ -779,7 +838,10 @@ async fn full_event_queue_counts_drops() {
 
     let (id, _) = sidecar.chat(ROUTE, &prompts[0]).await;
     sidecar.feedback(&id).await;
-    assert!(mock.wait_for(|s| s.failed_batches == 1).await);
+    assert!(
+        mock.wait_for(|s| s.failed_batches == 1).await,
+        "the sidecar did not send its first batch"
+    );
 
     // The first of these fills the queue, and every later one overflows it.
     let overflowing = 8;
