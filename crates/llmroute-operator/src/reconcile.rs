@@ -695,7 +695,8 @@ async fn load_pretrained(
                     "ConfigMap {namespace}/{} key {:?} is not an llmroute policy: {message}",
                     reference.name, reference.key
                 ),
-            )));
+            )
+            .retry_in(WAIT_FOR_OBJECT)));
         }
     };
     if metadata.models != models {
@@ -707,7 +708,8 @@ async fn load_pretrained(
                 metadata.models.join(", "),
                 models.join(", ")
             ),
-        )));
+        )
+        .retry_in(WAIT_FOR_OBJECT)));
     }
     if metadata.encoder != ctx.encoder_digest {
         return Ok(Err(NotReady::new(
@@ -716,7 +718,8 @@ async fn load_pretrained(
                 "the policy in ConfigMap {namespace}/{} was trained on encoder {}, and the sidecars use {}; retrain it with this release's encoder",
                 reference.name, metadata.encoder, ctx.encoder_digest
             ),
-        )));
+        )
+        .retry_in(WAIT_FOR_OBJECT)));
     }
     Ok(Ok((bytes, f64::from(metadata.cost_scale_usd))))
 }
