@@ -39,7 +39,7 @@ impl Default for InstallOptions {
 /// Name of the operator's Deployment, service account, roles and Lease.
 pub const NAME: &str = "llmroute-operator";
 
-/// The objects, in the order `kubectl apply` needs them.
+/// Builds the objects, in the order `kubectl apply` needs them.
 pub fn manifests(options: &InstallOptions) -> Vec<Value> {
     let ns = options.namespace.as_str();
     let labels = json!({
@@ -219,8 +219,8 @@ fn deployment(options: &InstallOptions, labels: &Value) -> Value {
                         },
                         "volumeMounts": [{"name": "data", "mountPath": "/var/lib/llmroute"}],
                     }],
-                    // TODO: the event store lives on an emptyDir here, so events are lost when
-                    // the pod goes; the Helm chart (issue 7) gives it a PersistentVolumeClaim.
+                    // TODO: the event store lives on an emptyDir here, so events are lost with
+                    // the pod; it needs a PersistentVolumeClaim.
                     "volumes": [{"name": "data", "emptyDir": {}}],
                 },
             },
@@ -228,7 +228,7 @@ fn deployment(options: &InstallOptions, labels: &Value) -> Value {
     })
 }
 
-/// The manifests as one YAML stream.
+/// Renders the manifests as one YAML stream.
 pub fn render(options: &InstallOptions) -> String {
     let mut out = String::from(
         "# llmroute operator: apply with `llmroute install | kubectl apply --server-side -f -`\n",

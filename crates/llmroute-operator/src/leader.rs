@@ -2,7 +2,7 @@
 //! the holder renews the Lease every [`LeaderElection::renew_every`]; another replica takes it
 //! over only when `renewTime + leaseDurationSeconds` has passed. Every write carries the
 //! Lease's `resourceVersion`, so of two replicas that try at once, the API server lets one win
-//! and answers the other 409 Conflict.
+//! and responds 409 Conflict to the other.
 
 use std::time::Duration;
 
@@ -89,7 +89,7 @@ impl LeaderElection {
         tracing::info!("leader election stopped");
     }
 
-    /// Takes or renews the Lease. Returns whether this replica holds it.
+    /// Takes or renews the Lease. Returns whether this replica is the holder.
     async fn try_acquire_or_renew(&self, api: &Api<Lease>) -> Result<bool, kube::Error> {
         let now = Timestamp::now();
         let Some(mut lease) = api.get_opt(&self.lease_name).await? else {

@@ -40,11 +40,11 @@ pub struct Metrics {
     pub routes_served: Gauge,
     /// Policy artifacts the control API can serve.
     pub policies_served: Gauge,
-    /// Admission reviews answered by the injection webhook, by outcome.
+    /// Admission reviews handled by the injection webhook, by outcome.
     pub injections: Family<InjectionLabels, Counter>,
     /// Pods not injected, by reason.
     pub injection_skips: Family<SkipLabels, Counter>,
-    /// Time to answer one admission review, in seconds.
+    /// Time to handle one admission review, in seconds.
     pub webhook_duration: Histogram,
 }
 
@@ -91,7 +91,7 @@ impl Default for Metrics {
         let injections = Family::<InjectionLabels, Counter>::default();
         registry.register(
             "webhook_reviews",
-            "Admission reviews answered by the injection webhook, by outcome",
+            "Admission reviews handled by the injection webhook, by outcome",
             injections.clone(),
         );
         let injection_skips = Family::<SkipLabels, Counter>::default();
@@ -104,7 +104,7 @@ impl Default for Metrics {
         let webhook_duration = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
             "webhook_duration_seconds",
-            "Time to answer one admission review",
+            "Time to handle one admission review",
             webhook_duration.clone(),
         );
         Self {
@@ -153,7 +153,7 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition format.
+    /// Encodes the metrics in the text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

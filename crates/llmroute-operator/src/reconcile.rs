@@ -41,10 +41,10 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// Requeue period while waiting for an object the operator does not watch (a Secret or a
 /// ConfigMap of the user's).
 const WAIT_FOR_OBJECT: Duration = Duration::from_secs(3);
-/// Longest backoff between retries of a failing reconcile.
+/// Maximum backoff between retries of a failing reconcile.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
-/// What a reconcile needs.
+/// Shared state of every reconcile.
 pub struct Context {
     pub client: Client,
     pub recorder: Recorder,
@@ -347,7 +347,7 @@ async fn publish_event(
         secondary: None,
     };
     if let Err(error) = ctx.recorder.publish(&event, &route.object_ref(&())).await {
-        tracing::warn!(error = %error, reason, "failed to publish an Event; the status still says it");
+        tracing::warn!(error = %error, reason, "failed to publish an Event; the status still records it");
     }
 }
 
@@ -556,7 +556,7 @@ async fn evaluate(
     Ok(Ok(policy))
 }
 
-/// Why `policy` cannot serve a route with these models and encoder, if it cannot.
+/// Returns why `policy` cannot serve a route with these models and encoder, if it cannot.
 fn incompatibility(policy: &LlmPolicy, models: &[String], encoder: &str) -> Option<String> {
     if policy.spec.models != models {
         return Some(format!(

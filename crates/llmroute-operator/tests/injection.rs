@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -14,7 +14,6 @@ use k8s_openapi::api::core::v1::{Container, Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, ResourceExt};
 use llmroute_api::crd::LlmRoute;
 use llmroute_operator::leader::LeaderElection;
@@ -28,42 +27,19 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-const ENCODER: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+mod common;
+
+use common::{ENCODER, client, get};
+
 const WAIT: Duration = Duration::from_secs(40);
 
-async fn client() -> Client {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,llmroute_operator=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let path = std::env::var("LLMROUTE_TEST_KUBECONFIG").unwrap_or_else(|_| {
-        panic!(
-            "LLMROUTE_TEST_KUBECONFIG is not set: run scripts/test, or `scripts/k8s-testenv start DIR` and `source DIR/env`"
-        )
-    });
-    let kubeconfig = Kubeconfig::read_from(&path).expect("the test kubeconfig reads");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("the test kubeconfig is valid");
-    Client::try_from(config).expect("a client")
-}
-
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+/// Polls `check` every 100 ms until it returns `Some`, for at most [`WAIT`].
+async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    common::eventually_within(WAIT, what, check).await
 }
 
 /// A namespace with the CRDs, a ready route `chat`, and an operator whose webhook only this
@@ -546,20 +522,4 @@ async fn certificate_files_from_another_tool_are_served_and_reloaded() {
             .is_none()
     );
     setup.finish().await;
-}
-
-/// A GET on 127.0.0.1; `None` when the connection fails.
-async fn get(url: &str) -> Option<(u16, Vec<u8>)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let end = response.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&response[..end]).to_string();
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, response[end + 4..].to_vec()))
 }

@@ -73,7 +73,7 @@ pub struct WebhookConfigSpec {
     pub excluded_namespaces: Vec<String>,
 }
 
-/// The `MutatingWebhookConfiguration`, with `ca_bundle` when the operator manages the CA.
+/// Builds the `MutatingWebhookConfiguration`, with `ca_bundle` when the operator manages the CA.
 pub fn configuration(spec: &WebhookConfigSpec, ca_bundle: Option<&str>) -> Value {
     let mut client_config = match &spec.target {
         WebhookTarget::Service {
@@ -146,7 +146,7 @@ pub async fn apply_configuration(
     Ok(())
 }
 
-/// What the webhook handler needs.
+/// State of the webhook handler.
 pub struct Webhook {
     pub settings: InjectionSettings,
     pub backend: Arc<ClusterBackend>,
@@ -154,14 +154,14 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    /// Answers one AdmissionReview. Never fails the admission: a review it cannot read gets
-    /// an allowed response without a patch, and the error is logged and counted.
+    /// Responds to one AdmissionReview. A review that cannot be read gets an allowed response
+    /// without a patch, and the error is logged and counted.
     pub fn review(&self, body: &[u8]) -> Value {
         let started = Instant::now();
         let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
             Ok(review) => review,
             Err(error) => {
-                tracing::warn!(error = %error, "invalid AdmissionReview; answering without a patch");
+                tracing::warn!(error = %error, "invalid AdmissionReview; responding without a patch");
                 self.metrics.observe_injection("invalid_review", started);
                 return serde_json::to_value(
                     AdmissionResponse::invalid(error.to_string()).into_review(),

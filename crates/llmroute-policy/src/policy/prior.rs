@@ -1,4 +1,4 @@
-//! The pricing prior: the policy a route starts with when nobody has trained one for it yet.
+//! The pricing prior: the policy a route starts with before any policy was trained for it.
 //!
 //! Before any feedback, nothing is known about the quality of the route's models on its
 //! prompts, but their prices are known. The prior turns that into a policy of the same shape and
