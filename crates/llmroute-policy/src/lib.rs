@@ -9,6 +9,7 @@ pub mod data;
 pub mod embedding_cache;
 pub mod encoder;
 pub mod eval;
+pub mod offpolicy;
 pub mod onnx;
 pub mod policy;
 pub mod reward;
