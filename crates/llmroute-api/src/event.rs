@@ -106,6 +106,231 @@ impl FeedbackRequest {
     }
 }
 
+/// Maximum number of events in one [`EventBatch`]; the sidecar sends at most 256.
+pub const MAX_BATCH_EVENTS: usize = 1024;
+
+/// Largest allowed distance of `quality + cost` from 1 in a stored preference, the tolerance
+/// of [`Preference::parse`](crate::Preference::parse).
+const PREFERENCE_SUM_TOLERANCE: f64 = 1e-3;
+
+/// What an [`EventBatch`] is checked against: the route's current sidecar configuration and
+/// the embedding dimension of the sidecars' prompt encoder.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchRules<'a> {
+    pub config: &'a crate::SidecarConfig,
+    /// Length of every non-empty embedding (384 for all-MiniLM-L6-v2).
+    pub embedding_dim: usize,
+    pub max_events: usize,
+}
+
+/// The first invalid value of a batch: which event, which field, the value and what was
+/// expected. `index` is `None` for the batch's own fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventError {
+    pub index: Option<usize>,
+    /// JSON path of the field inside the event (or the batch), for example
+    /// `decision.propensity`.
+    pub field: &'static str,
+    pub value: String,
+    pub expected: String,
+}
+
+impl std::fmt::Display for EventError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.index {
+            Some(index) => write!(f, "event {index}: invalid {} {}", self.field, self.value)?,
+            None => write!(f, "invalid batch {} {}", self.field, self.value)?,
+        }
+        write!(f, ": expected {}", self.expected)
+    }
+}
+
+impl std::error::Error for EventError {}
+
+impl EventBatch {
+    /// Checks the batch and every event field by field, returning the first invalid value.
+    /// Events are checked in order, so the error names the lowest invalid index.
+    pub fn validate(&self, rules: &BatchRules<'_>) -> Result<(), EventError> {
+        let batch_error = |field, value: String, expected: String| EventError {
+            index: None,
+            field,
+            value,
+            expected,
+        };
+        if self.route != rules.config.route {
+            return Err(batch_error(
+                "route",
+                format!("{:?}", self.route),
+                format!("the route {:?} of this endpoint", rules.config.route),
+            ));
+        }
+        if self.events.len() > rules.max_events {
+            return Err(batch_error(
+                "events",
+                format!("({} events)", self.events.len()),
+                format!(
+                    "at most {} events per batch; send smaller batches",
+                    rules.max_events
+                ),
+            ));
+        }
+        for (index, event) in self.events.iter().enumerate() {
+            event
+                .validate(&self.route, rules)
+                .map_err(|(field, value, expected)| EventError {
+                    index: Some(index),
+                    field,
+                    value,
+                    expected,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+type FieldError = (&'static str, String, String);
+
+impl CompletedEvent {
+    /// Checks one event of a batch for `route`.
+    fn validate(&self, route: &str, rules: &BatchRules<'_>) -> Result<(), FieldError> {
+        let decision = &self.decision;
+        if !is_decision_id(&decision.decision_id) {
+            return Err((
+                "decision.decisionId",
+                format!("{:?}", decision.decision_id),
+                "32 lowercase hex digits".to_string(),
+            ));
+        }
+        if decision.route != route {
+            return Err((
+                "decision.route",
+                format!("{:?}", decision.route),
+                format!("the batch's route {route:?}"),
+            ));
+        }
+        let pool = || {
+            rules
+                .config
+                .models
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect::<Vec<_>>()
+        };
+        if rules.config.model(&decision.model).is_none() {
+            return Err((
+                "decision.model",
+                format!("{:?}", decision.model),
+                format!("a model of the route's pool {:?}", pool()),
+            ));
+        }
+        if rules.config.model(&self.served_model).is_none() {
+            return Err((
+                "servedModel",
+                format!("{:?}", self.served_model),
+                format!("a model of the route's pool {:?}", pool()),
+            ));
+        }
+        check_preference(&decision.preference)?;
+        check_propensity(decision)?;
+        self.check_embedding(rules.embedding_dim)?;
+        if let Some(quality) = self.quality
+            && !(0.0..=1.0).contains(&quality)
+        {
+            return Err(("quality", quality.to_string(), "a number in [0, 1]".into()));
+        }
+        if let Some(cost) = self.cost_usd
+            && !(cost.is_finite() && cost >= 0.0)
+        {
+            return Err((
+                "costUsd",
+                cost.to_string(),
+                "a finite number of USD >= 0".into(),
+            ));
+        }
+        if !(self.latency_ms.is_finite() && self.latency_ms >= 0.0) {
+            return Err((
+                "latencyMs",
+                self.latency_ms.to_string(),
+                "a finite number of milliseconds >= 0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that a routed event has an embedding, and that every non-empty embedding has
+    /// the encoder's dimension (so all of a batch have the same length) and finite values.
+    fn check_embedding(&self, embedding_dim: usize) -> Result<(), FieldError> {
+        let length = self.embedding.len();
+        if length == 0 {
+            if self.decision.routed {
+                return Err((
+                    "embedding",
+                    "[] (empty)".into(),
+                    format!("{embedding_dim} values when decision.routed is true"),
+                ));
+            }
+            return Ok(());
+        }
+        if length != embedding_dim {
+            return Err((
+                "embedding",
+                format!("({length} values)"),
+                format!("{embedding_dim} values, the prompt encoder's dimension"),
+            ));
+        }
+        if let Some((position, value)) = self
+            .embedding
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !v.is_finite())
+        {
+            return Err((
+                "embedding",
+                format!("{value} at position {position}"),
+                "finite numbers".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_preference(preference: &crate::Preference) -> Result<(), FieldError> {
+    let (quality, cost) = (preference.quality, preference.cost);
+    let on_simplex = (0.0..=1.0).contains(&quality)
+        && (0.0..=1.0).contains(&cost)
+        && ((quality + cost) - 1.0).abs() <= PREFERENCE_SUM_TOLERANCE;
+    if !on_simplex {
+        return Err((
+            "decision.preference",
+            format!("{{quality: {quality}, cost: {cost}}}"),
+            "quality and cost in [0, 1] summing to 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_propensity(decision: &DecisionRecord) -> Result<(), FieldError> {
+    match (decision.routed, decision.propensity) {
+        (true, Some(p)) if p > 0.0 && p <= 1.0 => Ok(()),
+        (true, Some(p)) => Err((
+            "decision.propensity",
+            p.to_string(),
+            "a probability in (0, 1] for a routed decision".into(),
+        )),
+        (true, None) => Err((
+            "decision.propensity",
+            "null".into(),
+            "a probability in (0, 1] for a routed decision".into(),
+        )),
+        (false, Some(p)) => Err((
+            "decision.propensity",
+            p.to_string(),
+            "null when decision.routed is false".into(),
+        )),
+        (false, None) => Ok(()),
+    }
+}
+
 /// Tests whether `value` has the form of a decision id: 32 lowercase hex digits.
 pub fn is_decision_id(value: &str) -> bool {
     value.len() == 32
@@ -144,6 +369,117 @@ mod tests {
         )
         .unwrap_err();
         assert!(error.to_string().contains("extra"), "{error}");
+    }
+
+    fn config() -> crate::SidecarConfig {
+        serde_json::from_value(serde_json::json!({
+            "route": "ns/chat",
+            "version": 1,
+            "models": [{"name": "small", "endpoint": "http://127.0.0.1:9/v1",
+                        "upstreamModel": "s",
+                        "pricing": {"inputUsdPerMillionTokens": 1, "outputUsdPerMillionTokens": 1}}],
+            "defaultPreference": {"quality": 0.5},
+            "fallback": "small"
+        }))
+        .unwrap()
+    }
+
+    fn event() -> CompletedEvent {
+        CompletedEvent {
+            decision: DecisionRecord {
+                decision_id: "0123456789abcdef0123456789abcdef".into(),
+                route: "ns/chat".into(),
+                config_version: 1,
+                model: "small".into(),
+                routed: true,
+                preference: Preference::from_quality(0.5).unwrap(),
+                policy_version: Some("v1".into()),
+                propensity: Some(1.0),
+            },
+            served_model: "small".into(),
+            embedding: vec![0.0; 4],
+            quality: None,
+            cost_usd: None,
+            prompt_tokens: None,
+            completion_tokens: None,
+            latency_ms: 0.0,
+            outcome: Outcome::Success,
+            attempts: 1,
+            timestamp_ms: 0,
+        }
+    }
+
+    /// Values that JSON cannot carry (NaN, infinities) and a preference built off the simplex
+    /// without its parser; the HTTP tests cover the rest.
+    #[test]
+    fn validation_rejects_unrepresentable_values() {
+        let config = config();
+        let rules = BatchRules {
+            config: &config,
+            embedding_dim: 4,
+            max_events: 10,
+        };
+        let check = |event: CompletedEvent| {
+            EventBatch {
+                route: "ns/chat".into(),
+                sidecar: "pod".into(),
+                events: vec![event],
+            }
+            .validate(&rules)
+        };
+        assert_eq!(check(event()), Ok(()));
+        let cases: Vec<(CompletedEvent, &str, &str)> = vec![
+            (
+                CompletedEvent {
+                    embedding: vec![0.0, f32::NAN, 0.0, 0.0],
+                    ..event()
+                },
+                "embedding",
+                "NaN at position 1",
+            ),
+            (
+                CompletedEvent {
+                    cost_usd: Some(f64::INFINITY),
+                    ..event()
+                },
+                "costUsd",
+                "inf",
+            ),
+            (
+                CompletedEvent {
+                    latency_ms: f64::NAN,
+                    ..event()
+                },
+                "latencyMs",
+                "NaN",
+            ),
+            (
+                CompletedEvent {
+                    quality: Some(f64::NAN),
+                    ..event()
+                },
+                "quality",
+                "NaN",
+            ),
+            (
+                {
+                    let mut e = event();
+                    e.decision.preference = Preference {
+                        quality: 0.9,
+                        cost: 0.9,
+                    };
+                    e
+                },
+                "decision.preference",
+                "quality: 0.9, cost: 0.9",
+            ),
+        ];
+        for (invalid, field, value) in cases {
+            let error = check(invalid).unwrap_err();
+            assert_eq!(error.index, Some(0), "{field}");
+            assert_eq!(error.field, field);
+            assert!(error.value.contains(value), "{field}: {}", error.value);
+        }
     }
 
     #[test]

@@ -4,8 +4,21 @@
 //!   configuration. When its version is not above `N`, the request waits up to `S` seconds
 //!   (at most [`MAX_WAIT`]) for a change and then returns 304 Not Modified.
 //! - `GET /v1/policies/<sha256>`: a policy artifact's bytes.
-//! - `POST /v1/events`: an [`EventBatch`] to store.
-//! - `GET /healthz`.
+//! - `POST /v1/events`: an [`EventBatch`] to store. The response is sent after the
+//!   batch's transaction commits: `{"received": N, "stored": S, "duplicates": D}`.
+//! - `GET /healthz`, and `GET /metrics` (Prometheus text format).
+//!
+//! With an [`Authenticator`] in [`ServerOptions`], `POST /v1/events` requires an
+//! `Authorization: Bearer` token (401 when missing or invalid, 503 when the check could not
+//! run) and a caller allowed to write the batch's route (403). Configuration and policy reads
+//! stay open: they contain no secrets (API keys appear only as references), and a sidecar
+//! needs its first configuration to become ready, which should not depend on the API server
+//! that checks tokens being reachable. Event writes are what a forged caller could use to
+//! poison training data.
+//!
+//! Every batch is checked field by field ([`EventBatch::validate`]) before anything is
+//! stored, and one invalid event rejects the whole batch with a message naming the event
+//! index, the field and the value.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -22,10 +35,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use llmroute_api::config::is_sha256_hex;
+use llmroute_api::event::{BatchRules, MAX_BATCH_EVENTS};
 use llmroute_api::{ErrorBody, EventBatch};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::auth::{AuthError, Authenticator, Identity, bearer_token};
 use crate::plane::ControlPlane;
 use crate::store::Store;
 
@@ -80,6 +99,140 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 pub const MAX_EVENTS_BYTES: usize = 32 * 1024 * 1024;
 /// Time that open connections get to finish when the server stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Embedding dimension of the sidecars' prompt encoder, all-MiniLM-L6-v2.
+pub const DEFAULT_EMBEDDING_DIM: usize = 384;
+
+/// Settings of the control API server.
+#[derive(Clone)]
+pub struct ServerOptions {
+    /// Checks the bearer token of event batches; `None` accepts every caller, which is safe
+    /// only on 127.0.0.1 with trusted local processes.
+    pub authenticator: Option<Arc<dyn Authenticator>>,
+    /// Length of every non-empty event embedding.
+    pub embedding_dim: usize,
+    /// Maximum events per batch.
+    pub max_batch_events: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            authenticator: None,
+            embedding_dim: DEFAULT_EMBEDDING_DIM,
+            max_batch_events: MAX_BATCH_EVENTS,
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerOptions")
+            .field("authentication", &self.authenticator.is_some())
+            .field("embedding_dim", &self.embedding_dim)
+            .field("max_batch_events", &self.max_batch_events)
+            .finish()
+    }
+}
+
+/// Labels of a rejected event batch: the reason, and the invalid field for `invalid_event`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    reason: String,
+    field: String,
+}
+
+/// The control server's Prometheus metrics.
+struct ControlMetrics {
+    registry: Registry,
+    events_stored: Counter,
+    events_duplicate: Counter,
+    batches_rejected: Family<RejectLabels, Counter>,
+}
+
+impl ControlMetrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("llmroute_control");
+        let events_stored = Counter::default();
+        registry.register(
+            "events_stored",
+            "Events stored by POST /v1/events",
+            events_stored.clone(),
+        );
+        let events_duplicate = Counter::default();
+        registry.register(
+            "events_duplicate",
+            "Events skipped because their decision id was already stored",
+            events_duplicate.clone(),
+        );
+        let batches_rejected = Family::<RejectLabels, Counter>::default();
+        registry.register(
+            "event_batches_rejected",
+            "Event batches rejected before storing, by reason and invalid field",
+            batches_rejected.clone(),
+        );
+        Self {
+            registry,
+            events_stored,
+            events_duplicate,
+            batches_rejected,
+        }
+    }
+
+    fn reject(&self, reason: &str, field: &str) {
+        self.batches_rejected
+            .get_or_create(&RejectLabels {
+                reason: reason.to_string(),
+                field: field.to_string(),
+            })
+            .inc();
+    }
+
+    fn encode(&self) -> String {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String does not fail");
+        text
+    }
+}
+
+/// At most one log line per second for a repeated rejection, with the count of the lines
+/// left out since the last one.
+struct LogLimiter {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl LogLimiter {
+    fn new() -> Self {
+        Self {
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Returns `Some(suppressed)` when a line may be written now.
+    fn allow(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < Duration::from_secs(1) => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = state.1;
+                *state = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
+}
+
+/// State shared by every request handler.
+struct Server {
+    backend: Backend,
+    options: ServerOptions,
+    metrics: ControlMetrics,
+    rejection_log: LogLimiter,
+}
 
 type ResponseBody = BoxBody<Bytes, Infallible>;
 
@@ -109,31 +262,39 @@ fn error(status: StatusCode, message: String) -> Response<ResponseBody> {
     )
 }
 
-async fn handle(plane: Backend, request: Request<Incoming>) -> Response<ResponseBody> {
+async fn handle(server: Arc<Server>, request: Request<Incoming>) -> Response<ResponseBody> {
+    let plane = &server.backend;
     let path = request.uri().path().to_string();
     let method = request.method().clone();
     if method == Method::GET && path == "/healthz" {
         return respond(StatusCode::OK, "text/plain", "ok\n");
     }
+    if method == Method::GET && path == "/metrics" {
+        return respond(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            server.metrics.encode(),
+        );
+    }
     if method == Method::POST && path == "/v1/events" {
-        return post_events(&plane, request).await;
+        return post_events(&server, request).await;
     }
     if method == Method::GET
         && let Some(route) = path
             .strip_prefix("/v1/routes/")
             .and_then(|rest| rest.strip_suffix("/config"))
     {
-        return get_config(&plane, route, request.uri().query().unwrap_or("")).await;
+        return get_config(plane, route, request.uri().query().unwrap_or("")).await;
     }
     if method == Method::GET
         && let Some(sha256) = path.strip_prefix("/v1/policies/")
     {
-        return get_policy(&plane, sha256).await;
+        return get_policy(plane, sha256).await;
     }
     error(
         StatusCode::NOT_FOUND,
         format!(
-            "no endpoint {method} {path}; the control API serves GET /v1/routes/<route>/config, GET /v1/policies/<sha256> and POST /v1/events"
+            "no endpoint {method} {path}; the control API serves GET /v1/routes/<route>/config, GET /v1/policies/<sha256>, POST /v1/events, GET /healthz and GET /metrics"
         ),
     )
 }
@@ -231,72 +392,190 @@ async fn get_policy(plane: &Backend, sha256: &str) -> Response<ResponseBody> {
     }
 }
 
-async fn post_events(plane: &Backend, request: Request<Incoming>) -> Response<ResponseBody> {
-    let bytes = match Limited::new(request.into_body(), MAX_EVENTS_BYTES)
+/// A rejected request: its status, the message for the caller, and the metric labels.
+struct Rejection {
+    status: StatusCode,
+    message: String,
+    reason: &'static str,
+    field: &'static str,
+}
+
+impl Rejection {
+    fn new(status: StatusCode, reason: &'static str, message: String) -> Self {
+        Self {
+            status,
+            message,
+            reason,
+            field: "",
+        }
+    }
+}
+
+async fn post_events(server: &Server, request: Request<Incoming>) -> Response<ResponseBody> {
+    let sidecar_address = request
+        .extensions()
+        .get::<SocketAddr>()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    match check_batch(server, request).await {
+        Ok((batch, identity)) => store_batch(server, batch, identity).await,
+        Err(rejection) => {
+            server.metrics.reject(rejection.reason, rejection.field);
+            if let Some(suppressed) = server.rejection_log.allow() {
+                tracing::warn!(
+                    peer = %sidecar_address,
+                    status = rejection.status.as_u16(),
+                    reason = rejection.reason,
+                    error = %rejection.message,
+                    suppressed,
+                    "rejected an event batch"
+                );
+            }
+            error(rejection.status, rejection.message)
+        }
+    }
+}
+
+/// Authenticates the caller, reads and parses the batch and checks every field.
+async fn check_batch(
+    server: &Server,
+    request: Request<Incoming>,
+) -> Result<(EventBatch, Option<Identity>), Rejection> {
+    let identity = match &server.options.authenticator {
+        Some(authenticator) => {
+            let header = request.headers().get(header::AUTHORIZATION);
+            let result = match bearer_token(header) {
+                Ok(token) => authenticator.authenticate(token).await,
+                Err(error) => Err(error),
+            };
+            match result {
+                Ok(identity) => Some(identity),
+                Err(error) => {
+                    let status = match error {
+                        AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                        _ => StatusCode::UNAUTHORIZED,
+                    };
+                    return Err(Rejection::new(status, error.reason(), error.to_string()));
+                }
+            }
+        }
+        None => None,
+    };
+    let bytes = Limited::new(request.into_body(), MAX_EVENTS_BYTES)
         .collect()
         .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            return error(
+        .map_err(|e| {
+            Rejection::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
                 format!("failed to read the event batch (limit {MAX_EVENTS_BYTES} bytes): {e}"),
-            );
-        }
-    };
-    let batch: EventBatch = match serde_json::from_slice(&bytes) {
-        Ok(batch) => batch,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("invalid event batch: {e}")),
-    };
-    if plane.subscribe(&batch.route).is_none() {
-        return error(
+            )
+        })?
+        .to_bytes();
+    // Parsing a batch of 256 events with 384-dimensional embeddings takes milliseconds of
+    // CPU, so it runs on a blocking thread instead of holding up the connection tasks.
+    let parsed = tokio::task::spawn_blocking(move || serde_json::from_slice::<EventBatch>(&bytes))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "the event batch parsing task failed");
+            Rejection::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "failed to parse the event batch".to_string(),
+            )
+        })?;
+    let batch: EventBatch = parsed.map_err(|e| {
+        Rejection::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("invalid event batch: {e}"),
+        )
+    })?;
+    if let Some(identity) = &identity
+        && !identity.may_access_route(&batch.route)
+    {
+        return Err(Rejection::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_route",
+            format!(
+                "caller {} may not send events for route {:?}; a sidecar sends events only for routes of its own namespace {:?}",
+                identity.name,
+                batch.route,
+                identity.namespace.as_deref().unwrap_or_default()
+            ),
+        ));
+    }
+    let Some(receiver) = server.backend.subscribe(&batch.route) else {
+        return Err(Rejection::new(
             StatusCode::NOT_FOUND,
+            "unknown_route",
             format!(
                 "route {:?} is not defined; events of unknown routes are not stored",
                 batch.route
             ),
-        );
+        ));
+    };
+    let config = receiver.borrow().clone();
+    let rules = BatchRules {
+        config: &config,
+        embedding_dim: server.options.embedding_dim,
+        max_events: server.options.max_batch_events,
+    };
+    if let Err(invalid) = batch.validate(&rules) {
+        let (status, reason) = match invalid.index {
+            None if invalid.field == "events" => (StatusCode::PAYLOAD_TOO_LARGE, "batch_size"),
+            None => (StatusCode::BAD_REQUEST, "invalid_batch"),
+            Some(_) => (StatusCode::BAD_REQUEST, "invalid_event"),
+        };
+        return Err(Rejection {
+            status,
+            message: format!("{invalid}; nothing of the batch was stored"),
+            reason,
+            field: invalid.field,
+        });
     }
-    if let Some(event) = batch
-        .events
-        .iter()
-        .find(|e| e.decision.route != batch.route)
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "event {} belongs to route {:?}, but the batch is for route {:?}",
-                event.decision.decision_id, event.decision.route, batch.route
-            ),
-        );
-    }
-    let plane = plane.clone();
+    Ok((batch, identity))
+}
+
+/// Stores a checked batch and responds once its transaction has committed.
+async fn store_batch(
+    server: &Server,
+    batch: EventBatch,
+    identity: Option<Identity>,
+) -> Response<ResponseBody> {
+    let backend = server.backend.clone();
     let count = batch.events.len();
+    let route = batch.route.clone();
+    let sidecar = batch.sidecar.clone();
     let stored = tokio::task::spawn_blocking(move || {
-        plane
+        backend
             .store()
             .insert_events(&batch.route, &batch.sidecar, &batch.events)
-            .map(|inserted| (inserted, batch.route, batch.sidecar))
     })
     .await;
+    let caller = identity.map(|i| i.name).unwrap_or_default();
     match stored {
-        Ok(Ok((inserted, route, sidecar))) => {
-            tracing::debug!(route = %route, sidecar = %sidecar, received = count, inserted, "stored events");
+        Ok(Ok(inserted)) => {
+            let duplicates = count - inserted;
+            server.metrics.events_stored.inc_by(inserted as u64);
+            server.metrics.events_duplicate.inc_by(duplicates as u64);
+            tracing::debug!(route = %route, sidecar = %sidecar, caller = %caller, received = count, stored = inserted, duplicates, "stored events");
             respond(
                 StatusCode::OK,
                 "application/json",
-                json!({"received": count, "inserted": inserted}).to_string(),
+                json!({"received": count, "stored": inserted, "duplicates": duplicates})
+                    .to_string(),
             )
         }
         Ok(Err(e)) => {
-            tracing::error!(error = %e, events = count, "failed to store events");
+            tracing::error!(route = %route, sidecar = %sidecar, error = %e, events = count, "failed to store events");
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("failed to store events: {e}"),
             )
         }
         Err(e) => {
-            tracing::error!(error = %e, events = count, "the event store task failed");
+            tracing::error!(route = %route, sidecar = %sidecar, error = %e, events = count, "the event store task failed");
             error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "failed to store events".to_string(),
@@ -305,7 +584,77 @@ async fn post_events(plane: &Backend, request: Request<Incoming>) -> Response<Re
     }
 }
 
-/// Serves the control API on `listener` until `shutdown` completes.
+/// Limits of the events kept per route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetentionSettings {
+    /// Events received longer ago are deleted; `None` keeps them regardless of age.
+    pub max_age: Option<Duration>,
+    /// Only the newest this many events of a route are kept; `None` sets no limit.
+    pub max_events: Option<u64>,
+    /// Time between two retention runs.
+    pub interval: Duration,
+}
+
+impl Default for RetentionSettings {
+    fn default() -> Self {
+        Self {
+            max_age: Some(Duration::from_secs(30 * 24 * 3600)),
+            max_events: Some(1_000_000),
+            interval: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Applies `settings` to every route the backend serves, now and then every
+/// `settings.interval`, until `shutdown` completes. Events of routes no longer served are
+/// left alone: the operator deletes them with the route, and a standalone route file may come
+/// back.
+pub async fn run_retention(
+    backend: Backend,
+    settings: RetentionSettings,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tracing::info!(
+        max_age_seconds = settings.max_age.map(|d| d.as_secs()),
+        max_events = settings.max_events,
+        interval_seconds = settings.interval.as_secs(),
+        "event retention starting"
+    );
+    tokio::pin!(shutdown);
+    let mut ticker = tokio::time::interval(settings.interval.max(Duration::from_secs(1)));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = &mut shutdown => break,
+        }
+        for route in backend.route_names() {
+            let store_backend = backend.clone();
+            let key = route.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                store_backend
+                    .store()
+                    .apply_retention(&key, settings.max_age, settings.max_events)
+            })
+            .await;
+            match result {
+                Ok(Ok(0)) => {}
+                Ok(Ok(deleted)) => {
+                    tracing::info!(route = %route, deleted, "deleted events past the retention limits")
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(route = %route, error = %error, "failed to apply event retention; retrying at the next run")
+                }
+                Err(error) => {
+                    tracing::error!(route = %route, error = %error, "the event retention task failed; retrying at the next run")
+                }
+            }
+        }
+    }
+    tracing::info!("event retention stopped");
+}
+
+/// Serves the control API on `listener` without authentication until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     plane: Arc<impl ControlBackend>,
@@ -320,8 +669,31 @@ pub async fn serve_backend(
     plane: Backend,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_with(listener, plane, ServerOptions::default(), shutdown).await
+}
+
+/// Serves the control API on `listener` with `options` until `shutdown` completes.
+pub async fn serve_with(
+    listener: TcpListener,
+    plane: Backend,
+    options: ServerOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
     let address: SocketAddr = listener.local_addr()?;
-    tracing::info!(address = %address, routes = ?plane.route_names(), "control API listening");
+    tracing::info!(
+        address = %address,
+        routes = ?plane.route_names(),
+        authentication = options.authenticator.is_some(),
+        embedding_dim = options.embedding_dim,
+        max_batch_events = options.max_batch_events,
+        "control API listening"
+    );
+    let server = Arc::new(Server {
+        backend: plane,
+        options,
+        metrics: ControlMetrics::new(),
+        rejection_log: LogLimiter::new(),
+    });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -335,10 +707,11 @@ pub async fn serve_backend(
                         continue;
                     }
                 };
-                let plane = plane.clone();
-                let service = service_fn(move |request| {
-                    let plane = plane.clone();
-                    async move { Ok::<_, Infallible>(handle(plane, request).await) }
+                let server = server.clone();
+                let service = service_fn(move |mut request: Request<Incoming>| {
+                    let server = server.clone();
+                    request.extensions_mut().insert(peer);
+                    async move { Ok::<_, Infallible>(handle(server, request).await) }
                 });
                 let connection = http1::Builder::new()
                     .timer(TokioTimer::new())

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use llmroute_api::{CompletedEvent, PolicyRef};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -23,6 +24,56 @@ pub enum StoreError {
     },
     #[error("failed to encode an event: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error(
+        "the database {path} has schema version {version}, newer than version {supported} of this llmroute; use a newer llmroute or another state folder"
+    )]
+    SchemaVersion {
+        path: PathBuf,
+        version: i64,
+        supported: i64,
+    },
+    #[error(
+        "invalid stored embedding of event {decision_id}: {bytes} bytes is not a whole number of f32 values"
+    )]
+    Embedding { decision_id: String, bytes: usize },
+}
+
+/// SQLite's `synchronous` setting, which decides what a committed transaction survives. In
+/// WAL mode (SQLite 3.x documentation of `PRAGMA synchronous`):
+///
+/// - `Normal`: a commit survives a crash of the process, because the WAL is written before
+///   the commit returns. It may be lost (rolled back, not corrupted) when the operating
+///   system crashes or the power fails before the next checkpoint syncs the WAL.
+/// - `Full`: the WAL is synced on every commit, so a commit also survives an operating
+///   system crash or power loss, at the cost of one fsync per transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    Normal,
+    #[default]
+    Full,
+}
+
+impl std::str::FromStr for Synchronous {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<Self, String> {
+        match value.to_ascii_lowercase().as_str() {
+            "normal" => Ok(Self::Normal),
+            "full" => Ok(Self::Full),
+            _ => Err(format!(
+                "invalid synchronous setting {value:?}: use `full` or `normal`"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Synchronous {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Normal => "normal",
+            Self::Full => "full",
+        })
+    }
 }
 
 /// The state folder and its database connection.
@@ -58,10 +109,21 @@ CREATE TABLE IF NOT EXISTS events (
     quality REAL,
     cost_usd REAL,
     received_ms INTEGER NOT NULL,
-    event TEXT NOT NULL
+    event TEXT NOT NULL,
+    embedding BLOB
 );
 CREATE INDEX IF NOT EXISTS events_by_route ON events (route, id);
 ";
+
+/// Schema version in `PRAGMA user_version`. Version 1 (the databases written before the
+/// version was recorded, `user_version` 0) keeps each embedding inside the event's JSON text.
+/// Version 2 adds the `embedding` column (little-endian f32 values) and writes rows whose JSON
+/// text has an empty `embedding`. Rows of version 1 keep the embedding in their JSON text.
+const SCHEMA_VERSION: i64 = 2;
+
+/// Rows deleted per transaction by [`Store::apply_retention`], so that event inserts wait for
+/// one short transaction at most instead of the whole deletion.
+const RETENTION_CHUNK: i64 = 5_000;
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -71,8 +133,14 @@ fn now_ms() -> i64 {
 }
 
 impl Store {
-    /// Opens (creating when missing) the state folder and `state.sqlite3` inside it.
+    /// Opens (creating when missing) the state folder and `state.sqlite3` inside it, with
+    /// [`Synchronous::Full`].
     pub fn open(folder: &Path) -> Result<Self, StoreError> {
+        Self::open_with(folder, Synchronous::default())
+    }
+
+    /// Opens the state folder like [`Store::open`] with the given `synchronous` setting.
+    pub fn open_with(folder: &Path, synchronous: Synchronous) -> Result<Self, StoreError> {
         let policies = folder.join("policies");
         std::fs::create_dir_all(&policies).map_err(|source| StoreError::Io {
             path: policies.clone(),
@@ -84,12 +152,28 @@ impl Store {
             source,
         };
         let connection = Connection::open(&database).map_err(db_error)?;
-        // WAL keeps readers and the event writer from blocking each other; NORMAL sync is
-        // durable across process crashes, which is what the state folder needs.
+        // WAL keeps readers and the event writer from blocking each other. The control API
+        // acknowledges a batch only after its commit, so `synchronous` decides what an
+        // acknowledged event survives (see [`Synchronous`]).
+        // 8 KiB pages hold three events of about 2.2 KB (a 1536-byte embedding and the JSON
+        // text) where 4 KiB pages hold one, so fewer pages go through the WAL. SQLite applies
+        // the page size only when it creates the database, so older state folders keep 4 KiB.
         connection
-            .execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")
+            .execute_batch(&format!(
+                "PRAGMA page_size = 8192; PRAGMA journal_mode = WAL; PRAGMA synchronous = {synchronous};"
+            ))
             .map_err(db_error)?;
-        connection.execute_batch(SCHEMA).map_err(db_error)?;
+        let version: i64 = connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(db_error)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::SchemaVersion {
+                path: database,
+                version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        migrate(&connection, version).map_err(db_error)?;
         Ok(Self {
             folder: folder.to_path_buf(),
             database,
@@ -205,17 +289,25 @@ impl Store {
 
     /// Stores events of `route` in one transaction and returns how many were new. An event
     /// whose decision id is already stored is skipped, because a sidecar sends a batch again
-    /// when the response to it was lost.
+    /// when the response to it was lost. The events are committed when this returns `Ok`.
     pub fn insert_events(
         &self,
         route: &str,
         sidecar: &str,
         events: &[CompletedEvent],
     ) -> Result<usize, StoreError> {
-        let encoded: Vec<String> = events
+        // The embedding goes into its own column; the JSON text keeps the other fields.
+        let encoded: Vec<(String, Vec<u8>)> = events
             .iter()
-            .map(serde_json::to_string)
-            .collect::<Result<_, _>>()?;
+            .map(|event| {
+                let without_embedding = CompletedEvent {
+                    embedding: Vec::new(),
+                    ..event.clone()
+                };
+                let json = serde_json::to_string(&without_embedding)?;
+                Ok((json, encode_embedding(&event.embedding)))
+            })
+            .collect::<Result<_, serde_json::Error>>()?;
         let received = now_ms();
         self.with_connection(|connection| {
             let transaction = connection.transaction()?;
@@ -224,10 +316,10 @@ impl Store {
                 let mut statement = transaction.prepare_cached(
                     "INSERT OR IGNORE INTO events
                      (route, sidecar, decision_id, model, routed, policy_version, propensity,
-                      quality, cost_usd, received_ms, event)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                      quality, cost_usd, received_ms, event, embedding)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
                 )?;
-                for (event, json) in events.iter().zip(&encoded) {
+                for (event, (json, embedding)) in events.iter().zip(&encoded) {
                     inserted += statement.execute(params![
                         route,
                         sidecar,
@@ -240,12 +332,82 @@ impl Store {
                         event.cost_usd,
                         received,
                         json,
+                        embedding,
                     ])?;
                 }
             }
             transaction.commit()?;
             Ok(inserted)
         })
+    }
+
+    /// Deletes the oldest events of `route` until none is older than `max_age` (by the time
+    /// the control API received it) and at most `max_events` remain. `None` disables that
+    /// limit. Returns the number of events deleted. Deletes in transactions of a few thousand
+    /// rows, so that event inserts are not held up for the whole deletion.
+    pub fn apply_retention(
+        &self,
+        route: &str,
+        max_age: Option<Duration>,
+        max_events: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        if let Some(max_age) = max_age {
+            let cutoff = now_ms().saturating_sub(max_age.as_millis().min(i64::MAX as u128) as i64);
+            // Rows arrive in id order, so the expired ones are the oldest ids: delete expired
+            // rows among the oldest chunk until a chunk is not all expired. When the clock
+            // stepped back, rows behind a newer-stamped one wait for a later run.
+            loop {
+                let removed = self.with_connection(|connection| {
+                    connection.execute(
+                        "DELETE FROM events WHERE id IN (
+                             SELECT id FROM events WHERE route = ?1 ORDER BY id LIMIT ?2
+                         ) AND received_ms < ?3",
+                        params![route, RETENTION_CHUNK, cutoff],
+                    )
+                })? as u64;
+                deleted += removed;
+                if removed < RETENTION_CHUNK as u64 {
+                    break;
+                }
+            }
+        }
+        if let Some(max_events) = max_events {
+            let keep = max_events.min(i64::MAX as u64) as i64;
+            // The id of the newest event beyond the `keep` newest ones.
+            let last_excess: Option<i64> = self.with_connection(|connection| {
+                connection
+                    .query_row(
+                        "SELECT id FROM events WHERE route = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2",
+                        params![route, keep],
+                        |row| row.get(0),
+                    )
+                    .optional()
+            })?;
+            if let Some(last) = last_excess {
+                deleted += self.delete_through(route, last)?;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes the events of `route` with ids up to `last`, oldest first, in chunks.
+    fn delete_through(&self, route: &str, last: i64) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        loop {
+            let removed = self.with_connection(|connection| {
+                connection.execute(
+                    "DELETE FROM events WHERE id IN (
+                         SELECT id FROM events WHERE route = ?1 AND id <= ?2 ORDER BY id LIMIT ?3
+                     )",
+                    params![route, last, RETENTION_CHUNK],
+                )
+            })? as u64;
+            deleted += removed;
+            if removed < RETENTION_CHUNK as u64 {
+                return Ok(deleted);
+            }
+        }
     }
 
     /// Counts the stored events of `route`.
@@ -274,15 +436,73 @@ impl Store {
 
     /// Reads the stored events of `route`, oldest first.
     pub fn events(&self, route: &str) -> Result<Vec<CompletedEvent>, StoreError> {
-        let texts: Vec<String> = self.with_connection(|connection| {
-            let mut statement =
-                connection.prepare("SELECT event FROM events WHERE route = ?1 ORDER BY id")?;
-            let rows = statement.query_map(params![route], |row| row.get(0))?;
+        let rows: Vec<(String, Option<Vec<u8>>)> = self.with_connection(|connection| {
+            let mut statement = connection
+                .prepare("SELECT event, embedding FROM events WHERE route = ?1 ORDER BY id")?;
+            let rows = statement.query_map(params![route], |row| Ok((row.get(0)?, row.get(1)?)))?;
             rows.collect()
         })?;
-        texts
-            .iter()
-            .map(|text| serde_json::from_str(text).map_err(StoreError::from))
+        rows.iter()
+            .map(|(text, embedding)| {
+                let mut event: CompletedEvent = serde_json::from_str(text)?;
+                // Rows of schema version 1 have no column value and keep the JSON's embedding.
+                if let Some(bytes) = embedding {
+                    event.embedding =
+                        decode_embedding(bytes).ok_or_else(|| StoreError::Embedding {
+                            decision_id: event.decision.decision_id.clone(),
+                            bytes: bytes.len(),
+                        })?;
+                }
+                Ok(event)
+            })
             .collect()
     }
+}
+
+/// Creates the tables, or brings a database of an older schema version up to date.
+fn migrate(connection: &Connection, version: i64) -> rusqlite::Result<()> {
+    let has_events: bool = connection.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'events'",
+        [],
+        |row| row.get(0),
+    )?;
+    if has_events {
+        let has_embedding: bool = connection.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('events') WHERE name = 'embedding'",
+            [],
+            |row| row.get(0),
+        )?;
+        if !has_embedding {
+            tracing::info!(
+                from_version = version,
+                to_version = SCHEMA_VERSION,
+                "adding the embedding column to the event table"
+            );
+            connection.execute_batch("ALTER TABLE events ADD COLUMN embedding BLOB")?;
+        }
+    }
+    connection.execute_batch(SCHEMA)?;
+    connection.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))
+}
+
+/// Encodes an embedding as little-endian f32 values.
+fn encode_embedding(values: &[f32]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(values.len() * 4);
+    for value in values {
+        bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    bytes
+}
+
+/// Decodes [`encode_embedding`]'s bytes, `None` when the length is not a multiple of 4.
+fn decode_embedding(bytes: &[u8]) -> Option<Vec<f32>> {
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    Some(
+        bytes
+            .chunks_exact(4)
+            .map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
+            .collect(),
+    )
 }

@@ -65,7 +65,7 @@ fn event(id: &str) -> CompletedEvent {
             propensity: Some(0.9),
         },
         served_model: "small".into(),
-        embedding: vec![0.5; 4],
+        embedding: vec![0.5; 384],
         quality: Some(0.25),
         cost_usd: Some(1e-5),
         prompt_tokens: Some(10),
@@ -183,7 +183,8 @@ async fn control_api_serves_routes() {
     );
     let (_, reply) = request(Method::POST, &format!("{base}/v1/events"), body).await;
     let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
-    assert_eq!(reply["inserted"], 0);
+    assert_eq!(reply["stored"], 0);
+    assert_eq!(reply["duplicates"], 2);
     assert_eq!(plane.store().count_events("chat").unwrap(), 2);
     assert_eq!(plane.store().events("chat").unwrap()[1], batch.events[1]);
 

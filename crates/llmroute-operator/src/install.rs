@@ -84,6 +84,9 @@ pub fn manifests(options: &InstallOptions) -> Vec<Value> {
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
             {"apiGroups": ["events.k8s.io"], "resources": ["events"],
              "verbs": ["create", "patch"]},
+            // Sidecars' service-account tokens, checked before their events are stored.
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+             "verbs": ["create"]},
             // Pods the webhook decided on (label-selected watch): skip Events and counts.
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
             // Its own webhook configuration, to keep the CA bundle current.

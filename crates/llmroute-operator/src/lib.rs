@@ -16,6 +16,7 @@ pub mod names;
 pub mod ops;
 pub mod reconcile;
 pub mod serving;
+pub mod tokenreview;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -112,6 +113,27 @@ impl OperatorConfig {
     }
 }
 
+/// Settings of the control API's event ingestion.
+#[derive(Debug, Clone)]
+pub struct IngestSettings {
+    /// Audience that sidecar tokens must carry; the injection webhook projects tokens for it.
+    pub token_audience: String,
+    /// How long and how many TokenReview results are cached.
+    pub token_cache: llmroute_control::auth::CacheSettings,
+    /// Event retention per route.
+    pub retention: llmroute_control::server::RetentionSettings,
+}
+
+impl Default for IngestSettings {
+    fn default() -> Self {
+        Self {
+            token_audience: webhook::inject::InjectionSettings::default().token_audience,
+            token_cache: llmroute_control::auth::CacheSettings::default(),
+            retention: llmroute_control::server::RetentionSettings::default(),
+        }
+    }
+}
+
 /// Failures that stop the operator from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -132,6 +154,16 @@ pub enum StartError {
 pub async fn run(
     client: Client,
     config: OperatorConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    run_with_ingest(client, config, IngestSettings::default(), shutdown).await
+}
+
+/// [`run`] with event ingestion settings.
+pub async fn run_with_ingest(
+    client: Client,
+    config: OperatorConfig,
+    ingest: IngestSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let control_listener = TcpListener::bind(config.control_address)
@@ -156,7 +188,7 @@ pub async fn run(
             })?),
             None => None,
         };
-    run_with_listeners(
+    serve_listeners(
         client,
         config,
         Listeners {
@@ -164,6 +196,7 @@ pub async fn run(
             ops: ops_listener,
             webhook: webhook_listener,
         },
+        ingest,
         shutdown,
     )
     .await
@@ -183,6 +216,24 @@ pub async fn run_with_listeners(
     client: Client,
     config: OperatorConfig,
     listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    serve_listeners(
+        client,
+        config,
+        listeners,
+        IngestSettings::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`run_with_ingest`] on listeners bound by the caller.
+pub async fn serve_listeners(
+    client: Client,
+    config: OperatorConfig,
+    listeners: Listeners,
+    ingest: IngestSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let Listeners {
@@ -211,9 +262,24 @@ pub async fn run_with_listeners(
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(backend.clone().watch_routes(config.api(&client)));
     tasks.spawn(backend.clone().watch_policies(config.api(&client)));
-    let control = tokio::spawn(llmroute_control::serve(
+    let authenticator = llmroute_control::auth::CachedAuthenticator::new(
+        tokenreview::TokenReviewAuthenticator::new(client.clone(), &ingest.token_audience),
+        ingest.token_cache,
+    );
+    let control_options = llmroute_control::server::ServerOptions {
+        authenticator: Some(Arc::new(authenticator)),
+        embedding_dim: config.embedding_dim,
+        ..Default::default()
+    };
+    let control = tokio::spawn(llmroute_control::server::serve_with(
         control_listener,
         backend.clone(),
+        control_options,
+        stopped(),
+    ));
+    tasks.spawn(llmroute_control::server::run_retention(
+        backend.clone(),
+        ingest.retention,
         stopped(),
     ));
     let ops = tokio::spawn(ops::serve(

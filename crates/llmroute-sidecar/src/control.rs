@@ -2,16 +2,17 @@
 //! artifacts by sha256, and swapping the sidecar's route state. The last good state keeps
 //! serving while the control plane is unreachable or sends something unusable.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use llmroute_api::SidecarConfig;
+use llmroute_api::{EventBatch, SidecarConfig};
 use ort::environment::Environment;
 use sha2::{Digest, Sha256};
 
@@ -54,12 +55,106 @@ impl BuildError {
     }
 }
 
+/// A bearer token for the control API, kept in a file that another process replaces: the
+/// kubelet rewrites a projected service-account token before it expires. The file is read
+/// again whenever its modification time or size changes.
+#[derive(Debug, Clone)]
+pub struct TokenFile {
+    path: PathBuf,
+    cached: Arc<Mutex<TokenState>>,
+}
+
+#[derive(Debug, Default)]
+struct TokenState {
+    /// Modification time and size of the file when `header` was read.
+    stamp: Option<(Option<SystemTime>, u64)>,
+    header: Option<HeaderValue>,
+    /// The last read error, so that a failure that repeats is logged once.
+    last_error: Option<String>,
+}
+
+impl TokenFile {
+    /// Creates a token source for `path`; the file is read at the first request.
+    pub fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            cached: Arc::new(Mutex::new(TokenState::default())),
+        }
+    }
+
+    /// Path of the token file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Returns the `Authorization` header value, reading the file again when it changed. When
+    /// the file cannot be read, the last good token is used (and `None` before any), and the
+    /// failure is logged once until the file reads again.
+    pub fn header(&self) -> Option<HeaderValue> {
+        let mut state = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let stamp = std::fs::metadata(&self.path).map(|m| (m.modified().ok(), m.len()));
+        let result = match stamp {
+            Ok(stamp) if state.stamp == Some(stamp) && state.header.is_some() => {
+                return state.header.clone();
+            }
+            Ok(stamp) => read_token(&self.path).map(|header| (stamp, header)),
+            Err(e) => Err(format!(
+                "failed to read the control API token file {}: {e}",
+                self.path.display()
+            )),
+        };
+        match result {
+            Ok((stamp, header)) => {
+                if state.header.is_some() {
+                    tracing::info!(path = %self.path.display(), "read the rotated control API token");
+                }
+                state.stamp = Some(stamp);
+                state.header = Some(header);
+                state.last_error = None;
+            }
+            Err(error) => {
+                if state.last_error.as_deref() != Some(error.as_str()) {
+                    tracing::warn!(path = %self.path.display(), error = %error, using_previous_token = state.header.is_some(), "failed to read the control API token");
+                    state.last_error = Some(error);
+                }
+            }
+        }
+        state.header.clone()
+    }
+}
+
+/// Reads a token file into an `Authorization: Bearer` header value.
+fn read_token(path: &Path) -> Result<HeaderValue, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "failed to read the control API token file {}: {e}",
+            path.display()
+        )
+    })?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "the control API token file {} is empty",
+            path.display()
+        ));
+    }
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+        format!(
+            "the control API token file {} contains characters that an HTTP header cannot carry",
+            path.display()
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
 /// A client of one route's control API.
 #[derive(Debug, Clone)]
 pub struct ControlClient {
     base: String,
     route: String,
     client: Client<HttpConnector, Full<Bytes>>,
+    token: Option<TokenFile>,
 }
 
 impl ControlClient {
@@ -70,7 +165,53 @@ impl ControlClient {
             base: base.trim_end_matches('/').to_string(),
             route: route.to_string(),
             client: Client::builder(TokioExecutor::new()).build_http(),
+            token: None,
         }
+    }
+
+    /// Sends the token in `token` as `Authorization: Bearer` on every request.
+    pub fn with_token_file(mut self, token: TokenFile) -> Self {
+        self.token = Some(token);
+        self
+    }
+
+    fn authorize(&self, builder: http::request::Builder) -> http::request::Builder {
+        match self.token.as_ref().and_then(TokenFile::header) {
+            Some(value) => builder.header(header::AUTHORIZATION, value),
+            None => builder,
+        }
+    }
+
+    /// Posts `batch` to `/v1/events` and checks that the control API stored it.
+    pub async fn post_events(&self, batch: &EventBatch, timeout: Duration) -> Result<(), String> {
+        let url = format!("{}/v1/events", self.base);
+        let body = serde_json::to_vec(batch).map_err(|e| e.to_string())?;
+        let request = self
+            .authorize(Request::builder().method(Method::POST).uri(&url))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| format!("invalid URL {url}: {e}"))?;
+        let response = tokio::time::timeout(timeout, self.client.request(request))
+            .await
+            .map_err(|_| format!("POST {url} timed out after {} s", timeout.as_secs()))?
+            .map_err(|e| format!("POST {url} failed: {}", crate::proxy::error_chain(&e)))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = tokio::time::timeout(
+            timeout,
+            Limited::new(response.into_body(), 64 * 1024).collect(),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+        Err(format!(
+            "POST {url} responded {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(500)])
+        ))
     }
 
     /// Base URL of the control API.
@@ -89,9 +230,8 @@ impl ControlClient {
         timeout: Duration,
         limit: usize,
     ) -> Result<(StatusCode, Bytes), String> {
-        let request = Request::builder()
-            .method(Method::GET)
-            .uri(url)
+        let request = self
+            .authorize(Request::builder().method(Method::GET).uri(url))
             .body(Full::new(Bytes::new()))
             .map_err(|e| format!("invalid URL {url}: {e}"))?;
         let response = tokio::time::timeout(timeout, self.client.request(request))

@@ -27,6 +27,8 @@ pub enum EventSink {
         url: String,
         client: Client<HttpConnector, Full<Bytes>>,
     },
+    /// Posted through the control client, with its bearer token when it has one.
+    Control(crate::control::ControlClient),
 }
 
 /// Batching and retry settings of the sender task.
@@ -228,6 +230,7 @@ impl Worker {
                 .await
                 .map_err(|e| e.to_string())?
             }
+            EventSink::Control(client) => client.post_events(batch, Duration::from_secs(10)).await,
             EventSink::Http { url, client } => {
                 let body = serde_json::to_vec(batch).map_err(|e| e.to_string())?;
                 let request = Request::builder()

@@ -20,7 +20,7 @@ pub mod sse;
 pub mod state;
 pub mod tls;
 
-pub use control::{ControlClient, follow};
+pub use control::{ControlClient, TokenFile, follow};
 pub use events::{BatchSettings, EventSender, EventSink};
 pub use limits::Limits;
 pub use server::{serve, serve_not_ready};

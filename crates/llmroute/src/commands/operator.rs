@@ -3,12 +3,16 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use llmroute_control::server::RetentionSettings;
 use llmroute_operator::leader::LeaderElection;
 use llmroute_operator::webhook::inject::InjectionSettings;
 use llmroute_operator::webhook::{WebhookConfigSpec, WebhookTarget};
-use llmroute_operator::{CertificateSource, OperatorConfig, SidecarMode, WebhookOptions};
+use llmroute_operator::{
+    CertificateSource, IngestSettings, OperatorConfig, SidecarMode, WebhookOptions,
+};
 use llmroute_policy::encoder::{EMBEDDING_DIM, digest_of_files};
 
 use crate::workspace::Workspace;
@@ -93,9 +97,38 @@ pub struct OperatorArgs {
     /// `llmroute setup` installs].
     #[arg(long)]
     pub encoder_digest: Option<String>,
+    /// Deletes events received more than this many days ago (0 keeps events of any age).
+    #[arg(long, default_value_t = 30)]
+    pub event_max_age_days: u64,
+    /// Keeps at most this many of the newest events per route (0 sets no limit).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub event_max_per_route: u64,
+    /// Seconds between two runs of the event retention.
+    #[arg(long, default_value_t = 600)]
+    pub retention_interval_seconds: u64,
+}
+
+impl OperatorArgs {
+    /// Event ingestion settings from the flags.
+    fn ingest(&self) -> Result<IngestSettings> {
+        if self.retention_interval_seconds == 0 {
+            bail!("invalid --retention-interval-seconds 0: use at least 1");
+        }
+        let retention = RetentionSettings {
+            max_age: (self.event_max_age_days > 0)
+                .then(|| Duration::from_secs(self.event_max_age_days.saturating_mul(24 * 3600))),
+            max_events: (self.event_max_per_route > 0).then_some(self.event_max_per_route),
+            interval: Duration::from_secs(self.retention_interval_seconds),
+        };
+        Ok(IngestSettings {
+            retention,
+            ..IngestSettings::default()
+        })
+    }
 }
 
 pub fn run(workspace: &Workspace, args: &OperatorArgs) -> Result<()> {
+    let ingest = args.ingest()?;
     let encoder_digest = match &args.encoder_digest {
         Some(digest) => {
             if !llmroute_api::config::is_sha256_hex(digest) {
@@ -141,7 +174,8 @@ pub fn run(workspace: &Workspace, args: &OperatorArgs) -> Result<()> {
         let client = kube::Client::try_default().await.context(
             "failed to configure the Kubernetes client: set KUBECONFIG or run in a pod with a service account",
         )?;
-        llmroute_operator::run(client, config, crate::shutdown::signal()).await?;
+        llmroute_operator::run_with_ingest(client, config, ingest, crate::shutdown::signal())
+            .await?;
         Ok(())
     })
 }

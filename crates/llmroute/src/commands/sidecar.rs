@@ -11,8 +11,8 @@ use llmroute_api::PolicyRef;
 use llmroute_policy::encoder::Encoder;
 use llmroute_policy::policy::OnnxPolicy;
 use llmroute_sidecar::{
-    ControlClient, EventSink, Limits, RouteState, Sidecar, SidecarOptions, follow, read_config,
-    serve, serve_not_ready,
+    ControlClient, EventSink, Limits, RouteState, Sidecar, SidecarOptions, TokenFile, follow,
+    read_config, serve, serve_not_ready,
 };
 
 use crate::workspace::Workspace;
@@ -56,6 +56,12 @@ pub struct SidecarArgs {
     /// system roots (or SSL_CERT_FILE / SSL_CERT_DIR when set).
     #[arg(long, value_name = "FILE")]
     pub upstream_ca_file: Option<PathBuf>,
+    /// File holding a bearer token for the control API, sent as `Authorization: Bearer` on
+    /// every control API request and read again when the file changes (the kubelet rotates
+    /// projected service-account tokens). Used with --control only. The injection webhook sets
+    /// the environment variable.
+    #[arg(long, env = "LLMROUTE_CONTROL_TOKEN_FILE", value_name = "FILE")]
+    pub control_token_file: Option<PathBuf>,
     /// Identity sent with event batches, for example the pod name.
     #[arg(long, env = "HOSTNAME", default_value = "sidecar")]
     pub sidecar_id: String,
@@ -152,7 +158,11 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
                 let route = args.route.as_deref().expect("clap requires --route");
                 let environment = workspace.onnx_runtime()?;
                 let encoder = workspace.encoder(1)?;
-                let client = ControlClient::new(base, route);
+                let mut client = ControlClient::new(base, route);
+                if let Some(path) = &args.control_token_file {
+                    tracing::info!(path = %path.display(), "sending the control API token from a file");
+                    client = client.with_token_file(TokenFile::new(path));
+                }
                 tracing::info!(route, control = %base, "waiting for the first route configuration");
                 // Until the first configuration arrives, /healthz responds 200, /readyz 503 and
                 // every other request gets a 503 error.
@@ -181,10 +191,7 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
         };
         let sink = match (file_sink, &control) {
             (Some(sink), _) => sink,
-            (None, Some(client)) => EventSink::Http {
-                url: client.base().to_string(),
-                client: client.http_client(),
-            },
+            (None, Some(client)) => EventSink::Control(client.clone()),
             (None, None) => EventSink::Discard,
         };
         let options = SidecarOptions { sink, ..options };

@@ -7,7 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use llmroute_control::{ControlPlane, Store, serve};
+use llmroute_control::auth::{Authenticator, StaticTokenAuthenticator};
+use llmroute_control::server::{RetentionSettings, ServerOptions, run_retention, serve_with};
+use llmroute_control::store::Synchronous;
+use llmroute_control::{ControlPlane, Store};
+use llmroute_policy::encoder::EMBEDDING_DIM;
 use llmroute_policy::policy::OnnxPolicy;
 
 use crate::workspace::Workspace;
@@ -30,6 +34,43 @@ pub struct StandaloneArgs {
     /// Seconds between checks of the route folder for changes.
     #[arg(long, default_value_t = 1)]
     pub watch_interval_seconds: u64,
+    /// File holding a bearer token (at least 16 bytes; surrounding whitespace is ignored) that
+    /// POST /v1/events requires in `Authorization: Bearer <token>`, compared in constant
+    /// time. Sidecars send it with --control-token-file. Without this option every local
+    /// process on 127.0.0.1 may send events.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Deletes events received more than this many days ago (0 keeps events of any age).
+    #[arg(long, default_value_t = 30)]
+    pub event_max_age_days: u64,
+    /// Keeps at most this many of the newest events per route (0 sets no limit).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub event_max_per_route: u64,
+    /// Seconds between two runs of the event retention.
+    #[arg(long, default_value_t = 600)]
+    pub retention_interval_seconds: u64,
+    /// SQLite `synchronous` setting of the event database. With `full`, every commit is
+    /// synced to disk, so an acknowledged event survives an operating system crash or power
+    /// loss. With `normal`, it survives only a crash of this process.
+    #[arg(long, default_value_t = Synchronous::Full, value_name = "full|normal")]
+    pub sqlite_synchronous: Synchronous,
+}
+
+impl StandaloneArgs {
+    /// Event retention from the flags.
+    fn retention(&self) -> Result<RetentionSettings> {
+        if self.retention_interval_seconds == 0 {
+            bail!("invalid --retention-interval-seconds 0: use at least 1");
+        }
+        let max_age = (self.event_max_age_days > 0)
+            .then(|| Duration::from_secs(self.event_max_age_days.saturating_mul(24 * 3600)));
+        let max_events = (self.event_max_per_route > 0).then_some(self.event_max_per_route);
+        Ok(RetentionSettings {
+            max_age,
+            max_events,
+            interval: Duration::from_secs(self.retention_interval_seconds),
+        })
+    }
 }
 
 pub fn run(workspace: &Workspace, args: &StandaloneArgs) -> Result<()> {
@@ -42,7 +83,15 @@ pub fn run(workspace: &Workspace, args: &StandaloneArgs) -> Result<()> {
     if args.watch_interval_seconds == 0 {
         bail!("invalid --watch-interval-seconds 0: use at least 1");
     }
-    let store = Arc::new(Store::open(&args.state)?);
+    let retention = args.retention()?;
+    let authenticator: Option<Arc<dyn Authenticator>> = match &args.token_file {
+        Some(path) => Some(Arc::new(
+            StaticTokenAuthenticator::from_file(path)
+                .map_err(|message| anyhow::anyhow!("invalid --token-file: {message}"))?,
+        )),
+        None => None,
+    };
+    let store = Arc::new(Store::open_with(&args.state, args.sqlite_synchronous)?);
     let (plane, report) = ControlPlane::new(&args.routes, store);
     for error in &report.errors {
         eprintln!("warning: {error}");
@@ -72,9 +121,20 @@ pub fn run(workspace: &Workspace, args: &StandaloneArgs) -> Result<()> {
                 let _ = watch_stopped.await;
             },
         ));
-        serve(listener, plane, crate::shutdown::signal()).await?;
+        let (stop_retention, retention_stopped) = tokio::sync::oneshot::channel::<()>();
+        let retainer = tokio::spawn(run_retention(plane.clone(), retention, async {
+            let _ = retention_stopped.await;
+        }));
+        let options = ServerOptions {
+            authenticator,
+            embedding_dim: EMBEDDING_DIM,
+            ..ServerOptions::default()
+        };
+        serve_with(listener, plane, options, crate::shutdown::signal()).await?;
         let _ = stop_watch.send(());
+        let _ = stop_retention.send(());
         watcher.await.context("the route folder watcher failed")?;
+        retainer.await.context("the event retention task failed")?;
         Ok(())
     })
 }

@@ -1,0 +1,151 @@
+//! The event store: embeddings in their own column, databases of the first schema version,
+//! and retention by age and by count.
+
+use std::time::Duration;
+
+use llmroute_api::{CompletedEvent, DecisionRecord, Outcome, Preference};
+use llmroute_control::store::{Store, StoreError};
+use rusqlite::{Connection, params};
+
+fn event(route: &str, n: u32) -> CompletedEvent {
+    CompletedEvent {
+        decision: DecisionRecord {
+            decision_id: format!("{n:032x}"),
+            route: route.into(),
+            config_version: 1,
+            model: "small".into(),
+            routed: true,
+            preference: Preference::from_quality(0.5).unwrap(),
+            policy_version: Some("v1".into()),
+            propensity: Some(0.5),
+        },
+        served_model: "small".into(),
+        embedding: (0..384).map(|i| i as f32 / 384.0 - 0.5).collect(),
+        quality: Some(0.25),
+        cost_usd: Some(1e-5),
+        prompt_tokens: Some(10),
+        completion_tokens: Some(20),
+        latency_ms: 12.5,
+        outcome: Outcome::Success,
+        attempts: 1,
+        timestamp_ms: u64::from(n),
+    }
+}
+
+#[test]
+fn store_round_trips_embeddings() {
+    let state = tempfile::tempdir().unwrap();
+    let store = Store::open(state.path()).unwrap();
+    let events: Vec<CompletedEvent> = (0..5).map(|n| event("chat", n)).collect();
+    assert_eq!(store.insert_events("chat", "pod", &events).unwrap(), 5);
+    assert_eq!(store.events("chat").unwrap(), events);
+
+    // The JSON text no longer carries the embedding; the column does.
+    drop(store);
+    let connection = Connection::open(state.path().join("state.sqlite3")).unwrap();
+    let (text, blob): (String, Vec<u8>) = connection
+        .query_row("SELECT event, embedding FROM events LIMIT 1", [], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .unwrap();
+    assert!(text.contains("\"embedding\":[]"), "{text}");
+    assert_eq!(blob.len(), 384 * 4);
+}
+
+/// The first schema, as written before the embedding column existed.
+const SCHEMA_V1: &str = "
+CREATE TABLE policies (route TEXT NOT NULL, version TEXT NOT NULL, sha256 TEXT NOT NULL,
+    published_ms INTEGER NOT NULL, PRIMARY KEY (route, version));
+CREATE TABLE route_configs (route TEXT PRIMARY KEY, version INTEGER NOT NULL, config TEXT NOT NULL);
+CREATE TABLE events (id INTEGER PRIMARY KEY, route TEXT NOT NULL, sidecar TEXT NOT NULL,
+    decision_id TEXT NOT NULL UNIQUE, model TEXT NOT NULL, routed INTEGER NOT NULL,
+    policy_version TEXT, propensity REAL, quality REAL, cost_usd REAL,
+    received_ms INTEGER NOT NULL, event TEXT NOT NULL);
+CREATE INDEX events_by_route ON events (route, id);
+";
+
+#[test]
+fn store_opens_first_schema() {
+    let state = tempfile::tempdir().unwrap();
+    let old = event("chat", 1);
+    {
+        let connection = Connection::open(state.path().join("state.sqlite3")).unwrap();
+        connection.execute_batch(SCHEMA_V1).unwrap();
+        connection
+            .execute(
+                "INSERT INTO events (route, sidecar, decision_id, model, routed, received_ms, event)
+                 VALUES ('chat', 'pod', ?1, 'small', 1, 0, ?2)",
+                params![old.decision.decision_id, serde_json::to_string(&old).unwrap()],
+            )
+            .unwrap();
+    }
+    let store = Store::open(state.path()).unwrap();
+    let new = event("chat", 2);
+    assert_eq!(
+        store
+            .insert_events("chat", "pod", std::slice::from_ref(&new))
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.events("chat").unwrap(), vec![old, new]);
+    drop(store);
+
+    // A database from a newer llmroute is not opened.
+    let connection = Connection::open(state.path().join("state.sqlite3")).unwrap();
+    connection
+        .execute_batch("PRAGMA user_version = 99")
+        .unwrap();
+    drop(connection);
+    match Store::open(state.path()) {
+        Err(StoreError::SchemaVersion { version, .. }) => assert_eq!(version, 99),
+        other => panic!("expected a schema version error, got {other:?}"),
+    }
+}
+
+#[test]
+fn retention_deletes_oldest_first() {
+    let state = tempfile::tempdir().unwrap();
+    let store = Store::open(state.path()).unwrap();
+    let chat: Vec<CompletedEvent> = (0..12_000).map(|n| event("chat", n)).collect();
+    let other: Vec<CompletedEvent> = (100_000..100_010).map(|n| event("other", n)).collect();
+    store.insert_events("chat", "pod", &chat).unwrap();
+    store.insert_events("other", "pod", &other).unwrap();
+
+    assert_eq!(store.apply_retention("chat", None, None).unwrap(), 0);
+    // More than one deletion chunk, by count.
+    assert_eq!(
+        store.apply_retention("chat", None, Some(1_000)).unwrap(),
+        11_000
+    );
+    let kept = store.events("chat").unwrap();
+    assert_eq!(kept.len(), 1_000);
+    assert_eq!(kept[0], chat[11_000], "the newest events are kept");
+    assert_eq!(
+        store.count_events("other").unwrap(),
+        10,
+        "other routes are untouched"
+    );
+
+    // By age: mark the 400 oldest kept events as received two days ago.
+    drop(store);
+    let connection = Connection::open(state.path().join("state.sqlite3")).unwrap();
+    let two_days_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+        - 2 * 24 * 3600 * 1000;
+    connection
+        .execute(
+            "UPDATE events SET received_ms = ?1 WHERE id IN
+             (SELECT id FROM events WHERE route = 'chat' ORDER BY id LIMIT 400)",
+            params![two_days_ago],
+        )
+        .unwrap();
+    drop(connection);
+    let store = Store::open(state.path()).unwrap();
+    let day = Some(Duration::from_secs(24 * 3600));
+    assert_eq!(store.apply_retention("chat", day, None).unwrap(), 400);
+    assert_eq!(store.events("chat").unwrap()[0], chat[11_400]);
+    assert_eq!(store.apply_retention("chat", day, Some(1_000)).unwrap(), 0);
+    assert_eq!(store.count_events("chat").unwrap(), 600);
+}
