@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::Preference;
 use crate::config::Exploration;
+pub use crate::rollout::{
+    CanaryStep, EstimateFigures, GateFigures, GateSpec, LiveFigures, RetentionSpec, RolloutSpec,
+    TrainingData, TrainingSpec,
+};
 
 /// API group of the resources.
 pub const GROUP: &str = "llmroute.dev";
@@ -101,6 +105,16 @@ pub struct LlmRouteSpec {
     /// pod annotations override them in turn.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecar: Option<SidecarSpec>,
+    /// When to train candidate policies from the route's events, and the off-policy gate
+    /// they must pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingSpec>,
+    /// How a candidate that passed the gate is rolled out as a canary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+    /// How long the route's events are kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionSpec>,
 }
 
 /// Sidecar settings of a route.
@@ -303,6 +317,33 @@ pub struct LlmRouteStatus {
     /// Pods that ask for the route but were not injected; each has an Event with the reason.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped_pods: Option<u32>,
+    /// Version of the policy under canary analysis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_policy: Option<String>,
+    /// Share of routed requests the canary decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_weight: Option<f64>,
+    /// Index of the canary step, from 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_step: Option<u32>,
+    /// The last training run: when, on what, and what became of its candidate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_training: Option<LastTraining>,
+}
+
+/// The last training run of a route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastTraining {
+    /// When the run ended (RFC 3339).
+    pub time: String,
+    /// The candidate version it produced, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate: Option<String>,
+    /// What became of the run, such as `GatePassed`, `GateRejected` or `TrainingFailed`.
+    pub result: String,
+    /// One sentence with the run's figures.
+    pub message: String,
 }
 
 /// Lifecycle phase of a policy version.
@@ -402,6 +443,15 @@ pub struct LlmPolicyStatus {
     /// Why the policy is in its phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What the policy was trained on, for a trained policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingData>,
+    /// The off-policy gate's estimates against the parent version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub off_policy: Option<GateFigures>,
+    /// Live figures over the requests the version decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveFigures>,
 }
 
 /// A rule of [`LlmRouteSpec::check`] that a spec breaks.
@@ -605,6 +655,12 @@ impl LlmRouteSpec {
                 }
             }
         }
+        crate::rollout::check(
+            self.training.as_ref(),
+            self.rollout.as_ref(),
+            self.retention.as_ref(),
+            &mut errors,
+        );
         errors
     }
 

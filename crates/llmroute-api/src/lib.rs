@@ -10,6 +10,7 @@ pub mod crd;
 pub mod event;
 pub mod openai;
 pub mod preference;
+pub mod rollout;
 
 pub use config::{
     ApiKeyRef, ConfigError, Exploration, ModelEndpoint, PolicyRef, Pricing, SidecarConfig,

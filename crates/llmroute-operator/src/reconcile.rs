@@ -839,6 +839,7 @@ async fn set_phases(
         let status = LlmPolicyStatus {
             phase: Some(phase),
             message: Some(message),
+            ..LlmPolicyStatus::default()
         };
         let patch = json!({
             "apiVersion": llmroute_api::crd::API_VERSION,

@@ -177,6 +177,9 @@ fn llmroute_resource(config: &SidecarConfig) -> LlmRoute {
             cost_scale_usd: None,
             policy: None,
             sidecar: None,
+            training: None,
+            rollout: None,
+            retention: None,
         },
     }
 }
