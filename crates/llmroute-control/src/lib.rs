@@ -7,11 +7,15 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod canary;
+pub mod history;
+pub mod learning;
 pub mod plane;
 pub mod route;
 pub mod server;
 pub mod store;
 
+pub use learning::LearningLoop;
 pub use plane::{ControlPlane, ReloadReport};
 pub use route::{LlmRoute, RouteError, load_routes, sidecar_config};
 pub use server::{ControlBackend, serve, serve_backend};

@@ -9,6 +9,9 @@ use std::time::{Duration, SystemTime};
 use llmroute_api::{PolicyRef, SidecarConfig};
 use tokio::sync::watch;
 
+use llmroute_api::crd::{LlmRouteSpec, PolicyOrigin, PolicyPhase};
+
+use crate::history::PolicyRecord;
 use crate::route::{LlmRoute, load_routes};
 use crate::store::{Store, StoreError};
 
@@ -47,6 +50,9 @@ impl std::fmt::Debug for ControlPlane {
 impl ControlPlane {
     /// Creates the control plane for the route files in `folder` and loads them once.
     pub fn new(folder: &Path, store: Arc<Store>) -> (Arc<Self>, ReloadReport) {
+        if let Err(error) = store.ensure_history() {
+            tracing::error!(error = %error, "failed to create the policy history tables; routes serve their newest published policy");
+        }
         let plane = Arc::new(Self {
             store,
             folder: folder.to_path_buf(),
@@ -153,15 +159,21 @@ impl ControlPlane {
             .as_ref()
             .and_then(|p| p.version.as_deref());
         let stable = self
-            .store
-            .stable_policy(name, pinned)
+            .serving_stable_for(name, pinned)
             .map_err(|e| e.to_string())?;
         if let (Some(version), None) = (pinned, &stable) {
             return Err(format!(
                 "spec.policy.version pins {version:?}, which is not published for this route"
             ));
         }
-        let candidate = route.sidecar_config(0, stable);
+        let (canary, canary_weight) = if pinned.is_none() {
+            self.serving_canary(name).map_err(|e| e.to_string())?
+        } else {
+            (None, 0.0)
+        };
+        let mut candidate = route.sidecar_config(0, stable);
+        candidate.canary = canary;
+        candidate.canary_weight = canary_weight;
         candidate.validate().map_err(|e| e.to_string())?;
         let candidate_json = serde_json::to_string(&candidate).map_err(|e| e.to_string())?;
         let stored = self.store.route_config(name).map_err(|e| e.to_string())?;
@@ -169,13 +181,128 @@ impl ControlPlane {
             && *json == candidate_json
         {
             let unchanged = current.is_some_and(|entry| entry.sender.borrow().version == *version);
-            return Ok((route.sidecar_config(*version, candidate.stable), !unchanged));
+            candidate.version = *version;
+            return Ok((candidate, !unchanged));
         }
         let version = stored.map(|(version, _)| version).unwrap_or(0) + 1;
         self.store
             .save_route_config(name, version, &candidate_json)
             .map_err(|e| e.to_string())?;
-        Ok((route.sidecar_config(version, candidate.stable), true))
+        candidate.version = version;
+        Ok((candidate, true))
+    }
+
+    /// The policy that serves `route` as stable: the pinned version, else the history's
+    /// `Stable` version, else (for state folders written before the history existed) the
+    /// newest published one.
+    fn serving_stable_for(
+        &self,
+        route: &str,
+        pinned: Option<&str>,
+    ) -> Result<Option<PolicyRef>, StoreError> {
+        if pinned.is_some() {
+            return self.store.stable_policy(route, pinned);
+        }
+        if let Some(record) = self.history_stable(route)? {
+            return self.store.stable_policy(route, Some(&record.version));
+        }
+        self.store.stable_policy(route, None)
+    }
+
+    /// The policy that serves `route` as stable now, following the route's pin.
+    pub fn serving_stable(&self, route: &str) -> Result<Option<PolicyRef>, StoreError> {
+        let pinned = {
+            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+            routes.get(route).and_then(|entry| {
+                entry
+                    .route
+                    .spec
+                    .policy
+                    .as_ref()
+                    .and_then(|p| p.version.clone())
+            })
+        };
+        self.serving_stable_for(route, pinned.as_deref())
+    }
+
+    /// The history's `Stable` record of `route`, the newest when several claim it.
+    pub fn history_stable(&self, route: &str) -> Result<Option<PolicyRecord>, StoreError> {
+        Ok(self
+            .store
+            .policy_records(route)?
+            .into_iter()
+            .rev()
+            .find(|r| r.phase == PolicyPhase::Stable))
+    }
+
+    /// The canary policy of `route` and its weight, from the rollout state.
+    fn serving_canary(&self, route: &str) -> Result<(Option<PolicyRef>, f64), StoreError> {
+        let state = self.store.rollout_state(route)?;
+        match state.canary {
+            Some(version) if state.weight > 0.0 => {
+                let reference = self.store.stable_policy(route, Some(&version))?;
+                let weight = if reference.is_some() {
+                    state.weight
+                } else {
+                    0.0
+                };
+                Ok((reference, weight))
+            }
+            _ => Ok((None, 0.0)),
+        }
+    }
+
+    /// Names and specs of the served routes, sorted by name.
+    pub fn route_specs(&self) -> Vec<(String, LlmRouteSpec)> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut specs: Vec<(String, LlmRouteSpec)> = routes
+            .iter()
+            .map(|(name, entry)| (name.clone(), entry.route.spec.clone()))
+            .collect();
+        specs.sort_by(|a, b| a.0.cmp(&b.0));
+        specs
+    }
+
+    /// Publishes `bytes` as `version` of `route` and records it in the history as the stable
+    /// policy, retiring the previous stable one. Does not reload: the caller does.
+    pub fn publish_version(
+        &self,
+        route: &str,
+        version: &str,
+        bytes: &[u8],
+        origin: PolicyOrigin,
+        parent: Option<String>,
+        message: &str,
+    ) -> Result<PolicyRef, StoreError> {
+        let reference = self.store.publish_policy(route, version, bytes)?;
+        if let Some(mut previous) = self.history_stable(route)?
+            && previous.version != version
+        {
+            previous.phase = PolicyPhase::Retired;
+            previous.message = Some(format!("replaced by {version}"));
+            self.store.save_policy_record(route, &previous)?;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        self.store.save_policy_record(
+            route,
+            &PolicyRecord {
+                version: version.to_string(),
+                sha256: reference.sha256.clone(),
+                phase: PolicyPhase::Stable,
+                origin,
+                parent,
+                created_ms: now,
+                message: Some(message.to_string()),
+                training: None,
+                off_policy: None,
+                live: None,
+            },
+        )?;
+        tracing::info!(route, policy_version = version, sha256 = %reference.sha256, ?origin, "published a stable policy");
+        Ok(reference)
     }
 
     /// Subscribes to the configuration of `route`.
@@ -200,8 +327,14 @@ impl ControlPlane {
         version: &str,
         bytes: &[u8],
     ) -> Result<PolicyRef, StoreError> {
-        let reference = self.store.publish_policy(route, version, bytes)?;
-        tracing::info!(route, policy_version = version, sha256 = %reference.sha256, "published a policy");
+        let reference = self.publish_version(
+            route,
+            version,
+            bytes,
+            PolicyOrigin::Pretrained,
+            None,
+            "published with llmroute standalone --publish",
+        )?;
         self.reload();
         Ok(reference)
     }

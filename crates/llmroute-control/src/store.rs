@@ -181,7 +181,7 @@ impl Store {
         })
     }
 
-    fn with_connection<T>(
+    pub(crate) fn with_connection<T>(
         &self,
         work: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, StoreError> {
@@ -495,7 +495,7 @@ fn encode_embedding(values: &[f32]) -> Vec<u8> {
 }
 
 /// Decodes [`encode_embedding`]'s bytes, `None` when the length is not a multiple of 4.
-fn decode_embedding(bytes: &[u8]) -> Option<Vec<f32>> {
+pub(crate) fn decode_embedding(bytes: &[u8]) -> Option<Vec<f32>> {
     if !bytes.len().is_multiple_of(4) {
         return None;
     }

@@ -30,6 +30,9 @@ use crate::names::{MANAGED_BY, MANAGED_BY_VALUE, POLICY_KEY, SHA256_ANNOTATION, 
 use crate::reconcile::config_digest;
 
 /// Routes and policies as the control API serves them.
+// TODO: run `llmroute_control::learning` for the leader's routes (training, off-policy gate,
+// canary) and serve the canary from the route's status; until then the operator serves the
+// stable policy only and the events it stores train nothing.
 pub struct ClusterBackend {
     routes: RwLock<HashMap<String, watch::Sender<Arc<SidecarConfig>>>>,
     /// The route objects, for the injection webhook.

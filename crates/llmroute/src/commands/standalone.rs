@@ -10,8 +10,8 @@ use anyhow::{Context, Result, bail};
 use llmroute_control::auth::{Authenticator, StaticTokenAuthenticator};
 use llmroute_control::server::{RetentionSettings, ServerOptions, run_retention, serve_with};
 use llmroute_control::store::Synchronous;
-use llmroute_control::{ControlPlane, Store};
-use llmroute_policy::encoder::EMBEDDING_DIM;
+use llmroute_control::{ControlPlane, LearningLoop, Store};
+use llmroute_policy::encoder::{EMBEDDING_DIM, digest_of_files};
 use llmroute_policy::policy::OnnxPolicy;
 
 use crate::workspace::Workspace;
@@ -54,6 +54,11 @@ pub struct StandaloneArgs {
     /// loss. With `normal`, it survives only a crash of this process.
     #[arg(long, default_value_t = Synchronous::Full, value_name = "full|normal")]
     pub sqlite_synchronous: Synchronous,
+    /// Seconds between two passes of the learning loop, which publishes the pricing prior for
+    /// routes without a policy, trains and gates candidates and runs canaries (0 turns it
+    /// off).
+    #[arg(long, default_value_t = 2)]
+    pub learning_interval_seconds: u64,
 }
 
 impl StandaloneArgs {
@@ -99,6 +104,21 @@ pub fn run(workspace: &Workspace, args: &StandaloneArgs) -> Result<()> {
     for item in &args.publish {
         publish(workspace, &plane, item)?;
     }
+    let learning = (args.learning_interval_seconds > 0).then(|| {
+        // The pricing prior records the encoder's digest; without the encoder files, routes
+        // without a policy stay on their fallback model until one is published.
+        let encoder = match workspace.assets().and_then(|assets| {
+            digest_of_files(&assets.encoder, &assets.tokenizer)
+                .context("failed to read the encoder files")
+        }) {
+            Ok(digest) => Some(digest),
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "no encoder digest, so routes without a policy get no pricing prior; run `llmroute setup`");
+                None
+            }
+        };
+        Arc::new(LearningLoop::new(plane.clone(), encoder))
+    });
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -125,6 +145,14 @@ pub fn run(workspace: &Workspace, args: &StandaloneArgs) -> Result<()> {
         let retainer = tokio::spawn(run_retention(plane.clone(), retention, async {
             let _ = retention_stopped.await;
         }));
+        let (stop_learning, learning_stopped) = tokio::sync::oneshot::channel::<()>();
+        let learner = learning.map(|learning| {
+            tokio::spawn(
+                learning.run(Duration::from_secs(args.learning_interval_seconds), async {
+                    let _ = learning_stopped.await;
+                }),
+            )
+        });
         let options = ServerOptions {
             authenticator,
             embedding_dim: EMBEDDING_DIM,
@@ -133,6 +161,10 @@ pub fn run(workspace: &Workspace, args: &StandaloneArgs) -> Result<()> {
         serve_with(listener, plane, options, crate::shutdown::signal()).await?;
         let _ = stop_watch.send(());
         let _ = stop_retention.send(());
+        let _ = stop_learning.send(());
+        if let Some(learner) = learner {
+            learner.await.context("the learning loop failed")?;
+        }
         watcher.await.context("the route folder watcher failed")?;
         retainer.await.context("the event retention task failed")?;
         Ok(())

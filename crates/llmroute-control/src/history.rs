@@ -1,0 +1,319 @@
+//! The learning loop's records in the state database: the policy history of each route (phase,
+//! origin, parent, training data, off-policy and live figures per version), the route's rollout
+//! state (canary version, step, weight, last training run), and a timeline of rollout
+//! decisions, the standalone counterpart of Kubernetes Events.
+
+use llmroute_api::CompletedEvent;
+use llmroute_api::crd::{
+    GateFigures, LastTraining, LiveFigures, PolicyOrigin, PolicyPhase, TrainingData,
+};
+use rusqlite::{OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::store::{Store, StoreError, decode_embedding};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS policy_history (
+    route TEXT NOT NULL,
+    version TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (route, version)
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    route TEXT PRIMARY KEY,
+    state TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS timeline (
+    id INTEGER PRIMARY KEY,
+    route TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS timeline_by_route ON timeline (route, id);
+";
+
+/// One policy version of a route, as `kubectl get llmpolicies` would show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyRecord {
+    pub version: String,
+    pub sha256: String,
+    pub phase: PolicyPhase,
+    pub origin: PolicyOrigin,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Unix time of the record's creation, in milliseconds.
+    pub created_ms: u64,
+    /// Reason for the policy's phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub training: Option<TrainingData>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub off_policy: Option<GateFigures>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveFigures>,
+}
+
+/// A route's rollout state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutState {
+    /// Version under canary analysis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
+    /// Canary step, from 0.
+    #[serde(default)]
+    pub step: u32,
+    /// Share of routed requests the canary decides.
+    #[serde(default)]
+    pub weight: f64,
+    /// Events with a larger store id count for the current step.
+    #[serde(default)]
+    pub step_start_event_id: i64,
+    /// Unix time of the last training run's end, in milliseconds.
+    #[serde(default)]
+    pub last_training_ms: u64,
+    /// Events with a larger store id are new for the next training run.
+    #[serde(default)]
+    pub last_training_event_id: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_training: Option<LastTraining>,
+    /// Reason the route is degraded (the last canary aborted), kept until the next promotion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
+}
+
+/// One rollout decision, with its reason and numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TimelineEntry {
+    pub time_ms: u64,
+    /// One CamelCase word, such as `CanaryStepHeld`.
+    pub reason: String,
+    pub message: String,
+}
+
+/// A stored event with its store id.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub id: i64,
+    pub event: CompletedEvent,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
+    Ok(serde_json::to_string(value)?)
+}
+
+impl Store {
+    /// Creates the learning loop's tables when missing.
+    pub fn ensure_history(&self) -> Result<(), StoreError> {
+        self.with_connection(|connection| connection.execute_batch(SCHEMA))
+    }
+
+    /// Writes (inserting or replacing) one policy record of `route`.
+    pub fn save_policy_record(&self, route: &str, record: &PolicyRecord) -> Result<(), StoreError> {
+        let json = to_json(record)?;
+        self.with_connection(|connection| {
+            connection.execute(
+                "INSERT INTO policy_history (route, version, record) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (route, version) DO UPDATE SET record = ?3",
+                params![route, record.version, json],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Reads the policy history of `route`, oldest first.
+    pub fn policy_records(&self, route: &str) -> Result<Vec<PolicyRecord>, StoreError> {
+        let texts: Vec<String> = self.with_connection(|connection| {
+            let mut statement = connection
+                .prepare("SELECT record FROM policy_history WHERE route = ?1 ORDER BY rowid")?;
+            let rows = statement.query_map(params![route], |row| row.get(0))?;
+            rows.collect()
+        })?;
+        let mut records: Vec<PolicyRecord> = texts
+            .iter()
+            .map(|text| serde_json::from_str(text).map_err(StoreError::from))
+            .collect::<Result<_, _>>()?;
+        records.sort_by_key(|r| r.created_ms);
+        Ok(records)
+    }
+
+    /// Reads one policy record of `route`.
+    pub fn policy_record(
+        &self,
+        route: &str,
+        version: &str,
+    ) -> Result<Option<PolicyRecord>, StoreError> {
+        let text: Option<String> = self.with_connection(|connection| {
+            connection
+                .query_row(
+                    "SELECT record FROM policy_history WHERE route = ?1 AND version = ?2",
+                    params![route, version],
+                    |row| row.get(0),
+                )
+                .optional()
+        })?;
+        text.map(|t| serde_json::from_str(&t).map_err(StoreError::from))
+            .transpose()
+    }
+
+    /// Reads the rollout state of `route` (the default when none is stored).
+    pub fn rollout_state(&self, route: &str) -> Result<RolloutState, StoreError> {
+        let text: Option<String> = self.with_connection(|connection| {
+            connection
+                .query_row(
+                    "SELECT state FROM rollouts WHERE route = ?1",
+                    params![route],
+                    |row| row.get(0),
+                )
+                .optional()
+        })?;
+        Ok(match text {
+            Some(text) => serde_json::from_str(&text)?,
+            None => RolloutState::default(),
+        })
+    }
+
+    /// Stores the rollout state of `route`.
+    pub fn save_rollout_state(&self, route: &str, state: &RolloutState) -> Result<(), StoreError> {
+        let json = to_json(state)?;
+        self.with_connection(|connection| {
+            connection.execute(
+                "INSERT INTO rollouts (route, state) VALUES (?1, ?2)
+                 ON CONFLICT (route) DO UPDATE SET state = ?2",
+                params![route, json],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Appends a rollout decision to the timeline of `route`.
+    pub fn record_timeline(
+        &self,
+        route: &str,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        self.with_connection(|connection| {
+            connection.execute(
+                "INSERT INTO timeline (route, time_ms, reason, message) VALUES (?1, ?2, ?3, ?4)",
+                params![route, now_ms() as i64, reason, message],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Reads the last `limit` timeline entries of `route`, oldest first.
+    pub fn timeline(&self, route: &str, limit: usize) -> Result<Vec<TimelineEntry>, StoreError> {
+        let mut entries: Vec<TimelineEntry> = self.with_connection(|connection| {
+            let mut statement = connection.prepare(
+                "SELECT time_ms, reason, message FROM timeline WHERE route = ?1
+                 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = statement.query_map(params![route, limit as i64], |row| {
+                Ok(TimelineEntry {
+                    time_ms: row.get::<_, i64>(0)? as u64,
+                    reason: row.get(1)?,
+                    message: row.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })?;
+        entries.reverse();
+        Ok(entries)
+    }
+
+    /// Returns the largest event id of `route`, 0 when it has none.
+    pub fn last_event_id(&self, route: &str) -> Result<i64, StoreError> {
+        self.with_connection(|connection| {
+            connection.query_row(
+                "SELECT COALESCE(MAX(id), 0) FROM events WHERE route = ?1",
+                params![route],
+                |row| row.get(0),
+            )
+        })
+    }
+
+    /// Counts the routed events of `route` with quality feedback and a store id above
+    /// `after_id`.
+    pub fn count_feedback_events(&self, route: &str, after_id: i64) -> Result<u64, StoreError> {
+        self.with_connection(|connection| {
+            connection.query_row(
+                "SELECT COUNT(*) FROM events
+                 WHERE route = ?1 AND id > ?2 AND routed = 1 AND quality IS NOT NULL",
+                params![route, after_id],
+                |row| row.get::<_, i64>(0).map(|n| n as u64),
+            )
+        })
+    }
+
+    /// Reads the most recent `limit` routed events of `route` with quality feedback, oldest
+    /// first: the training window.
+    pub fn recent_feedback_events(
+        &self,
+        route: &str,
+        limit: u64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let mut events = self.select_events(
+            "SELECT id, event, embedding FROM events
+             WHERE route = ?1 AND routed = 1 AND quality IS NOT NULL
+             ORDER BY id DESC LIMIT ?2",
+            params![route, limit as i64],
+        )?;
+        events.reverse();
+        Ok(events)
+    }
+
+    /// Reads the routed events of `route` decided by one of `versions` with a store id above
+    /// `after_id`, oldest first: a canary step's sample.
+    pub fn events_of_versions(
+        &self,
+        route: &str,
+        versions: [&str; 2],
+        after_id: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.select_events(
+            "SELECT id, event, embedding FROM events
+             WHERE route = ?1 AND id > ?2 AND routed = 1 AND policy_version IN (?3, ?4)
+             ORDER BY id",
+            params![route, after_id, versions[0], versions[1]],
+        )
+    }
+
+    fn select_events(
+        &self,
+        sql: &str,
+        parameters: impl rusqlite::Params,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows: Vec<(i64, String, Option<Vec<u8>>)> = self.with_connection(|connection| {
+            let mut statement = connection.prepare(sql)?;
+            let rows = statement.query_map(parameters, |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            })?;
+            rows.collect()
+        })?;
+        rows.into_iter()
+            .map(|(id, text, embedding)| {
+                let mut event: CompletedEvent = serde_json::from_str(&text)?;
+                if let Some(bytes) = embedding {
+                    event.embedding =
+                        decode_embedding(&bytes).ok_or_else(|| StoreError::Embedding {
+                            decision_id: event.decision.decision_id.clone(),
+                            bytes: bytes.len(),
+                        })?;
+                }
+                Ok(StoredEvent { id, event })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,445 @@
+//! The learning loop end to end on a synthetic world, without sidecars: events logged under
+//! the serving policies go into the store, and the loop trains, gates, canaries, promotes,
+//! rejects and aborts as the route's settings require.
+//!
+//! The world: prompts fall in two clusters of the embedding space; three models with
+//! different prices; the best model depends on the cluster and on the preference. Quality is a
+//! Bernoulli draw with the model's mean on the cluster, so the loop sees noisy feedback.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use llmroute_api::crd::PolicyPhase;
+use llmroute_api::{CompletedEvent, DecisionRecord, Outcome, Preference};
+use llmroute_control::history::PolicyRecord;
+use llmroute_control::{ControlPlane, LearningLoop, Store};
+use llmroute_policy::offpolicy::{ActionProbabilities, Explored};
+use llmroute_policy::onnx;
+use llmroute_policy::policy::{PolicyNetwork, from_onnx};
+use ndarray::Array2;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const MODELS: [&str; 3] = ["cheap", "mid", "premium"];
+/// Mean quality per cluster (rows) and model (columns).
+const QUALITY: [[f64; 3]; 2] = [[0.85, 0.5, 0.9], [0.1, 0.75, 0.8]];
+/// Cost per call in USD.
+const COST: [f64; 3] = [0.0001, 0.0008, 0.004];
+const EPSILON: f64 = 0.3;
+const ENCODER: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn route_yaml(training: &str, rollout: &str) -> String {
+    format!(
+        r#"apiVersion: llmroute.dev/v1alpha1
+kind: LLMRoute
+metadata:
+  name: world
+spec:
+  models:
+    - name: cheap
+      endpoint: http://127.0.0.1:9/v1
+      model: cheap
+      pricing: {{inputUsdPerMillionTokens: 0.1, outputUsdPerMillionTokens: 0.1}}
+    - name: mid
+      endpoint: http://127.0.0.1:9/v1
+      model: mid
+      pricing: {{inputUsdPerMillionTokens: 0.8, outputUsdPerMillionTokens: 0.8}}
+    - name: premium
+      endpoint: http://127.0.0.1:9/v1
+      model: premium
+      pricing: {{inputUsdPerMillionTokens: 4, outputUsdPerMillionTokens: 4}}
+  defaultPreference: {{quality: 0.5, cost: 0.5}}
+  fallback: cheap
+  exploration: {{mode: epsilonGreedy, epsilon: {EPSILON}}}
+  costScaleUsd: 0.004
+{training}
+{rollout}
+"#
+    )
+}
+
+struct World {
+    rng: ChaCha8Rng,
+    centers: [Vec<f32>; 2],
+    next_id: u64,
+}
+
+impl World {
+    fn new(seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut center = || -> Vec<f32> {
+            let v: Vec<f32> = (0..384).map(|_| rng.random_range(-1.0..1.0)).collect();
+            normalise(v)
+        };
+        let centers = [center(), center()];
+        Self {
+            rng,
+            centers,
+            next_id: 1,
+        }
+    }
+
+    /// Draws a prompt: its cluster and an embedding near the cluster's center.
+    fn prompt(&mut self) -> (usize, Vec<f32>) {
+        let cluster = self.rng.random_range(0..2);
+        let noisy: Vec<f32> = self.centers[cluster]
+            .iter()
+            .map(|c| c + self.rng.random_range(-0.05..0.05))
+            .collect();
+        (cluster, normalise(noisy))
+    }
+
+    /// Simulates one request decided by `policy` (under ε-greedy), logged as its sidecar
+    /// would log it.
+    fn event(&mut self, policy: &PolicyNetwork, version: &str, latency_ms: f64) -> CompletedEvent {
+        let (cluster, embedding) = self.prompt();
+        let w_quality: f64 = self.rng.random_range(0.0..1.0);
+        let explored = Explored {
+            policy,
+            exploration: llmroute_api::Exploration::EpsilonGreedy { epsilon: EPSILON },
+        };
+        let row = Array2::from_shape_vec((1, 384), embedding.clone()).unwrap();
+        let probabilities = explored.action_probabilities(row.view(), &[w_quality as f32]);
+        let draw: f32 = self.rng.random();
+        let mut action = MODELS.len() - 1;
+        let mut acc = 0.0;
+        for (k, p) in probabilities.row(0).iter().enumerate() {
+            acc += p;
+            if draw < acc {
+                action = k;
+                break;
+            }
+        }
+        let quality = if self.rng.random::<f64>() < QUALITY[cluster][action] {
+            1.0
+        } else {
+            0.0
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        CompletedEvent {
+            decision: DecisionRecord {
+                decision_id: format!("{id:032x}"),
+                route: "world".into(),
+                config_version: 1,
+                model: MODELS[action].into(),
+                routed: true,
+                preference: Preference {
+                    quality: w_quality,
+                    cost: 1.0 - w_quality,
+                },
+                policy_version: Some(version.into()),
+                propensity: Some(probabilities[[0, action]] as f64),
+            },
+            served_model: MODELS[action].into(),
+            embedding,
+            quality: Some(quality),
+            cost_usd: Some(COST[action]),
+            prompt_tokens: Some(100),
+            completion_tokens: Some(100),
+            latency_ms,
+            outcome: Outcome::Success,
+            attempts: 1,
+            timestamp_ms: 1_700_000_000_000 + id,
+        }
+    }
+}
+
+fn normalise(v: Vec<f32>) -> Vec<f32> {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    v.into_iter().map(|x| x / norm).collect()
+}
+
+fn network(store: &Store, record: &PolicyRecord) -> PolicyNetwork {
+    let bytes = std::fs::read(store.policy_path(&record.sha256)).unwrap();
+    from_onnx(&onnx::decode(&bytes).unwrap()).unwrap()
+}
+
+fn setup(dir: &Path, yaml: &str) -> (Arc<ControlPlane>, LearningLoop) {
+    let routes = dir.join("routes");
+    std::fs::create_dir_all(&routes).unwrap();
+    std::fs::write(routes.join("world.yaml"), yaml).unwrap();
+    let store = Arc::new(Store::open(&dir.join("state")).unwrap());
+    let (plane, report) = ControlPlane::new(&routes, store);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let learning = LearningLoop::new(plane.clone(), Some(ENCODER.into()));
+    (plane, learning)
+}
+
+fn record(plane: &ControlPlane, version: &str) -> PolicyRecord {
+    plane
+        .store()
+        .policy_record("world", version)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no record of {version}"))
+}
+
+/// Serves `n` requests split between stable and canary by the route's current weight.
+fn serve(plane: &ControlPlane, world: &mut World, n: usize, canary_latency_ms: f64) {
+    let config = plane.subscribe("world").unwrap().borrow().clone();
+    let stable_ref = config.stable.clone().unwrap();
+    let stable = network(plane.store(), &record(plane, &stable_ref.version));
+    let canary = config.canary.as_ref().map(|c| {
+        (
+            c.version.clone(),
+            network(plane.store(), &record(plane, &c.version)),
+        )
+    });
+    let mut events = Vec::with_capacity(n);
+    for _ in 0..n {
+        let use_canary = canary.is_some() && world.rng.random::<f64>() < config.canary_weight;
+        let event = match (&canary, use_canary) {
+            (Some((version, policy)), true) => world.event(policy, version, canary_latency_ms),
+            _ => world.event(&stable, &stable_ref.version, 10.0),
+        };
+        events.push(event);
+    }
+    plane
+        .store()
+        .insert_events("world", "test", &events)
+        .unwrap();
+}
+
+fn reasons(plane: &ControlPlane) -> Vec<String> {
+    plane
+        .store()
+        .timeline("world", 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.reason)
+        .collect()
+}
+
+const TRAINING: &str = "  training: {minNewEvents: 600, steps: 400, intervalSeconds: 5}";
+const ROLLOUT: &str =
+    "  rollout: {steps: [{weight: 0.3, minEvents: 60}, {weight: 0.6, minEvents: 60}]}";
+
+#[test]
+fn better_candidate_is_promoted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, ROLLOUT));
+    let mut world = World::new(1);
+
+    learning.tick();
+    assert_eq!(reasons(&plane), ["PricingPriorPublished"]);
+    let config = plane.subscribe("world").unwrap().borrow().clone();
+    assert_eq!(config.stable.as_ref().unwrap().version, "v1");
+    assert_eq!(record(&plane, "v1").phase, PolicyPhase::Stable);
+
+    serve(&plane, &mut world, 1500, 10.0);
+    learning.tick();
+    let v2 = record(&plane, "v2");
+    let gate = v2.off_policy.clone().unwrap();
+    assert!(gate.passed, "{:?}", v2.message);
+    assert_eq!(v2.phase, PolicyPhase::Canary);
+    assert_eq!(v2.parent.as_deref(), Some("v1"));
+    let training = v2.training.clone().unwrap();
+    assert_eq!(training.training_events + training.holdout_events, 1500);
+    assert!(gate.difference_dr.ci_low > 0.0, "{gate:?}");
+    let config = plane.subscribe("world").unwrap().borrow().clone();
+    assert_eq!(config.canary.as_ref().unwrap().version, "v2");
+    assert_eq!(config.canary_weight, 0.3);
+
+    // Step 1, then step 2, then promotion.
+    for _ in 0..20 {
+        serve(&plane, &mut world, 200, 10.0);
+        learning.tick();
+        if plane
+            .store()
+            .policy_record("world", "v2")
+            .unwrap()
+            .unwrap()
+            .phase
+            == PolicyPhase::Stable
+        {
+            break;
+        }
+    }
+    let reasons = reasons(&plane);
+    assert!(reasons.ends_with(&["Promoted".to_string()]), "{reasons:?}");
+    assert!(
+        reasons.contains(&"CanaryStepPassed".to_string()),
+        "{reasons:?}"
+    );
+    assert_eq!(record(&plane, "v2").phase, PolicyPhase::Stable);
+    assert_eq!(record(&plane, "v1").phase, PolicyPhase::Retired);
+    let live = record(&plane, "v2").live.unwrap();
+    assert!(live.with_feedback >= 60, "{live:?}");
+    let config = plane.subscribe("world").unwrap().borrow().clone();
+    assert_eq!(config.stable.as_ref().unwrap().version, "v2");
+    assert!(config.canary.is_none());
+    assert_eq!(config.canary_weight, 0.0);
+    let state = plane.store().rollout_state("world").unwrap();
+    assert!(state.degraded.is_none());
+    for entry in plane.store().timeline("world", 100).unwrap() {
+        eprintln!("{}: {}", entry.reason, entry.message);
+    }
+    assert_eq!(state.last_training.unwrap().result, "GatePassed");
+}
+
+#[test]
+fn training_repeats_for_seed() {
+    let run = || {
+        let dir = tempfile::tempdir().unwrap();
+        let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, ROLLOUT));
+        let mut world = World::new(2);
+        learning.tick();
+        serve(&plane, &mut world, 800, 10.0);
+        learning.tick();
+        let v2 = record(&plane, "v2");
+        (v2.sha256, v2.off_policy.unwrap().difference_dr)
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn gate_rejects_inverted_reward_candidate() {
+    // The feedback of the first 1 500 events is inverted, so training learns the worst
+    // models. The last 700 are honest, and as the most recent they are the held-out part of
+    // the window that the gate measures on.
+    let mut world = World::new(3);
+    let inverted_dir = tempfile::tempdir().unwrap();
+    let (inverted_plane, inverted_learning) =
+        setup(inverted_dir.path(), &route_yaml(TRAINING, ROLLOUT));
+    inverted_learning.tick();
+    let v1 = network(inverted_plane.store(), &record(&inverted_plane, "v1"));
+    let mut events = Vec::new();
+    for _ in 0..1500 {
+        let mut event = world.event(&v1, "v1", 10.0);
+        event.quality = event.quality.map(|q| 1.0 - q);
+        events.push(event);
+    }
+    // Honest events come last, so the gate measures the candidate on true feedback.
+    for _ in 0..700 {
+        events.push(world.event(&v1, "v1", 10.0));
+    }
+    inverted_plane
+        .store()
+        .insert_events("world", "test", &events)
+        .unwrap();
+    std::fs::write(
+        inverted_dir.path().join("routes/world.yaml"),
+        route_yaml(
+            "  training: {minNewEvents: 600, steps: 400, intervalSeconds: 5, holdoutFraction: 0.3}",
+            ROLLOUT,
+        ),
+    )
+    .unwrap();
+    inverted_plane.reload();
+    inverted_learning.tick();
+    let v2 = record(&inverted_plane, "v2");
+    let gate = v2.off_policy.clone().unwrap();
+    assert!(!gate.passed, "{gate:?}");
+    assert_eq!(v2.phase, PolicyPhase::Rejected);
+    assert!(v2.message.unwrap().contains("failed the off-policy gate"));
+    assert_eq!(reasons(&inverted_plane).last().unwrap(), "GateRejected");
+    let config = inverted_plane.subscribe("world").unwrap().borrow().clone();
+    assert!(config.canary.is_none());
+    assert_eq!(config.stable.as_ref().unwrap().version, "v1");
+}
+
+#[test]
+fn canary_aborts_slow_candidate() {
+    let dir = tempfile::tempdir().unwrap();
+    // Tolerance 1 lets any candidate through the gate.
+    let training =
+        "  training: {minNewEvents: 600, steps: 400, intervalSeconds: 5, gate: {tolerance: 1}}";
+    let (plane, learning) = setup(dir.path(), &route_yaml(training, ROLLOUT));
+    let mut world = World::new(4);
+    learning.tick();
+    serve(&plane, &mut world, 1500, 10.0);
+    learning.tick();
+    assert_eq!(record(&plane, "v2").phase, PolicyPhase::Canary);
+    // The candidate's requests are four times slower than the stable policy's.
+    for _ in 0..20 {
+        serve(&plane, &mut world, 200, 40.0);
+        learning.tick();
+        if record(&plane, "v2").phase != PolicyPhase::Canary {
+            break;
+        }
+    }
+    let v2 = record(&plane, "v2");
+    assert_eq!(v2.phase, PolicyPhase::Rejected);
+    assert!(
+        v2.message
+            .as_ref()
+            .unwrap()
+            .contains("p95 latency 40 ms vs 10 ms"),
+        "{:?}",
+        v2.message
+    );
+    let state = plane.store().rollout_state("world").unwrap();
+    assert!(state.canary.is_none());
+    assert!(state.degraded.is_some());
+    let config = plane.subscribe("world").unwrap().borrow().clone();
+    assert_eq!(config.canary_weight, 0.0);
+    assert_eq!(config.stable.as_ref().unwrap().version, "v1");
+    assert_eq!(reasons(&plane).last().unwrap(), "CanaryAborted");
+}
+
+#[test]
+fn pin_cancels_canary_and_rolls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, ROLLOUT));
+    let mut world = World::new(5);
+    learning.tick();
+    serve(&plane, &mut world, 1500, 10.0);
+    learning.tick();
+    assert_eq!(record(&plane, "v2").phase, PolicyPhase::Canary);
+    // Pin v2: the canary is promoted by hand.
+    let pinned = route_yaml(TRAINING, ROLLOUT) + "  policy: {version: v2}\n";
+    std::fs::write(dir.path().join("routes/world.yaml"), pinned).unwrap();
+    plane.reload();
+    learning.tick();
+    assert_eq!(record(&plane, "v2").phase, PolicyPhase::Stable);
+    assert_eq!(record(&plane, "v1").phase, PolicyPhase::Retired);
+    // Pin v1: rolled back.
+    let pinned = route_yaml(TRAINING, ROLLOUT) + "  policy: {version: v1}\n";
+    std::fs::write(dir.path().join("routes/world.yaml"), pinned).unwrap();
+    plane.reload();
+    learning.tick();
+    assert_eq!(record(&plane, "v1").phase, PolicyPhase::Stable);
+    assert_eq!(record(&plane, "v2").phase, PolicyPhase::Retired);
+    assert_eq!(reasons(&plane).last().unwrap(), "RolledBack");
+    let config = plane.subscribe("world").unwrap().borrow().clone();
+    assert_eq!(config.stable.as_ref().unwrap().version, "v1");
+}
+
+#[test]
+fn pool_change_publishes_new_prior() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, ROLLOUT));
+    learning.tick();
+    assert_eq!(record(&plane, "v1").phase, PolicyPhase::Stable);
+
+    // Remove `premium` from the pool: the prior routes to a model the route no longer has.
+    let premium = "    - name: premium\n      endpoint: http://127.0.0.1:9/v1\n      model: premium\n      pricing: {inputUsdPerMillionTokens: 4, outputUsdPerMillionTokens: 4}\n";
+    let yaml = route_yaml(TRAINING, ROLLOUT).replace(premium, "");
+    assert!(!yaml.contains("premium"));
+    std::fs::write(dir.path().join("routes/world.yaml"), yaml).unwrap();
+    let report = plane.reload();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    learning.tick();
+
+    let v2 = record(&plane, "v2");
+    assert_eq!(v2.phase, PolicyPhase::Stable);
+    assert_eq!(v2.origin, llmroute_api::crd::PolicyOrigin::PricingPrior);
+    let message = v2.message.unwrap();
+    assert!(
+        message.contains("which the pool no longer lists"),
+        "{message}"
+    );
+    assert_eq!(record(&plane, "v1").phase, PolicyPhase::Retired);
+    let config = plane.subscribe("world").unwrap().borrow().clone();
+    assert_eq!(config.stable.as_ref().unwrap().version, "v2");
+
+    // A second pass changes nothing.
+    learning.tick();
+    assert!(
+        plane
+            .store()
+            .policy_record("world", "v3")
+            .unwrap()
+            .is_none()
+    );
+}
