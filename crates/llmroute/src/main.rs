@@ -46,11 +46,32 @@ enum Command {
     Install(commands::install::InstallArgs),
     /// Run the Kubernetes operator: the LLMRoute controller and the control API for sidecars.
     Operator(Box<commands::operator::OperatorArgs>),
+    /// Run the whole learning loop on one machine on a bundled data set: replay-llm, the
+    /// standalone control plane, a sidecar and traffic with feedback; no cluster, no API keys.
+    Quickstart(commands::quickstart::QuickstartArgs),
+    /// Print the policy history and rollout decisions of a route in a standalone state folder.
+    Policies(commands::policies::PoliciesArgs),
 }
 
 fn main() -> std::process::ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    // The quickstart draws a live table on stdout; its control plane logs to a file instead.
+    let log_file = match &cli.command {
+        Command::Quickstart(args) => {
+            let logs = args.out.join("logs");
+            match std::fs::create_dir_all(&logs)
+                .and_then(|()| std::fs::File::create(logs.join("control.log")))
+            {
+                Ok(file) => Some(file),
+                Err(error) => {
+                    eprintln!("error: failed to create {}: {error}", logs.display());
+                    return std::process::ExitCode::FAILURE;
+                }
+            }
+        }
+        _ => None,
+    };
+    init_logging(log_file);
     let result = workspace::Workspace::new(cli.cache).and_then(|workspace| match cli.command {
         Command::Setup => commands::setup::run(&workspace),
         Command::Train(args) => commands::train::run(&workspace, &args),
@@ -63,6 +84,8 @@ fn main() -> std::process::ExitCode {
         Command::Crd => commands::crd::run(),
         Command::Install(args) => commands::install::run(&args),
         Command::Operator(args) => commands::operator::run(&workspace, &args),
+        Command::Quickstart(args) => commands::quickstart::run(&workspace, &args),
+        Command::Policies(args) => commands::policies::run(&args),
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -75,15 +98,21 @@ fn main() -> std::process::ExitCode {
 
 /// Logs to stderr; `RUST_LOG` overrides the default level (`info` for llmroute, `warn` for
 /// libraries).
-fn init_logging() {
+fn init_logging(file: Option<std::fs::File>) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(
             "warn,llmroute=info,llmroute_policy=info,llmroute_replay=info,llmroute_sidecar=info,llmroute_control=info,llmroute_operator=info",
         )
     });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match file {
+        Some(file) => builder
+            .with_writer(std::sync::Mutex::new(file))
+            .with_ansi(false)
+            .init(),
+        None => builder
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .init(),
+    }
 }

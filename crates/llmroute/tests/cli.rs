@@ -209,3 +209,32 @@ fn install_rejects_bad_settings_by_name() {
     assert!(text.contains("replicas: 2"), "{text}");
     assert!(text.contains("image: example/llmroute:1"), "{text}");
 }
+
+#[test]
+fn policies_names_missing_state_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("absent");
+    let output = llmroute(&["policies", "--state", path_arg(&missing), "--route", "chat"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no state database at"), "{stderr}");
+    assert!(stderr.contains("absent"), "{stderr}");
+}
+
+#[test]
+fn quickstart_rejects_zero_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = llmroute(&[
+        "quickstart",
+        "--out",
+        path_arg(dir.path()),
+        "--requests",
+        "0",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--requests and --concurrency must be at least 1"),
+        "{stderr}"
+    );
+}

@@ -6,6 +6,8 @@ pub mod decide;
 pub mod eval;
 pub mod install;
 pub mod operator;
+pub mod policies;
+pub mod quickstart;
 pub mod replay_llm;
 pub mod setup;
 pub mod sidecar;
