@@ -14,6 +14,7 @@ pub mod feedback;
 pub mod limits;
 pub mod metrics;
 mod proxy;
+pub mod request;
 pub mod server;
 pub mod sidecar;
 pub mod sse;

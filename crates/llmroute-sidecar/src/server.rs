@@ -13,7 +13,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use llmroute_api::openai::Endpoint;
 use llmroute_api::{ErrorBody, FeedbackRequest};
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -22,6 +21,7 @@ use crate::body::{ResponseBody, error_response, json_response, text_response};
 use crate::events::EventSender;
 use crate::feedback::Joined;
 use crate::metrics::Metrics;
+use crate::request::unknown_path_error;
 use crate::sidecar::Sidecar;
 
 /// Time that open connections get to finish when the sidecar stops.
@@ -36,10 +36,9 @@ impl Sidecar {
         let method = request.method().clone();
         let path = request.uri().path().to_string();
         match (method.clone(), path.as_str()) {
-            (Method::POST, "/v1/chat/completions") => {
-                self.complete(Endpoint::ChatCompletions, request).await
+            (Method::POST, "/v1/chat/completions" | "/v1/completions") => {
+                self.complete(request).await
             }
-            (Method::POST, "/v1/completions") => self.complete(Endpoint::Completions, request).await,
             (Method::GET, "/v1/models") => self.list_models(),
             (Method::POST, "/v1/feedback") => self.post_feedback(request).await,
             (Method::GET, "/metrics") => {
@@ -57,13 +56,21 @@ impl Sidecar {
                 if self.is_ready() {
                     text_response(StatusCode::OK, "ready\n")
                 } else {
-                    text_response(StatusCode::SERVICE_UNAVAILABLE, "no route configuration yet\n")
+                    text_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no route configuration yet\n",
+                    )
                 }
             }
             (
                 _,
-                "/v1/chat/completions" | "/v1/completions" | "/v1/models" | "/v1/feedback"
-                | "/metrics" | "/healthz" | "/readyz",
+                "/v1/chat/completions"
+                | "/v1/completions"
+                | "/v1/models"
+                | "/v1/feedback"
+                | "/metrics"
+                | "/healthz"
+                | "/readyz",
             ) => error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 ErrorBody::new(
@@ -71,14 +78,7 @@ impl Sidecar {
                     format!("method {method} is not allowed on {path}"),
                 ),
             ),
-            _ => error_response(
-                StatusCode::NOT_FOUND,
-                ErrorBody::new(
-                    "invalid_request_error",
-                    format!("unknown path {path}; the sidecar serves /v1/chat/completions, /v1/completions, /v1/models and /v1/feedback"),
-                )
-                .with_code("unknown_url"),
-            ),
+            _ => error_response(StatusCode::NOT_FOUND, unknown_path_error(&path)),
         }
     }
 

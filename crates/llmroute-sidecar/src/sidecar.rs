@@ -8,18 +8,19 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use llmroute_api::openai::{Endpoint, prompt_text};
 use llmroute_api::{CompletedEvent, DecisionRecord, ErrorBody, Outcome, Preference};
 use llmroute_policy::encoder::Encoder;
 use rand::Rng;
-use serde_json::Value;
 
 use crate::body::{ResponseBody, error_response};
 use crate::decision::{choose, retry_order};
 use crate::events::{BatchSettings, EventQueue, EventSender, EventSink};
 use crate::feedback::FeedbackBuffer;
-use crate::limits::{self, Limits};
+use crate::limits::Limits;
 use crate::metrics::{Metrics, ModelLabels, RequestLabels, TokenLabels};
+use crate::request::{
+    ParsedRequest, RequestError, RequestHead, body_too_large, check_head, parse_request,
+};
 use crate::sse::Usage;
 use crate::state::{LoadedPolicy, RouteState};
 use crate::tls::{UpstreamClient, UpstreamTls};
@@ -199,213 +200,88 @@ impl Sidecar {
     /// Serves `POST /v1/chat/completions` or `POST /v1/completions`.
     pub(crate) async fn complete(
         self: Arc<Self>,
-        endpoint: Endpoint,
         request: Request<Incoming>,
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         let state = self.state();
         let route = state.config.route.clone();
         let (parts, body) = request.into_parts();
-        let (mut body, preference) = match self.read_request(&state, &parts.headers, body).await {
+        let parsed = match self.read_request(&state, &parts, body).await {
             Ok(parsed) => parsed,
-            Err((status, error, reason)) => {
-                Metrics::count(&self.metrics.rejected, &route, reason);
-                tracing::debug!(route = %route, reason, message = %error.error.message, "rejected a request");
-                return error_response(status, error);
+            Err(error) => {
+                Metrics::count(&self.metrics.rejected, &route, error.reason);
+                tracing::debug!(route = %route, reason = error.reason, message = %error.body.error.message, "rejected a request");
+                return error_response(error.status, error.body);
             }
         };
-
-        let Some(requested) = body
-            .get("model")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-        else {
-            Metrics::count(&self.metrics.rejected, &route, "missing_model");
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                ErrorBody::new(
-                    "invalid_request_error",
-                    format!("`model` is missing or not a string; use {route:?} to let llmroute choose, or a model of the route"),
-                )
-                .with_param("model"),
-            );
-        };
-        let plan = if requested == route {
-            let prompt = match prompt_text(endpoint, &body) {
-                Ok(prompt) => prompt,
-                Err(message) => {
-                    Metrics::count(&self.metrics.rejected, &route, "no_prompt");
-                    return error_response(
-                        StatusCode::BAD_REQUEST,
-                        ErrorBody::new("invalid_request_error", message),
-                    );
-                }
-            };
-            self.decide(&state, prompt, preference).await
-        } else if state.config.model(&requested).is_some() {
-            Plan {
-                record: new_record(&state, &requested, false, preference, None, None),
-                order: vec![requested.clone()],
+        let plan = match parsed.prompt {
+            Some(prompt) => self.decide(&state, prompt, parsed.preference).await,
+            None => Plan {
+                record: new_record(&state, &parsed.model, false, parsed.preference, None, None),
+                order: vec![parsed.model],
                 embedding: Vec::new(),
-            }
-        } else {
-            Metrics::count(&self.metrics.rejected, &route, "unknown_model");
-            let known: Vec<&str> = std::iter::once(route.as_str())
-                .chain(state.config.models.iter().map(|m| m.name.as_str()))
-                .collect();
-            return error_response(
-                StatusCode::NOT_FOUND,
-                ErrorBody::new(
-                    "invalid_request_error",
-                    format!(
-                        "The model `{requested}` does not exist on this route; use one of: {}",
-                        known.join(", ")
-                    ),
-                )
-                .with_param("model")
-                .with_code("model_not_found"),
-            );
+            },
         };
-
-        let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-        let client_wants_usage = body
-            .pointer("/stream_options/include_usage")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let strip_usage = stream && !client_wants_usage;
-        if strip_usage {
-            let object = body.as_object_mut().expect("checked to be an object");
-            let options = object
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Default::default()));
-            if let Some(options) = options.as_object_mut() {
-                options.insert("include_usage".to_string(), Value::Bool(true));
-            }
-        }
         crate::proxy::forward(
             self,
             state,
-            endpoint,
+            parsed.endpoint,
             plan.record,
             plan.order,
             plan.embedding,
-            body,
-            stream,
-            strip_usage,
+            parsed.body,
+            parsed.stream,
+            parsed.strip_usage,
             started,
         )
         .await
     }
 
-    /// Reads, limits and parses the request body and reads the preference. The error carries
-    /// the status, the OpenAI error and a metric label.
+    /// Checks the head, reads the body within the limit and parses the request with
+    /// [`parse_request`].
     async fn read_request(
         &self,
         state: &RouteState,
-        headers: &HeaderMap,
+        parts: &http::request::Parts,
         body: Incoming,
-    ) -> Result<(Value, Preference), (StatusCode, ErrorBody, &'static str)> {
+    ) -> Result<ParsedRequest, RequestError> {
         let limits = &self.options.limits;
-        let content_type = headers
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("");
-        if !limits::is_json_content_type(content_type) {
-            return Err((
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                ErrorBody::new(
-                    "invalid_request_error",
-                    format!("unsupported Content-Type {content_type:?}; send application/json"),
-                ),
-                "content_type",
-            ));
-        }
+        let head = RequestHead {
+            path: parts.uri.path(),
+            content_type: parts.headers.get(header::CONTENT_TYPE),
+            preference: parts.headers.get(PREFERENCE_HEADER),
+        };
+        check_head(&head)?;
         // A declared length over the limit is rejected before reading, so that the client does
         // not have to send the body first.
-        let declared = headers
+        let declared = parts
+            .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|length| length > limits.max_body_bytes as u64) {
-            return Err((
-                StatusCode::PAYLOAD_TOO_LARGE,
-                ErrorBody::new(
-                    "invalid_request_error",
-                    format!(
-                        "the request body exceeds {} bytes; send a smaller request",
-                        limits.max_body_bytes
-                    ),
-                ),
-                "body_too_large",
-            ));
+            return Err(body_too_large(limits));
         }
-        let bytes = Limited::new(body, limits.max_body_bytes)
-            .collect()
-            .await
-            .map_err(|error| {
-                let too_large = error
+        let bytes = match Limited::new(body, limits.max_body_bytes).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(error) => {
+                if error
                     .downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some();
-                let (status, message) = if too_large {
-                    (
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!(
-                            "the request body exceeds {} bytes; send a smaller request",
-                            limits.max_body_bytes
-                        ),
-                    )
-                } else {
-                    (
-                        StatusCode::BAD_REQUEST,
+                    .is_some()
+                {
+                    return Err(body_too_large(limits));
+                }
+                return Err(RequestError {
+                    status: StatusCode::BAD_REQUEST,
+                    body: ErrorBody::new(
+                        "invalid_request_error",
                         format!("failed to read the request body: {error}"),
-                    )
-                };
-                (
-                    status,
-                    ErrorBody::new("invalid_request_error", message),
-                    if too_large {
-                        "body_too_large"
-                    } else {
-                        "body_read"
-                    },
-                )
-            })?
-            .to_bytes();
-        if limits::json_depth_exceeds(&bytes, limits.max_json_depth) {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                ErrorBody::new(
-                    "invalid_request_error",
-                    format!(
-                        "the request body nests arrays and objects deeper than {} levels",
-                        limits.max_json_depth
                     ),
-                ),
-                "json_depth",
-            ));
-        }
-        let mut body: Value = serde_json::from_slice(&bytes).map_err(|error| {
-            (
-                StatusCode::BAD_REQUEST,
-                ErrorBody::new(
-                    "invalid_request_error",
-                    format!("the request body is not valid JSON: {error}"),
-                ),
-                "invalid_json",
-            )
-        })?;
-        let Some(object) = body.as_object_mut() else {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                ErrorBody::new(
-                    "invalid_request_error",
-                    "the request body must be a JSON object",
-                ),
-                "invalid_json",
-            ));
+                    reason: "body_read",
+                });
+            }
         };
-        let preference = read_preference(object, headers, state.config.default_preference)?;
-        Ok((body, preference))
+        parse_request(&state.config, limits, &head, &bytes)
     }
 
     /// Picks the stable or canary policy, embeds the prompt, runs the policy and draws a model.
@@ -431,15 +307,13 @@ impl Sidecar {
         let Some(encoder) = self.encoder.clone() else {
             return self.fallback_plan(state, preference, FallbackReason::NoEncoder, None);
         };
-        let max_prompt_bytes = self.options.limits.max_prompt_bytes;
         let decision_started = Instant::now();
         let run_policy = policy.clone();
         let outcome = tokio::task::spawn_blocking(move || {
-            let text = limits::truncate_at_char_boundary(&prompt, max_prompt_bytes);
             let embedding = encoder
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .embed(text)
+                .embed(&prompt)
                 .map_err(|e| e.to_string())?;
             let probabilities = run_policy
                 .probabilities(&embedding, preference.quality as f32)
@@ -658,59 +532,6 @@ impl Sidecar {
                 .unwrap_or(0),
         }
     }
-}
-
-/// Reads the preference from the header, else from the body field (which it removes), else
-/// returns `default`.
-fn read_preference(
-    object: &mut serde_json::Map<String, Value>,
-    headers: &HeaderMap,
-    default: Preference,
-) -> Result<Preference, (StatusCode, ErrorBody, &'static str)> {
-    let invalid_preference = |message: String, param: &str| {
-        (
-            StatusCode::BAD_REQUEST,
-            ErrorBody::new("invalid_request_error", message).with_param(param),
-            "invalid_preference",
-        )
-    };
-    let from_body = match object.remove(PREFERENCE_FIELD) {
-        None => None,
-        Some(Value::String(text)) => Some(Preference::parse(&text).map_err(|e| {
-            invalid_preference(format!("invalid {PREFERENCE_FIELD}: {e}"), PREFERENCE_FIELD)
-        })?),
-        Some(value @ Value::Object(_)) => {
-            Some(serde_json::from_value::<Preference>(value).map_err(|e| {
-                invalid_preference(format!("invalid {PREFERENCE_FIELD}: {e}"), PREFERENCE_FIELD)
-            })?)
-        }
-        Some(other) => {
-            return Err(invalid_preference(
-                format!(
-                    "invalid {PREFERENCE_FIELD} {other}: expected a string such as \"quality=0.8\" or an object such as {{\"quality\": 0.8}}"
-                ),
-                PREFERENCE_FIELD,
-            ));
-        }
-    };
-    let from_header = match headers.get(PREFERENCE_HEADER) {
-        None => None,
-        Some(value) => {
-            let text = value.to_str().map_err(|_| {
-                invalid_preference(
-                    format!("the {PREFERENCE_HEADER} header is not visible ASCII"),
-                    PREFERENCE_HEADER,
-                )
-            })?;
-            Some(Preference::parse(text).map_err(|e| {
-                invalid_preference(
-                    format!("invalid {PREFERENCE_HEADER} header: {e}"),
-                    PREFERENCE_HEADER,
-                )
-            })?)
-        }
-    };
-    Ok(from_header.or(from_body).unwrap_or(default))
 }
 
 /// Cost in USD of `usage` on `model` at the route's prices.
