@@ -64,6 +64,11 @@ pub trait ControlBackend: Send + Sync + 'static {
     fn policy(&self, sha256: &str) -> Result<Option<Vec<u8>>, String>;
     /// The event store.
     fn store(&self) -> &Store;
+    /// The route's own retention (`spec.retention`) as (max age, max events), `None` when the
+    /// route sets none and the server's settings apply.
+    fn route_retention(&self, _route: &str) -> Option<(Option<Duration>, Option<u64>)> {
+        None
+    }
 }
 
 impl ControlBackend for ControlPlane {
@@ -76,6 +81,14 @@ impl ControlBackend for ControlPlane {
 
     fn route_names(&self) -> Vec<String> {
         ControlPlane::route_names(self)
+    }
+
+    fn route_retention(&self, route: &str) -> Option<(Option<Duration>, Option<u64>)> {
+        let (_, spec) = self
+            .route_specs()
+            .into_iter()
+            .find(|(name, _)| name == route)?;
+        retention_limits(&spec)
     }
 
     fn policy(&self, sha256: &str) -> Result<Option<Vec<u8>>, String> {
@@ -584,6 +597,17 @@ async fn store_batch(
     }
 }
 
+/// Converts a route's `spec.retention` into (max age, max events), `None` when the route sets
+/// no retention of its own.
+pub fn retention_limits(
+    spec: &llmroute_api::crd::LlmRouteSpec,
+) -> Option<(Option<Duration>, Option<u64>)> {
+    let retention = spec.retention.as_ref()?;
+    let settings = llmroute_api::rollout::RetentionSpec::settings(Some(retention));
+    let max_age = Duration::from_secs(u64::from(settings.max_age_days) * 24 * 3600);
+    Some((Some(max_age), Some(settings.max_events)))
+}
+
 /// Limits of the events kept per route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetentionSettings {
@@ -631,10 +655,13 @@ pub async fn run_retention(
         for route in backend.route_names() {
             let store_backend = backend.clone();
             let key = route.clone();
+            let (max_age, max_events) = backend
+                .route_retention(&route)
+                .unwrap_or((settings.max_age, settings.max_events));
             let result = tokio::task::spawn_blocking(move || {
                 store_backend
                     .store()
-                    .apply_retention(&key, settings.max_age, settings.max_events)
+                    .apply_retention(&key, max_age, max_events)
             })
             .await;
             match result {

@@ -443,3 +443,23 @@ fn pool_change_publishes_new_prior() {
             .is_none()
     );
 }
+
+#[test]
+fn route_retention_overrides_server_settings() {
+    use llmroute_control::ControlBackend;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (plane, _) = setup(dir.path(), &route_yaml(TRAINING, ROLLOUT));
+    assert_eq!(plane.route_retention("world"), None);
+
+    let yaml = route_yaml(TRAINING, ROLLOUT) + "  retention: {maxAgeDays: 2, maxEvents: 5000}\n";
+    std::fs::write(dir.path().join("routes/world.yaml"), yaml).unwrap();
+    let report = plane.reload();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        plane.route_retention("world"),
+        Some((Some(Duration::from_secs(2 * 24 * 3600)), Some(5000)))
+    );
+    assert_eq!(plane.route_retention("absent"), None);
+}

@@ -71,6 +71,10 @@ impl ControlBackend for ClusterBackend {
     fn store(&self) -> &Store {
         &self.store
     }
+
+    fn route_retention(&self, route: &str) -> Option<(Option<Duration>, Option<u64>)> {
+        llmroute_control::server::retention_limits(&self.route(route)?.spec)
+    }
 }
 
 impl ClusterBackend {
