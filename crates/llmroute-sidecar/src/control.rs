@@ -30,6 +30,32 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// Maximum delay between failed polls.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// A failed delivery of an event batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DeliveryError {
+    pub message: String,
+    /// True when the control plane rejected the batch itself (400, 403, 413 or 422): sending
+    /// the same batch again cannot succeed.
+    pub rejected: bool,
+}
+
+impl DeliveryError {
+    /// Creates a failure that a later attempt may not have, such as a timeout, a connection
+    /// error or a 5xx response.
+    pub fn retry(message: String) -> Self {
+        Self {
+            message,
+            rejected: false,
+        }
+    }
+
+    /// Tests whether a response status rejects the batch for good.
+    pub fn is_rejection(status: http::StatusCode) -> bool {
+        matches!(status.as_u16(), 400 | 403 | 413 | 422)
+    }
+}
+
 /// A route state that could not be built from a configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildError {
@@ -183,18 +209,32 @@ impl ControlClient {
     }
 
     /// Posts `batch` to `/v1/events` and checks that the control API stored it.
-    pub async fn post_events(&self, batch: &EventBatch, timeout: Duration) -> Result<(), String> {
+    pub async fn post_events(
+        &self,
+        batch: &EventBatch,
+        timeout: Duration,
+    ) -> Result<(), DeliveryError> {
         let url = format!("{}/v1/events", self.base);
-        let body = serde_json::to_vec(batch).map_err(|e| e.to_string())?;
+        let body = serde_json::to_vec(batch).map_err(|e| DeliveryError::retry(e.to_string()))?;
         let request = self
             .authorize(Request::builder().method(Method::POST).uri(&url))
             .header(header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body)))
-            .map_err(|e| format!("invalid URL {url}: {e}"))?;
+            .map_err(|e| DeliveryError::retry(format!("invalid URL {url}: {e}")))?;
         let response = tokio::time::timeout(timeout, self.client.request(request))
             .await
-            .map_err(|_| format!("POST {url} timed out after {} s", timeout.as_secs()))?
-            .map_err(|e| format!("POST {url} failed: {}", crate::proxy::error_chain(&e)))?;
+            .map_err(|_| {
+                DeliveryError::retry(format!(
+                    "POST {url} timed out after {} s",
+                    timeout.as_secs()
+                ))
+            })?
+            .map_err(|e| {
+                DeliveryError::retry(format!(
+                    "POST {url} failed: {}",
+                    crate::proxy::error_chain(&e)
+                ))
+            })?;
         let status = response.status();
         if status.is_success() {
             return Ok(());
@@ -208,10 +248,13 @@ impl ControlClient {
         .and_then(Result::ok)
         .map(|b| b.to_bytes())
         .unwrap_or_default();
-        Err(format!(
-            "POST {url} responded {status}: {}",
-            String::from_utf8_lossy(&body[..body.len().min(500)])
-        ))
+        Err(DeliveryError {
+            message: format!(
+                "POST {url} responded {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(500)])
+            ),
+            rejected: DeliveryError::is_rejection(status),
+        })
     }
 
     /// Base URL of the control API.

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use llmroute_api::{CompletedEvent, EventBatch};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::control::DeliveryError;
 use crate::metrics::Metrics;
 
 /// Destination of completed events.
@@ -184,6 +185,11 @@ impl Worker {
                     self.metrics.events_sent.inc_by(count);
                     return;
                 }
+                Err(error) if error.rejected => {
+                    tracing::error!(route = %self.route, events = count, error = %error, "the control plane rejected the batch; dropping it without a retry");
+                    self.count_dropped("rejected", count);
+                    return;
+                }
                 Err(error) if attempt < self.settings.attempts => {
                     tracing::warn!(route = %self.route, events = count, attempt, error = %error, retry_in_ms = backoff.as_millis() as u64, "failed to send events; retrying");
                     tokio::time::sleep(backoff).await;
@@ -207,13 +213,14 @@ impl Worker {
             .inc_by(count);
     }
 
-    async fn deliver(&self, batch: &EventBatch) -> Result<(), String> {
+    async fn deliver(&self, batch: &EventBatch) -> Result<(), DeliveryError> {
         match &self.sink {
             EventSink::Discard => unreachable!("send() drops batches for the discard sink"),
             EventSink::File(path) => {
                 let mut lines = String::new();
                 for event in &batch.events {
-                    let line = serde_json::to_string(event).map_err(|e| e.to_string())?;
+                    let line = serde_json::to_string(event)
+                        .map_err(|e| DeliveryError::retry(e.to_string()))?;
                     lines.push_str(&line);
                     lines.push('\n');
                 }
@@ -228,22 +235,24 @@ impl Worker {
                         .map_err(|e| format!("failed to append to {}: {e}", path.display()))
                 })
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(|e| DeliveryError::retry(e.to_string()))?
+                .map_err(DeliveryError::retry)
             }
             EventSink::Control(client) => client.post_events(batch, Duration::from_secs(10)).await,
             EventSink::Http { url, client } => {
-                let body = serde_json::to_vec(batch).map_err(|e| e.to_string())?;
+                let body =
+                    serde_json::to_vec(batch).map_err(|e| DeliveryError::retry(e.to_string()))?;
                 let request = Request::builder()
                     .method(Method::POST)
                     .uri(format!("{url}/v1/events"))
                     .header(http::header::CONTENT_TYPE, "application/json")
                     .body(Full::new(Bytes::from(body)))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| DeliveryError::retry(e.to_string()))?;
                 let response =
                     tokio::time::timeout(Duration::from_secs(10), client.request(request))
                         .await
-                        .map_err(|_| "timed out after 10 s".to_string())?
-                        .map_err(|e| crate::proxy::error_chain(&e))?;
+                        .map_err(|_| DeliveryError::retry("timed out after 10 s".to_string()))?
+                        .map_err(|e| DeliveryError::retry(crate::proxy::error_chain(&e)))?;
                 let status = response.status();
                 if status.is_success() {
                     return Ok(());
@@ -254,10 +263,13 @@ impl Worker {
                     .await
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
-                Err(format!(
-                    "the control plane responded {status}: {}",
-                    String::from_utf8_lossy(&body[..body.len().min(500)])
-                ))
+                Err(DeliveryError {
+                    message: format!(
+                        "the control plane responded {status}: {}",
+                        String::from_utf8_lossy(&body[..body.len().min(500)])
+                    ),
+                    rejected: DeliveryError::is_rejection(status),
+                })
             }
         }
     }

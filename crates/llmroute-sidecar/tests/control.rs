@@ -151,6 +151,8 @@ enum EventsMode {
     /// Fails every batch without storing it, alternating a 503 and a connection closed
     /// without a response.
     Fail,
+    /// Rejects every batch with 400, as the control plane does for an invalid event.
+    Reject,
 }
 
 /// What the mock serves and what it saw.
@@ -382,6 +384,15 @@ async fn respond(
         let body = request.into_body().collect().await.unwrap().to_bytes();
         let batch: EventBatch = serde_json::from_slice(&body).unwrap();
         let mut state = shared.lock();
+        if state.events_mode == EventsMode::Reject {
+            state.failed_batches += 1;
+            return reply(
+                StatusCode::BAD_REQUEST,
+                Bytes::from(
+                    json!({"error": {"message": "event 0: invalid quality 2"}}).to_string(),
+                ),
+            );
+        }
         if state.events_mode == EventsMode::Fail {
             state.failed_batches += 1;
             if state.failed_batches.is_multiple_of(2) {
@@ -811,6 +822,46 @@ async fn failed_event_batches_are_retried() {
         let series = format!("llmroute_events_dropped_total{{{route},reason=\"{reason}\"}}");
         assert_eq!(sidecar.metric(&series).await, 0.0, "{series}");
     }
+
+    drop(sidecar);
+    replay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_event_batch_is_not_retried() {
+    let (dataset, config, replay) = upstream().await;
+    let mock = MockControl::start().await;
+    mock.set_config(&config);
+    mock.set_events_mode(EventsMode::Reject);
+    let options = SidecarOptions {
+        batch: BatchSettings {
+            max_events: 1,
+            interval: Duration::from_millis(20),
+            attempts: 5,
+            first_backoff: Duration::from_millis(20),
+        },
+        ..SidecarOptions::default()
+    };
+    let sidecar = FollowingSidecar::start(&mock.base(), None, options).await;
+
+    let (id, _) = sidecar.chat(ROUTE, &dataset.test.prompts[0]).await;
+    sidecar.feedback(&id).await;
+    let route = format!("route=\"{ROUTE}\"");
+    let rejected = format!("llmroute_events_dropped_total{{{route},reason=\"rejected\"}}");
+    let mut dropped = 0.0;
+    for _ in 0..100 {
+        dropped = sidecar.metric(&rejected).await;
+        if dropped > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dropped, 1.0, "{rejected}");
+    // Five attempts with 20 ms backoffs would have finished by now.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(mock.shared.lock().failed_batches, 1);
+    let failed = format!("llmroute_events_dropped_total{{{route},reason=\"sink_failed\"}}");
+    assert_eq!(sidecar.metric(&failed).await, 0.0);
 
     drop(sidecar);
     replay.stop().await;
