@@ -52,6 +52,8 @@ pub const MAX_ATTEMPTS: u32 = 8;
         printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
         printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
         printcolumn = r#"{"name":"Stable","type":"string","jsonPath":".status.stablePolicy"}"#,
+        printcolumn = r#"{"name":"Canary","type":"string","jsonPath":".status.canaryPolicy"}"#,
+        printcolumn = r#"{"name":"Weight","type":"number","jsonPath":".status.canaryWeight"}"#,
         printcolumn = r#"{"name":"Models","type":"integer","jsonPath":".status.models"}"#,
         printcolumn = r#"{"name":"Pods","type":"integer","jsonPath":".status.injectedPods"}"#,
         printcolumn = r#"{"name":"Fallback","type":"string","priority":1,"jsonPath":".spec.fallback"}"#,
@@ -394,6 +396,9 @@ pub enum PolicyOrigin {
         printcolumn = r#"{"name":"Version","type":"string","jsonPath":".spec.version"}"#,
         printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
         printcolumn = r#"{"name":"Origin","type":"string","jsonPath":".spec.origin"}"#,
+        printcolumn = r#"{"name":"Parent","type":"string","jsonPath":".spec.parent"}"#,
+        printcolumn = r#"{"name":"Gate","type":"number","description":"Doubly robust estimate of the reward difference to the parent","jsonPath":".status.offPolicy.differenceDr.mean"}"#,
+        printcolumn = r#"{"name":"Reward","type":"number","description":"Mean live reward","jsonPath":".status.live.meanReward"}"#,
         printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
     )
 )]
