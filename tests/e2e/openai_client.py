@@ -172,10 +172,23 @@ class SidecarWithOpenAIClient(unittest.TestCase):
 def read_events(path):
     """Reads completed events from the control plane's SQLite database or a JSON Lines file."""
     if path.endswith(".sqlite3"):
+        import array
         import sqlite3
 
+        events = []
         with sqlite3.connect(path) as connection:
-            return [json.loads(row[0]) for row in connection.execute("SELECT event FROM events ORDER BY id")]
+            for text, blob in connection.execute("SELECT event, embedding FROM events ORDER BY id"):
+                event = json.loads(text)
+                # Schema version 2 stores the embedding as little-endian f32 values in its own
+                # column and leaves the JSON's embedding empty.
+                if blob is not None:
+                    values = array.array("f")
+                    values.frombytes(blob)
+                    if sys.byteorder != "little":
+                        values.byteswap()
+                    event["embedding"] = values.tolist()
+                events.append(event)
+        return events
     with open(path) as file:
         return [json.loads(line) for line in file if line.strip()]
 
