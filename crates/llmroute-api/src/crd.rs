@@ -111,7 +111,7 @@ pub struct LlmRouteSpec {
     /// they must pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingSpec>,
-    /// How a candidate that passed the gate is rolled out as a canary.
+    /// Canary rollout of a candidate that passed the gate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
     /// How long the route's events are kept.
@@ -342,7 +342,7 @@ pub struct LastTraining {
     /// The candidate version it produced, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub candidate: Option<String>,
-    /// What became of the run, such as `GatePassed`, `GateRejected` or `TrainingFailed`.
+    /// Outcome of the run, such as `GatePassed`, `GateRejected` or `TrainingFailed`.
     pub result: String,
     /// One sentence with the run's figures.
     pub message: String,
@@ -448,7 +448,7 @@ pub struct LlmPolicyStatus {
     /// Why the policy is in its phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// What the policy was trained on, for a trained policy.
+    /// Training data of a trained policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<TrainingData>,
     /// The off-policy gate's estimates against the parent version.

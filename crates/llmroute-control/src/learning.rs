@@ -112,7 +112,7 @@ pub enum NoRun {
 }
 
 /// Turns stored events into logged bandit interactions in the stable policy's action order.
-/// Only events the policy itself decided and whose chosen model answered count: a retried
+/// Only events the policy itself decided and whose chosen model returned the response count: a retried
 /// request's outcome belongs to another model than the logged propensity.
 pub fn logged_events<'a>(
     events: &'a [StoredEvent],

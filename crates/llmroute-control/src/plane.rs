@@ -209,7 +209,7 @@ impl ControlPlane {
         self.store.stable_policy(route, None)
     }
 
-    /// The policy that serves `route` as stable now, following the route's pin.
+    /// Returns the policy that serves `route` as stable now, following the route's pin.
     pub fn serving_stable(&self, route: &str) -> Result<Option<PolicyRef>, StoreError> {
         let pinned = {
             let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
@@ -225,7 +225,7 @@ impl ControlPlane {
         self.serving_stable_for(route, pinned.as_deref())
     }
 
-    /// The history's `Stable` record of `route`, the newest when several claim it.
+    /// Returns the history's `Stable` record of `route`, the newest when several claim it.
     pub fn history_stable(&self, route: &str) -> Result<Option<PolicyRecord>, StoreError> {
         Ok(self
             .store
@@ -235,7 +235,7 @@ impl ControlPlane {
             .find(|r| r.phase == PolicyPhase::Stable))
     }
 
-    /// The canary policy of `route` and its weight, from the rollout state.
+    /// Returns the canary policy of `route` and its weight, from the rollout state.
     fn serving_canary(&self, route: &str) -> Result<(Option<PolicyRef>, f64), StoreError> {
         let state = self.store.rollout_state(route)?;
         match state.canary {

@@ -64,7 +64,7 @@ pub trait ControlBackend: Send + Sync + 'static {
     fn policy(&self, sha256: &str) -> Result<Option<Vec<u8>>, String>;
     /// The event store.
     fn store(&self) -> &Store;
-    /// The route's own retention (`spec.retention`) as (max age, max events), `None` when the
+    /// Returns the route's own retention (`spec.retention`) as (max age, max events), `None` when the
     /// route sets none and the server's settings apply.
     fn route_retention(&self, _route: &str) -> Option<(Option<Duration>, Option<u64>)> {
         None

@@ -154,7 +154,7 @@ fn address_in(line: &str) -> Result<SocketAddr> {
 }
 
 /// The quickstart's route: the replay server's pool with exploration, a training schedule and
-/// canary steps sized so that a run of a few thousand requests sees a full rollout.
+/// canary steps sized so that a run of a few thousand requests includes a full rollout.
 fn quickstart_route(mut route: LlmRoute) -> LlmRoute {
     route.spec.exploration = Some(ExplorationSpec {
         mode: ExplorationMode::EpsilonGreedy,
