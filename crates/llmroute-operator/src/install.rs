@@ -1,5 +1,6 @@
 //! `llmroute install`: every object a cluster needs to run the operator, as one YAML stream for
-//! `kubectl apply -f -`. RBAC grants only what the operator calls.
+//! `kubectl apply -f -`. RBAC grants only what the operator calls. The Helm chart in
+//! `charts/llmroute` renders the same objects for the same settings, and a test compares them.
 
 use serde_json::{Value, json};
 
@@ -20,6 +21,24 @@ pub struct InstallOptions {
     pub webhook_port: u16,
     /// `Ignore` or `Fail`.
     pub webhook_failure_policy: String,
+    /// Seconds the API server waits for the webhook (1 to 30).
+    pub webhook_timeout_seconds: u32,
+    /// Image of the injected sidecar; `None` uses [`InstallOptions::image`].
+    pub sidecar_image: Option<String>,
+    /// CPU request of the injected sidecar, as a Kubernetes quantity.
+    pub sidecar_cpu: String,
+    /// Memory request of the injected sidecar, as a Kubernetes quantity.
+    pub sidecar_memory: String,
+    /// `auto`, `native` or `classic`.
+    pub sidecar_mode: String,
+    /// Size of each replica's PersistentVolumeClaim for the event store.
+    pub storage_size: String,
+    /// StorageClass of that claim; `None` uses the cluster's default class.
+    pub storage_class: Option<String>,
+    /// Days after which stored events are deleted (0 keeps events of any age).
+    pub event_max_age_days: u64,
+    /// Newest events kept per route (0 sets no limit).
+    pub event_max_per_route: u64,
 }
 
 impl Default for InstallOptions {
@@ -27,17 +46,30 @@ impl Default for InstallOptions {
         Self {
             namespace: "llmroute-system".into(),
             image: format!("llmroute:{}", env!("CARGO_PKG_VERSION")),
-            replicas: 1,
+            replicas: 2,
             control_port: 8090,
             ops_port: 8081,
             webhook_port: 9443,
             webhook_failure_policy: "Ignore".into(),
+            webhook_timeout_seconds: 3,
+            sidecar_image: None,
+            sidecar_cpu: "100m".into(),
+            sidecar_memory: "256Mi".into(),
+            sidecar_mode: "auto".into(),
+            storage_size: "1Gi".into(),
+            storage_class: None,
+            event_max_age_days: 30,
+            event_max_per_route: 1_000_000,
         }
     }
 }
 
-/// Name of the operator's Deployment, service account, roles and Lease.
+/// Name of the operator's StatefulSet, service account, roles, Lease and control API Service.
 pub const NAME: &str = "llmroute-operator";
+/// Name of the Service through which the API server calls the injection webhook.
+pub const WEBHOOK_SERVICE: &str = "llmroute-operator-webhook";
+/// Folder of the event store in the operator's container.
+pub const DATA_DIR: &str = "/var/lib/llmroute";
 
 /// Builds the objects, in the order `kubectl apply` needs them.
 pub fn manifests(options: &InstallOptions) -> Vec<Value> {
@@ -60,93 +92,26 @@ pub fn manifests(options: &InstallOptions) -> Vec<Value> {
         "kind": "ServiceAccount",
         "metadata": {"name": NAME, "namespace": ns, "labels": labels},
     }));
+    objects.extend(rbac(ns, &labels));
+    objects.push(stateful_set(options, &labels));
+    objects.extend(services(options, &labels));
     objects.push(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRole",
-        "metadata": {"name": NAME, "labels": labels},
-        "rules": [
-            // Routes: watched, finalizer added and removed, status written.
-            {"apiGroups": ["llmroute.dev"], "resources": ["llmroutes"],
-             "verbs": ["get", "list", "watch", "patch", "update"]},
-            {"apiGroups": ["llmroute.dev"], "resources": ["llmroutes/status"],
-             "verbs": ["get", "patch", "update"]},
-            // Owner references with blockOwnerDeletion need update on the owner's finalizers.
-            {"apiGroups": ["llmroute.dev"], "resources": ["llmroutes/finalizers"],
-             "verbs": ["update"]},
-            {"apiGroups": ["llmroute.dev"], "resources": ["llmpolicies"],
-             "verbs": ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]},
-            {"apiGroups": ["llmroute.dev"], "resources": ["llmpolicies/status"],
-             "verbs": ["get", "patch", "update"]},
-            // Policy artifacts, and a pretrained policy a route references.
-            {"apiGroups": [""], "resources": ["configmaps"],
-             "verbs": ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]},
-            // Only to check that a route's API-key Secret and key exist; never listed or watched.
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
-            {"apiGroups": ["events.k8s.io"], "resources": ["events"],
-             "verbs": ["create", "patch"]},
-            // Sidecars' service-account tokens, checked before their events are stored.
-            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
-             "verbs": ["create"]},
-            // Pods the webhook decided on (label-selected watch): skip Events and counts.
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-            // Its own webhook configuration, to keep the CA bundle current.
-            {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
-             "verbs": ["get", "patch"], "resourceNames": [crate::webhook::CONFIGURATION_NAME]},
-            {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
-             "verbs": ["create"]},
-        ],
-    }));
-    objects.push(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "ClusterRoleBinding",
-        "metadata": {"name": NAME, "labels": labels},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
-        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}],
-    }));
-    objects.push(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "Role",
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
         "metadata": {"name": NAME, "namespace": ns, "labels": labels},
-        "rules": [
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-             "verbs": ["get", "create", "update"]},
-            // The webhook's CA and serving certificate.
-            {"apiGroups": [""], "resources": ["secrets"],
-             "verbs": ["get", "create", "update"]},
-        ],
-    }));
-    objects.push(json!({
-        "apiVersion": "rbac.authorization.k8s.io/v1",
-        "kind": "RoleBinding",
-        "metadata": {"name": NAME, "namespace": ns, "labels": labels},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME},
-        "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}],
-    }));
-    objects.push(deployment(options, &labels));
-    objects.push(json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": NAME, "namespace": ns, "labels": labels},
-        "spec": {
-            "selector": labels,
-            "ports": [
-                {"name": "control", "port": options.control_port, "targetPort": "control"},
-                {"name": "metrics", "port": options.ops_port, "targetPort": "ops"},
-                {"name": "webhook", "port": 443, "targetPort": "webhook"},
-            ],
-        },
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels}},
     }));
     objects.push(crate::webhook::configuration(
         &crate::webhook::WebhookConfigSpec {
             name: crate::webhook::CONFIGURATION_NAME.into(),
             namespace_labels: None,
             target: crate::webhook::WebhookTarget::Service {
-                name: NAME.into(),
+                name: WEBHOOK_SERVICE.into(),
                 namespace: ns.to_string(),
                 port: 443,
             },
             failure_policy: options.webhook_failure_policy.clone(),
-            timeout_seconds: 3,
+            timeout_seconds: options.webhook_timeout_seconds as i32,
             excluded_namespaces: vec![
                 "kube-system".into(),
                 "kube-public".into(),
@@ -159,7 +124,138 @@ pub fn manifests(options: &InstallOptions) -> Vec<Value> {
     objects
 }
 
-fn deployment(options: &InstallOptions, labels: &Value) -> Value {
+fn rbac(ns: &str, labels: &Value) -> Vec<Value> {
+    vec![
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": NAME, "labels": labels},
+            "rules": [
+                // Routes: watched, finalizer added and removed, status written.
+                {"apiGroups": ["llmroute.dev"], "resources": ["llmroutes"],
+                 "verbs": ["get", "list", "watch", "patch", "update"]},
+                {"apiGroups": ["llmroute.dev"], "resources": ["llmroutes/status"],
+                 "verbs": ["get", "patch", "update"]},
+                // Owner references with blockOwnerDeletion need update on the owner's finalizers.
+                {"apiGroups": ["llmroute.dev"], "resources": ["llmroutes/finalizers"],
+                 "verbs": ["update"]},
+                {"apiGroups": ["llmroute.dev"], "resources": ["llmpolicies"],
+                 "verbs": ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]},
+                {"apiGroups": ["llmroute.dev"], "resources": ["llmpolicies/status"],
+                 "verbs": ["get", "patch", "update"]},
+                // Policy artifacts, and a pretrained policy a route references.
+                {"apiGroups": [""], "resources": ["configmaps"],
+                 "verbs": ["get", "list", "watch", "create", "patch", "delete", "deletecollection"]},
+                // Only to check that a route's API-key Secret and key exist; never listed or watched.
+                {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+                {"apiGroups": ["events.k8s.io"], "resources": ["events"],
+                 "verbs": ["create", "patch"]},
+                // Sidecars' service-account tokens, checked before their events are stored.
+                {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+                 "verbs": ["create"]},
+                // Pods the webhook decided on (label-selected watch): skip Events and counts.
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+                // Its own webhook configuration, to keep the CA bundle current.
+                {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+                 "verbs": ["get", "patch"], "resourceNames": [crate::webhook::CONFIGURATION_NAME]},
+                {"apiGroups": ["admissionregistration.k8s.io"], "resources": ["mutatingwebhookconfigurations"],
+                 "verbs": ["create"]},
+            ],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": NAME, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": NAME},
+            "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+            "rules": [
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                 "verbs": ["get", "create", "update"]},
+                // The webhook's CA and serving certificate.
+                {"apiGroups": [""], "resources": ["secrets"],
+                 "verbs": ["get", "create", "update"]},
+            ],
+        }),
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": NAME},
+            "subjects": [{"kind": "ServiceAccount", "name": NAME, "namespace": ns}],
+        }),
+    ]
+}
+
+/// Builds the Service of the control API and `/metrics`, and the webhook's Service.
+fn services(options: &InstallOptions, labels: &Value) -> Vec<Value> {
+    let ns = options.namespace.as_str();
+    vec![
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": NAME, "namespace": ns, "labels": labels},
+            "spec": {
+                "selector": labels,
+                "ports": [
+                    {"name": "control", "port": options.control_port, "targetPort": "control"},
+                    {"name": "metrics", "port": options.ops_port, "targetPort": "ops"},
+                ],
+            },
+        }),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": WEBHOOK_SERVICE, "namespace": ns, "labels": labels},
+            "spec": {
+                "selector": labels,
+                "ports": [{"name": "webhook", "port": 443, "targetPort": "webhook"}],
+            },
+        }),
+    ]
+}
+
+/// Builds the arguments of `llmroute operator` in the operator's container.
+fn operator_args(options: &InstallOptions) -> Vec<String> {
+    let sidecar_image = options.sidecar_image.as_deref().unwrap_or(&options.image);
+    vec![
+        "operator".into(),
+        format!("--control-listen=0.0.0.0:{}", options.control_port),
+        format!("--ops-listen=0.0.0.0:{}", options.ops_port),
+        format!("--webhook-listen=0.0.0.0:{}", options.webhook_port),
+        format!(
+            "--webhook-failure-policy={}",
+            options.webhook_failure_policy
+        ),
+        format!(
+            "--webhook-timeout-seconds={}",
+            options.webhook_timeout_seconds
+        ),
+        format!("--service={WEBHOOK_SERVICE}"),
+        format!(
+            "--control-url=http://{NAME}.{}.svc:{}",
+            options.namespace, options.control_port
+        ),
+        format!("--sidecar-image={sidecar_image}"),
+        format!("--sidecar-cpu={}", options.sidecar_cpu),
+        format!("--sidecar-memory={}", options.sidecar_memory),
+        format!("--sidecar-mode={}", options.sidecar_mode),
+        format!("--event-max-age-days={}", options.event_max_age_days),
+        format!("--event-max-per-route={}", options.event_max_per_route),
+        format!("--data-dir={DATA_DIR}"),
+        "--lease-namespace=$(POD_NAMESPACE)".into(),
+        "--identity=$(POD_NAME)".into(),
+    ]
+}
+
+/// Builds the operator's StatefulSet. Each replica stores the events it receives in its own
+/// SQLite file, so each gets its own PersistentVolumeClaim. A claim keeps its name, and so its
+/// events, across restarts, upgrades and uninstalls.
+fn stateful_set(options: &InstallOptions, labels: &Value) -> Value {
     let probe = |path: &str| {
         json!({
             "httpGet": {"path": path, "port": "ops"},
@@ -167,12 +263,24 @@ fn deployment(options: &InstallOptions, labels: &Value) -> Value {
             "timeoutSeconds": 2,
         })
     };
+    let mut claim_spec = json!({
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": options.storage_size}},
+    });
+    if let Some(class) = &options.storage_class {
+        claim_spec["storageClassName"] = json!(class);
+    }
     json!({
         "apiVersion": "apps/v1",
-        "kind": "Deployment",
+        "kind": "StatefulSet",
         "metadata": {"name": NAME, "namespace": options.namespace, "labels": labels},
         "spec": {
             "replicas": options.replicas,
+            "serviceName": NAME,
+            // Replicas do not depend on each other, so they start and stop together.
+            "podManagementPolicy": "Parallel",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Retain", "whenScaled": "Retain"},
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
@@ -189,16 +297,7 @@ fn deployment(options: &InstallOptions, labels: &Value) -> Value {
                     "containers": [{
                         "name": "operator",
                         "image": options.image,
-                        "args": [
-                            "operator",
-                            format!("--control-listen=0.0.0.0:{}", options.control_port),
-                            format!("--ops-listen=0.0.0.0:{}", options.ops_port),
-                            format!("--webhook-listen=0.0.0.0:{}", options.webhook_port),
-                            format!("--webhook-failure-policy={}", options.webhook_failure_policy),
-                            "--data-dir=/var/lib/llmroute",
-                            "--lease-namespace=$(POD_NAMESPACE)",
-                            "--identity=$(POD_NAME)",
-                        ],
+                        "args": operator_args(options),
                         "env": [
                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -220,13 +319,14 @@ fn deployment(options: &InstallOptions, labels: &Value) -> Value {
                             "readOnlyRootFilesystem": true,
                             "capabilities": {"drop": ["ALL"]},
                         },
-                        "volumeMounts": [{"name": "data", "mountPath": "/var/lib/llmroute"}],
+                        "volumeMounts": [{"name": "data", "mountPath": DATA_DIR}],
                     }],
-                    // TODO: the event store lives on an emptyDir here, so events are lost with
-                    // the pod; it needs a PersistentVolumeClaim.
-                    "volumes": [{"name": "data", "emptyDir": {}}],
                 },
             },
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data", "labels": labels},
+                "spec": claim_spec,
+            }],
         },
     })
 }
@@ -269,8 +369,10 @@ mod tests {
                 "ClusterRoleBinding",
                 "Role",
                 "RoleBinding",
-                "Deployment",
+                "StatefulSet",
                 "Service",
+                "Service",
+                "PodDisruptionBudget",
                 "MutatingWebhookConfiguration"
             ]
         );

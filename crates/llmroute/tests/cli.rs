@@ -208,6 +208,14 @@ fn install_rejects_bad_settings_by_name() {
     let text = String::from_utf8(output.stdout).unwrap();
     assert!(text.contains("replicas: 2"), "{text}");
     assert!(text.contains("image: example/llmroute:1"), "{text}");
+    let output = llmroute(&["install", "--storage-size", "lots"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--storage-size \"lots\""), "{stderr}");
+    let output = llmroute(&["install", "--webhook-failure-policy", "Sometimes"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Sometimes"), "{stderr}");
 }
 
 #[test]

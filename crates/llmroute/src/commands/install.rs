@@ -12,8 +12,20 @@ pub struct InstallArgs {
     #[arg(long)]
     pub image: Option<String>,
     /// Operator replicas; with two or more, a Lease elects the one that reconciles.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 2)]
     pub replicas: u32,
+    /// `Ignore` (pods are created without the sidecar when the webhook is down) or `Fail`.
+    #[arg(long, default_value = "Ignore", value_parser = ["Ignore", "Fail"])]
+    pub webhook_failure_policy: String,
+    /// Image of the injected sidecar [default: the operator's image].
+    #[arg(long)]
+    pub sidecar_image: Option<String>,
+    /// Size of each replica's PersistentVolumeClaim for the event store (a Kubernetes quantity).
+    #[arg(long, default_value = "1Gi")]
+    pub storage_size: String,
+    /// StorageClass of the event store's claims [default: the cluster's default class].
+    #[arg(long)]
+    pub storage_class: Option<String>,
 }
 
 pub fn run(args: &InstallArgs) -> Result<()> {
@@ -26,9 +38,19 @@ pub fn run(args: &InstallArgs) -> Result<()> {
     if args.replicas == 0 {
         bail!("invalid --replicas 0: use at least 1");
     }
+    if !is_storage_quantity(&args.storage_size) {
+        bail!(
+            "invalid --storage-size {:?}: use a Kubernetes quantity such as 1Gi or 500Mi",
+            args.storage_size
+        );
+    }
     let mut options = InstallOptions {
         namespace: args.namespace.clone(),
         replicas: args.replicas,
+        webhook_failure_policy: args.webhook_failure_policy.clone(),
+        sidecar_image: args.sidecar_image.clone(),
+        storage_size: args.storage_size.clone(),
+        storage_class: args.storage_class.clone(),
         ..InstallOptions::default()
     };
     if let Some(image) = &args.image {
@@ -36,4 +58,14 @@ pub fn run(args: &InstallArgs) -> Result<()> {
     }
     print!("{}", render(&options));
     Ok(())
+}
+
+/// Checks that `text` is a whole number of bytes with an optional binary or decimal suffix, as
+/// storage requests are written (`1Gi`, `500Mi`, `10G`).
+fn is_storage_quantity(text: &str) -> bool {
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let suffix = &text[digits_end..];
+    digits_end > 0 && ["", "Ki", "Mi", "Gi", "Ti", "Pi", "k", "M", "G", "T", "P"].contains(&suffix)
 }
