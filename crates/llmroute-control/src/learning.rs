@@ -39,7 +39,6 @@ use llmroute_policy::reward::{DEFAULT_TAU_PERCENTILE, Reward, calibrate_tau};
 
 use crate::canary::{ArmSample, Verdict, analyse_step};
 use crate::history::{PolicyRecord, RolloutState, StoredEvent};
-use crate::plane::ControlPlane;
 use crate::store::{Store, StoreError};
 
 /// Embedding size of all-MiniLM-L6-v2, the encoder of every policy.
@@ -317,10 +316,82 @@ fn rfc3339_now() -> String {
     )
 }
 
-/// The learning loop of `llmroute standalone`: runs the steps above for every route of a
-/// [`ControlPlane`] and records policies, rollout state and decisions in its store.
+/// What the learning loop needs from the control plane that runs it. `llmroute standalone`
+/// ([`crate::ControlPlane`]) and the operator (whose store mirrors the cluster's `LLMPolicy`
+/// objects and route statuses) implement it.
+pub trait LearningHost: Send + Sync {
+    /// Keys and specs of the routes to learn for, sorted by key.
+    fn route_specs(&self) -> Vec<(String, LlmRouteSpec)>;
+    /// The store with the routes' events, policy files, history and rollout state.
+    fn store(&self) -> &Store;
+    /// The policy that serves `route` as stable now, following the route's pin.
+    fn serving_stable(&self, route: &str) -> Result<Option<PolicyRef>, StoreError>;
+    /// Publishes `bytes` as the new stable `version` of `route` and records it in the
+    /// history, retiring the previous stable version.
+    fn publish_version(
+        &self,
+        route: &str,
+        version: &str,
+        bytes: &[u8],
+        origin: PolicyOrigin,
+        parent: Option<String>,
+        message: &str,
+    ) -> Result<PolicyRef, StoreError>;
+    /// Called after a pass that changed what some route serves.
+    fn changed(&self);
+}
+
+/// Returns the history's `Stable` record of `route`, the newest when several claim it.
+pub fn history_stable(store: &Store, route: &str) -> Result<Option<PolicyRecord>, StoreError> {
+    Ok(store
+        .policy_records(route)?
+        .into_iter()
+        .rev()
+        .find(|r| r.phase == PolicyPhase::Stable))
+}
+
+/// Publishes `bytes` as the stable `version` of `route` in `store`: the file, and a `Stable`
+/// history record that retires the previous stable one.
+pub fn publish_stable_version(
+    store: &Store,
+    route: &str,
+    version: &str,
+    bytes: &[u8],
+    origin: PolicyOrigin,
+    parent: Option<String>,
+    message: &str,
+) -> Result<PolicyRef, StoreError> {
+    let reference = store.publish_policy(route, version, bytes)?;
+    if let Some(mut previous) = history_stable(store, route)?
+        && previous.version != version
+    {
+        previous.phase = PolicyPhase::Retired;
+        previous.message = Some(format!("replaced by {version}"));
+        store.save_policy_record(route, &previous)?;
+    }
+    store.save_policy_record(
+        route,
+        &PolicyRecord {
+            version: version.to_string(),
+            sha256: reference.sha256.clone(),
+            phase: PolicyPhase::Stable,
+            origin,
+            parent,
+            created_ms: now_ms(),
+            message: Some(message.to_string()),
+            training: None,
+            off_policy: None,
+            live: None,
+        },
+    )?;
+    tracing::info!(route, policy_version = version, sha256 = %reference.sha256, ?origin, "published a stable policy");
+    Ok(reference)
+}
+
+/// The learning loop: runs the steps above for every route of a [`LearningHost`] and records
+/// policies, rollout state and decisions in its store.
 pub struct LearningLoop {
-    plane: Arc<ControlPlane>,
+    host: Arc<dyn LearningHost>,
     /// Digest of the prompt encoder, for the pricing prior of routes without a policy; `None`
     /// leaves such routes on their fallback model.
     encoder: Option<String>,
@@ -339,15 +410,19 @@ impl std::fmt::Debug for LearningLoop {
 pub struct TickReport {
     /// Timeline reasons recorded in this pass, in order.
     pub reasons: Vec<String>,
+    /// The timeline messages of those reasons, in the same order.
+    pub messages: Vec<String>,
+    /// Whether the pass changed what the route serves or its policy history.
+    pub changed: bool,
 }
 
 impl LearningLoop {
-    pub fn new(plane: Arc<ControlPlane>, encoder: Option<String>) -> Self {
-        Self { plane, encoder }
+    pub fn new(host: Arc<dyn LearningHost>, encoder: Option<String>) -> Self {
+        Self { host, encoder }
     }
 
     fn store(&self) -> &Store {
-        self.plane.store()
+        self.host.store()
     }
 
     fn record(
@@ -359,6 +434,7 @@ impl LearningLoop {
     ) -> Result<(), StoreError> {
         tracing::info!(route, reason, "{message}");
         report.reasons.push(reason.to_string());
+        report.messages.push(message.to_string());
         self.store().record_timeline(route, reason, message)
     }
 
@@ -367,10 +443,13 @@ impl LearningLoop {
     pub fn tick(&self) -> Vec<(String, TickReport)> {
         let mut reports = Vec::new();
         let mut changed = false;
-        for (name, spec) in self.plane.route_specs() {
+        for (name, spec) in self.host.route_specs() {
             let mut report = TickReport::default();
             match self.tick_route(&name, &spec, &mut report) {
-                Ok(route_changed) => changed |= route_changed,
+                Ok(route_changed) => {
+                    report.changed = route_changed || !report.reasons.is_empty();
+                    changed |= route_changed;
+                }
                 Err(error) => {
                     tracing::error!(route = %name, error = %error, "the learning loop failed for this route; it retries at the next pass");
                 }
@@ -378,7 +457,7 @@ impl LearningLoop {
             reports.push((name, report));
         }
         if changed {
-            self.plane.reload();
+            self.host.changed();
         }
         reports
     }
@@ -454,7 +533,7 @@ impl LearningLoop {
 
     /// Reads the stable policy of `route` with its artifact, `None` when it has none.
     fn stable(&self, route: &str) -> Result<Option<StablePolicy>, LearningError> {
-        let Some(reference) = self.plane.serving_stable(route)? else {
+        let Some(reference) = self.host.serving_stable(route)? else {
             return Ok(None);
         };
         let path = self.store().policy_path(&reference.sha256);
@@ -479,7 +558,7 @@ impl LearningLoop {
         }
         let names: Vec<String> = spec.models.iter().map(|m| m.name.clone()).collect();
         let records = self.store().policy_records(route)?;
-        let stable_origin = self.plane.history_stable(route)?.map(|r| r.origin);
+        let stable_origin = history_stable(self.store(), route)?.map(|r| r.origin);
         let reason = match self.stable(route)? {
             None => "the route has no policy".to_string(),
             Some(stable) => {
@@ -538,7 +617,7 @@ impl LearningLoop {
             "published the pricing prior {version} for {} models (τ = ${tau:.3e}) because {reason}",
             models.len()
         );
-        self.plane.publish_version(
+        self.host.publish_version(
             route,
             &version,
             &bytes,
@@ -677,7 +756,7 @@ impl LearningLoop {
         let Some(candidate_version) = state.canary.clone() else {
             return Ok(false);
         };
-        let Some(stable) = self.plane.serving_stable(route)? else {
+        let Some(stable) = self.host.serving_stable(route)? else {
             return Ok(false);
         };
         let step = (state.step as usize).min(settings.steps.len() - 1);
@@ -837,16 +916,14 @@ impl LearningLoop {
     ) -> Result<bool, LearningError> {
         let store = self.store();
         let Some(mut record) = store.policy_record(route, pinned)? else {
-            // A version published before the history existed, or none at all: the plane's
+            // A version published before the history existed, or none at all: the host's
             // configuration already reports it.
             return Ok(false);
         };
         let mut changed = false;
         if let Some(canary) = state.canary.clone() {
             if canary == pinned {
-                let previous = self
-                    .plane
-                    .history_stable(route)?
+                let previous = history_stable(store, route)?
                     .map(|r| r.version)
                     .unwrap_or_default();
                 let message =
@@ -864,7 +941,7 @@ impl LearningLoop {
             changed = true;
         }
         if record.phase != PolicyPhase::Stable {
-            let previous = self.plane.history_stable(route)?;
+            let previous = history_stable(self.store(), route)?;
             if let Some(previous) = &previous {
                 self.set_phase(
                     route,

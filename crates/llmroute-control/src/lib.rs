@@ -15,7 +15,7 @@ pub mod route;
 pub mod server;
 pub mod store;
 
-pub use learning::LearningLoop;
+pub use learning::{LearningHost, LearningLoop};
 pub use plane::{ControlPlane, ReloadReport};
 pub use route::{LlmRoute, RouteError, load_routes, sidecar_config};
 pub use server::{ControlBackend, serve, serve_backend};

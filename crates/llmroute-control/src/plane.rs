@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use llmroute_api::{PolicyRef, SidecarConfig};
 use tokio::sync::watch;
 
-use llmroute_api::crd::{LlmRouteSpec, PolicyOrigin, PolicyPhase};
+use llmroute_api::crd::{LlmRouteSpec, PolicyOrigin};
 
 use crate::history::PolicyRecord;
 use crate::route::{LlmRoute, load_routes};
@@ -227,12 +227,7 @@ impl ControlPlane {
 
     /// Returns the history's `Stable` record of `route`, the newest when several claim it.
     pub fn history_stable(&self, route: &str) -> Result<Option<PolicyRecord>, StoreError> {
-        Ok(self
-            .store
-            .policy_records(route)?
-            .into_iter()
-            .rev()
-            .find(|r| r.phase == PolicyPhase::Stable))
+        crate::learning::history_stable(&self.store, route)
     }
 
     /// Returns the canary policy of `route` and its weight, from the rollout state.
@@ -274,35 +269,15 @@ impl ControlPlane {
         parent: Option<String>,
         message: &str,
     ) -> Result<PolicyRef, StoreError> {
-        let reference = self.store.publish_policy(route, version, bytes)?;
-        if let Some(mut previous) = self.history_stable(route)?
-            && previous.version != version
-        {
-            previous.phase = PolicyPhase::Retired;
-            previous.message = Some(format!("replaced by {version}"));
-            self.store.save_policy_record(route, &previous)?;
-        }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        self.store.save_policy_record(
+        crate::learning::publish_stable_version(
+            &self.store,
             route,
-            &PolicyRecord {
-                version: version.to_string(),
-                sha256: reference.sha256.clone(),
-                phase: PolicyPhase::Stable,
-                origin,
-                parent,
-                created_ms: now,
-                message: Some(message.to_string()),
-                training: None,
-                off_policy: None,
-                live: None,
-            },
-        )?;
-        tracing::info!(route, policy_version = version, sha256 = %reference.sha256, ?origin, "published a stable policy");
-        Ok(reference)
+            version,
+            bytes,
+            origin,
+            parent,
+            message,
+        )
     }
 
     /// Subscribes to the configuration of `route`.
@@ -381,4 +356,34 @@ fn fingerprint(folder: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         .collect();
     files.sort();
     files
+}
+
+impl crate::learning::LearningHost for ControlPlane {
+    fn route_specs(&self) -> Vec<(String, LlmRouteSpec)> {
+        ControlPlane::route_specs(self)
+    }
+
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn serving_stable(&self, route: &str) -> Result<Option<PolicyRef>, StoreError> {
+        ControlPlane::serving_stable(self, route)
+    }
+
+    fn publish_version(
+        &self,
+        route: &str,
+        version: &str,
+        bytes: &[u8],
+        origin: PolicyOrigin,
+        parent: Option<String>,
+        message: &str,
+    ) -> Result<PolicyRef, StoreError> {
+        ControlPlane::publish_version(self, route, version, bytes, origin, parent, message)
+    }
+
+    fn changed(&self) {
+        self.reload();
+    }
 }

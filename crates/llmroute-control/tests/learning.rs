@@ -10,23 +10,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use llmroute_api::crd::PolicyPhase;
-use llmroute_api::{CompletedEvent, DecisionRecord, Outcome, Preference};
 use llmroute_control::history::PolicyRecord;
 use llmroute_control::{ControlPlane, LearningLoop, Store};
-use llmroute_policy::offpolicy::{ActionProbabilities, Explored};
 use llmroute_policy::onnx;
 use llmroute_policy::policy::{PolicyNetwork, from_onnx};
-use ndarray::Array2;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
-const MODELS: [&str; 3] = ["cheap", "mid", "premium"];
-/// Mean quality per cluster (rows) and model (columns).
-const QUALITY: [[f64; 3]; 2] = [[0.85, 0.5, 0.9], [0.1, 0.75, 0.8]];
-/// Cost per call in USD.
-const COST: [f64; 3] = [0.0001, 0.0008, 0.004];
-const EPSILON: f64 = 0.3;
-const ENCODER: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+#[path = "support/world.rs"]
+#[allow(dead_code)]
+mod world;
+
+use world::{ENCODER, EPSILON, World};
 
 fn route_yaml(training: &str, rollout: &str) -> String {
     format!(
@@ -56,98 +50,6 @@ spec:
 {rollout}
 "#
     )
-}
-
-struct World {
-    rng: ChaCha8Rng,
-    centers: [Vec<f32>; 2],
-    next_id: u64,
-}
-
-impl World {
-    fn new(seed: u64) -> Self {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mut center = || -> Vec<f32> {
-            let v: Vec<f32> = (0..384).map(|_| rng.random_range(-1.0..1.0)).collect();
-            normalise(v)
-        };
-        let centers = [center(), center()];
-        Self {
-            rng,
-            centers,
-            next_id: 1,
-        }
-    }
-
-    /// Draws a prompt: its cluster and an embedding near the cluster's center.
-    fn prompt(&mut self) -> (usize, Vec<f32>) {
-        let cluster = self.rng.random_range(0..2);
-        let noisy: Vec<f32> = self.centers[cluster]
-            .iter()
-            .map(|c| c + self.rng.random_range(-0.05..0.05))
-            .collect();
-        (cluster, normalise(noisy))
-    }
-
-    /// Simulates one request decided by `policy` (under ε-greedy), logged as its sidecar
-    /// would log it.
-    fn event(&mut self, policy: &PolicyNetwork, version: &str, latency_ms: f64) -> CompletedEvent {
-        let (cluster, embedding) = self.prompt();
-        let w_quality: f64 = self.rng.random_range(0.0..1.0);
-        let explored = Explored {
-            policy,
-            exploration: llmroute_api::Exploration::EpsilonGreedy { epsilon: EPSILON },
-        };
-        let row = Array2::from_shape_vec((1, 384), embedding.clone()).unwrap();
-        let probabilities = explored.action_probabilities(row.view(), &[w_quality as f32]);
-        let draw: f32 = self.rng.random();
-        let mut action = MODELS.len() - 1;
-        let mut acc = 0.0;
-        for (k, p) in probabilities.row(0).iter().enumerate() {
-            acc += p;
-            if draw < acc {
-                action = k;
-                break;
-            }
-        }
-        let quality = if self.rng.random::<f64>() < QUALITY[cluster][action] {
-            1.0
-        } else {
-            0.0
-        };
-        let id = self.next_id;
-        self.next_id += 1;
-        CompletedEvent {
-            decision: DecisionRecord {
-                decision_id: format!("{id:032x}"),
-                route: "world".into(),
-                config_version: 1,
-                model: MODELS[action].into(),
-                routed: true,
-                preference: Preference {
-                    quality: w_quality,
-                    cost: 1.0 - w_quality,
-                },
-                policy_version: Some(version.into()),
-                propensity: Some(probabilities[[0, action]] as f64),
-            },
-            served_model: MODELS[action].into(),
-            embedding,
-            quality: Some(quality),
-            cost_usd: Some(COST[action]),
-            prompt_tokens: Some(100),
-            completion_tokens: Some(100),
-            latency_ms,
-            outcome: Outcome::Success,
-            attempts: 1,
-            timestamp_ms: 1_700_000_000_000 + id,
-        }
-    }
-}
-
-fn normalise(v: Vec<f32>) -> Vec<f32> {
-    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-    v.into_iter().map(|x| x / norm).collect()
 }
 
 fn network(store: &Store, record: &PolicyRecord) -> PolicyNetwork {
@@ -218,7 +120,7 @@ const ROLLOUT: &str =
 fn better_candidate_is_promoted() {
     let dir = tempfile::tempdir().unwrap();
     let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, ROLLOUT));
-    let mut world = World::new(1);
+    let mut world = World::new(1, "world");
 
     learning.tick();
     assert_eq!(reasons(&plane), ["PricingPriorPublished"]);
@@ -282,7 +184,7 @@ fn training_repeats_for_seed() {
     let run = || {
         let dir = tempfile::tempdir().unwrap();
         let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, ROLLOUT));
-        let mut world = World::new(2);
+        let mut world = World::new(2, "world");
         learning.tick();
         serve(&plane, &mut world, 800, 10.0);
         learning.tick();
@@ -297,7 +199,7 @@ fn gate_rejects_inverted_reward_candidate() {
     // The feedback of the first 1 500 events is inverted, so training learns the worst
     // models. The last 700 are honest, and as the most recent they are the held-out part of
     // the window that the gate measures on.
-    let mut world = World::new(3);
+    let mut world = World::new(3, "world");
     let inverted_dir = tempfile::tempdir().unwrap();
     let (inverted_plane, inverted_learning) =
         setup(inverted_dir.path(), &route_yaml(TRAINING, ROLLOUT));
@@ -345,7 +247,7 @@ fn canary_aborts_slow_candidate() {
     let training =
         "  training: {minNewEvents: 600, steps: 400, intervalSeconds: 5, gate: {tolerance: 1}}";
     let (plane, learning) = setup(dir.path(), &route_yaml(training, ROLLOUT));
-    let mut world = World::new(4);
+    let mut world = World::new(4, "world");
     learning.tick();
     serve(&plane, &mut world, 1500, 10.0);
     learning.tick();
@@ -381,7 +283,7 @@ fn canary_aborts_slow_candidate() {
 fn pin_cancels_canary_and_rolls_back() {
     let dir = tempfile::tempdir().unwrap();
     let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, ROLLOUT));
-    let mut world = World::new(5);
+    let mut world = World::new(5, "world");
     learning.tick();
     serve(&plane, &mut world, 1500, 10.0);
     learning.tick();
