@@ -322,6 +322,9 @@ pub struct LlmRouteStatus {
     /// Version of the policy under canary analysis.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_policy: Option<String>,
+    /// sha256 of the canary policy's ONNX file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_policy_sha256: Option<String>,
     /// Share of routed requests the canary decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_weight: Option<f64>,
@@ -331,6 +334,10 @@ pub struct LlmRouteStatus {
     /// The last training run: when, on what, and what became of its candidate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_training: Option<LastTraining>,
+    /// Why the last canary was aborted, with its figures; the route is `Degraded` until a
+    /// later candidate is promoted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_abort: Option<String>,
 }
 
 /// The last training run of a route.

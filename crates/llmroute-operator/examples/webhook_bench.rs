@@ -495,6 +495,7 @@ impl Setup {
                     lifetimes: Lifetimes::default(),
                 },
             }),
+            learning_interval: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let client = self.client.clone();

@@ -4,6 +4,9 @@
 //!   first policy as an `LLMPolicy` with a ConfigMap, and writes status conditions and Events.
 //! - The control API of `llmroute-control`, served by every replica from the cluster's routes
 //!   and policy ConfigMaps, with sidecar events in a local store.
+//! - The learning loop (run by the leader only): trains candidates from the stored events,
+//!   gates them off-policy and rolls them out as canaries, recorded as `LLMPolicy` objects,
+//!   route status fields and Events.
 //! - `/metrics`, `/healthz`, `/readyz`; leader election on a Lease; graceful shutdown.
 
 #![forbid(unsafe_code)]
@@ -11,6 +14,7 @@
 pub mod conditions;
 pub mod install;
 pub mod leader;
+pub mod learning;
 pub mod metrics;
 pub mod names;
 pub mod ops;
@@ -60,6 +64,9 @@ pub struct OperatorConfig {
     pub watch_namespace: Option<String>,
     /// The sidecar injection webhook; off when `None`.
     pub webhook: Option<WebhookOptions>,
+    /// Period of the learning loop's passes (training on each route's schedule, off-policy
+    /// gate, canary analysis); the loop is off when `None`.
+    pub learning_interval: Option<std::time::Duration>,
 }
 
 /// Settings of the injection webhook.
@@ -336,6 +343,23 @@ pub async fn serve_listeners(
         controller: "llmroute-operator".into(),
         instance: Some(config.election.identity.clone()),
     };
+    let learning = match config.learning_interval {
+        Some(period) => Some((
+            Arc::new(learning::ClusterLearning::new(
+                client.clone(),
+                backend.clone(),
+                Recorder::new(
+                    client.clone(),
+                    Reporter {
+                        controller: "llmroute-learning".into(),
+                        instance: Some(config.election.identity.clone()),
+                    },
+                ),
+            )?),
+            period,
+        )),
+        None => None,
+    };
     let cleanup_backend = backend.clone();
     let context = Arc::new(Context::new(
         client.clone(),
@@ -374,6 +398,13 @@ pub async fn serve_listeners(
                 pods_stopped,
             ))
         });
+        let (learning_stop, learning_stopped) = watch::channel(false);
+        let learning_task = learning.as_ref().map(|(learning, period)| {
+            let mut stopped = learning_stopped.clone();
+            tokio::spawn(learning.clone().run(*period, async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }))
+        });
         let owned = watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}"));
         let mut lost = leader_rx.clone();
         let controller =
@@ -399,6 +430,10 @@ pub async fn serve_listeners(
             () = &mut shutdown => true,
         };
         metrics.leader.set(0);
+        learning_stop.send_replace(true);
+        if let Some(task) = learning_task {
+            let _ = task.await;
+        }
         pods_stop.send_replace(true);
         if let Some(task) = pod_watch {
             let _ = task.await;

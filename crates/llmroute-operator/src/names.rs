@@ -1,7 +1,10 @@
 //! Names the operator writes into the cluster: field manager, finalizer, labels, annotations.
 
-/// Field manager of every server-side apply the operator makes.
+/// Field manager of the reconciler's server-side applies.
 pub const FIELD_MANAGER: &str = "llmroute-operator";
+/// Field manager of the learning loop: the rollout fields of route statuses and the figures of
+/// policy statuses.
+pub const LEARNING_FIELD_MANAGER: &str = "llmroute-learning";
 /// Finalizer that holds a deleted route until its policies, ConfigMaps and events are gone.
 pub const FINALIZER: &str = "llmroute.dev/cleanup";
 /// Label naming the managing controller on every object the operator creates.

@@ -200,7 +200,8 @@ async fn apply(route: &LlmRoute, namespace: &str, ctx: &Context) -> Result<Actio
                 version: stable.spec.version.clone(),
                 sha256: stable.spec.sha256.clone(),
             };
-            let digest = config_digest(&key, &route.spec, &reference);
+            let canary = status_canary(&route.spec, &old);
+            let digest = config_digest(&key, &route.spec, &reference, canary.as_ref());
             let version = match (&old.config_digest, old.config_version) {
                 (Some(previous), Some(version)) if *previous == digest => version,
                 (_, version) => version.unwrap_or(0) + 1,
@@ -232,14 +233,49 @@ async fn apply(route: &LlmRoute, namespace: &str, ctx: &Context) -> Result<Actio
                 ),
                 generation,
             );
-            conditions::set(
-                &mut status.conditions,
-                DEGRADED,
-                ConditionStatus::False,
-                "AsExpected",
-                "sidecars serve the current spec",
-                generation,
-            );
+            match &old.canary_abort {
+                Some(abort) => conditions::set(
+                    &mut status.conditions,
+                    DEGRADED,
+                    ConditionStatus::True,
+                    "CanaryAborted",
+                    format!(
+                        "{abort}; the route stays Degraded until a later candidate is promoted"
+                    ),
+                    generation,
+                ),
+                None => conditions::set(
+                    &mut status.conditions,
+                    DEGRADED,
+                    ConditionStatus::False,
+                    "AsExpected",
+                    "sidecars serve the current spec",
+                    generation,
+                ),
+            }
+            match &canary {
+                Some(canary) => conditions::set(
+                    &mut status.conditions,
+                    PROGRESSING,
+                    ConditionStatus::True,
+                    "CanaryInProgress",
+                    format!(
+                        "canary {} decides {:.0} % of routed requests at step {}",
+                        canary.policy.version,
+                        canary.weight * 100.0,
+                        old.canary_step.map_or(1, |s| s + 1)
+                    ),
+                    generation,
+                ),
+                None => conditions::set(
+                    &mut status.conditions,
+                    PROGRESSING,
+                    ConditionStatus::False,
+                    "NoRollout",
+                    "no policy rollout is in progress",
+                    generation,
+                ),
+            }
             Action::requeue(RESYNC)
         }
         Err(not_ready) => {
@@ -281,19 +317,19 @@ async fn apply(route: &LlmRoute, namespace: &str, ctx: &Context) -> Result<Actio
                     generation,
                 ),
             }
+            conditions::set(
+                &mut status.conditions,
+                PROGRESSING,
+                ConditionStatus::False,
+                "NoRollout",
+                "no policy rollout is in progress",
+                generation,
+            );
             not_ready
                 .requeue
                 .map_or_else(Action::await_change, Action::requeue)
         }
     };
-    conditions::set(
-        &mut status.conditions,
-        PROGRESSING,
-        ConditionStatus::False,
-        "NoRollout",
-        "no policy rollout is in progress",
-        generation,
-    );
     if status != old {
         write_status(route, namespace, &status, ctx).await?;
     }
@@ -369,10 +405,17 @@ async fn write_status(
     ctx: &Context,
 ) -> Result<(), Error> {
     let api: Api<LlmRoute> = Api::namespaced(ctx.client.clone(), namespace);
-    // The pod counts belong to the injection webhook's field manager.
+    // The pod counts belong to the injection webhook's field manager, the rollout fields to
+    // the learning loop's.
     let mut status = status.clone();
     status.injected_pods = None;
     status.skipped_pods = None;
+    status.canary_policy = None;
+    status.canary_policy_sha256 = None;
+    status.canary_weight = None;
+    status.canary_step = None;
+    status.last_training = None;
+    status.canary_abort = None;
     let patch = json!({
         "apiVersion": llmroute_api::crd::API_VERSION,
         "kind": "LLMRoute",
@@ -387,13 +430,58 @@ async fn write_status(
     Ok(())
 }
 
-/// sha256 of the sidecar configuration a route's spec and stable policy give, without its
-/// version: the status records it, and every replica's control API serves the configuration
-/// only when its own computation gives the same digest.
-pub fn config_digest(key: &str, spec: &LlmRouteSpec, stable: &PolicyRef) -> String {
-    let config = llmroute_control::sidecar_config(key, spec, 0, Some(stable.clone()));
+/// Builds the sidecar configuration that a route's spec, stable policy and canary give, with
+/// `version`.
+pub fn route_config(
+    key: &str,
+    spec: &LlmRouteSpec,
+    version: u64,
+    stable: &PolicyRef,
+    canary: Option<&Canary>,
+) -> llmroute_api::SidecarConfig {
+    let mut config = llmroute_control::sidecar_config(key, spec, version, Some(stable.clone()));
+    if let Some(canary) = canary {
+        config.canary = Some(canary.policy.clone());
+        config.canary_weight = canary.weight;
+    }
+    config
+}
+
+/// sha256 of the sidecar configuration a route's spec, stable policy and canary give, without
+/// its version: the status records it, and every replica's control API serves the
+/// configuration only when its own computation gives the same digest.
+pub fn config_digest(
+    key: &str,
+    spec: &LlmRouteSpec,
+    stable: &PolicyRef,
+    canary: Option<&Canary>,
+) -> String {
+    let config = route_config(key, spec, 0, stable, canary);
     let bytes = serde_json::to_vec(&config).expect("a configuration serialises");
     hex::encode(Sha256::digest(bytes))
+}
+
+/// A canary policy and the share of routed requests it decides.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Canary {
+    pub policy: PolicyRef,
+    pub weight: f64,
+}
+
+/// Returns the canary that the learning loop wrote into a route's status, when one serves: a
+/// version with its digest, a positive weight, and no pinned version in the spec.
+pub fn status_canary(spec: &LlmRouteSpec, status: &LlmRouteStatus) -> Option<Canary> {
+    if spec.policy.as_ref().is_some_and(|p| p.version.is_some()) {
+        return None;
+    }
+    let weight = status.canary_weight.filter(|w| *w > 0.0 && *w <= 1.0)?;
+    Some(Canary {
+        policy: PolicyRef {
+            version: status.canary_policy.clone()?,
+            sha256: status.canary_policy_sha256.clone()?,
+        },
+        weight,
+    })
 }
 
 /// Decides what the route serves: its stable policy, publishing one when needed, or why it
@@ -455,13 +543,19 @@ async fn evaluate(
     }
 
     // The stable version; else the newest one without a phase, whose publication was
-    // interrupted before its phase was written (a restart must not publish it again).
+    // interrupted before its phase was written (a restart must not publish it again). Trained
+    // versions get their phase from the learning loop, which gates them first.
     let phase = |p: &LlmPolicy| p.status.as_ref().and_then(|s| s.phase);
     let stable = policies
         .iter()
         .rev()
         .find(|p| phase(p) == Some(PolicyPhase::Stable))
-        .or_else(|| policies.iter().rev().find(|p| phase(p).is_none()));
+        .or_else(|| {
+            policies
+                .iter()
+                .rev()
+                .find(|p| phase(p).is_none() && p.spec.origin != PolicyOrigin::Trained)
+        });
     if let Some(stable) = stable
         && incompatibility(stable, &model_names, &ctx.encoder_digest).is_none()
     {
@@ -738,23 +832,33 @@ fn owner_reference(route: &LlmRoute) -> OwnerReference {
         .expect("a route read from the API server has a uid")
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn publish_policy(
+/// The fields of an `LLMPolicy` and its ConfigMap for one policy file.
+#[derive(Debug, Clone)]
+pub struct PolicyObjects<'a> {
+    pub version: &'a str,
+    pub bytes: &'a [u8],
+    pub origin: PolicyOrigin,
+    pub source: Option<llmroute_api::crd::ConfigMapKeyRef>,
+    pub parent: Option<String>,
+    pub models: Vec<String>,
+    pub encoder: String,
+    pub cost_scale_usd: f64,
+}
+
+/// Applies the ConfigMap that contains a policy file and the `LLMPolicy` that describes it, both
+/// owned by `route`, with `field_manager`.
+pub async fn publish_policy_objects(
+    client: &Client,
+    field_manager: &str,
     route: &LlmRoute,
     namespace: &str,
-    version: &str,
-    bytes: &[u8],
-    origin: PolicyOrigin,
-    source: Option<llmroute_api::crd::ConfigMapKeyRef>,
-    parent: Option<String>,
-    models: Vec<String>,
-    cost_scale_usd: f64,
-    ctx: &Context,
-) -> Result<LlmPolicy, Error> {
+    objects: PolicyObjects<'_>,
+) -> Result<LlmPolicy, kube::Error> {
     let route_name = route.name_any();
-    let sha256 = hex::encode(Sha256::digest(bytes));
+    let version = objects.version;
+    let sha256 = hex::encode(Sha256::digest(objects.bytes));
     let owner = owner_reference(route);
-    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let params = PatchParams::apply(field_manager).force();
 
     let configmap_name = policy_configmap_name(&route_name, version);
     let configmap = json!({
@@ -771,9 +875,9 @@ async fn publish_policy(
             "annotations": {SHA256_ANNOTATION: sha256},
             "ownerReferences": [owner],
         },
-        "binaryData": {POLICY_KEY: ByteString(bytes.to_vec())},
+        "binaryData": {POLICY_KEY: ByteString(objects.bytes.to_vec())},
     });
-    let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     configmaps
         .patch(&configmap_name, &params, &Patch::Apply(&configmap))
         .await?;
@@ -786,12 +890,12 @@ async fn publish_policy(
             name: configmap_name,
             key: POLICY_KEY.to_string(),
         },
-        models,
-        encoder: ctx.encoder_digest.clone(),
-        cost_scale_usd,
-        origin,
-        parent,
-        source,
+        models: objects.models,
+        encoder: objects.encoder,
+        cost_scale_usd: objects.cost_scale_usd,
+        origin: objects.origin,
+        parent: objects.parent,
+        source: objects.source,
     };
     let name = policy_name(&route_name, version);
     let policy = json!({
@@ -808,11 +912,34 @@ async fn publish_policy(
         },
         "spec": spec,
     });
-    let policies: Api<LlmPolicy> = Api::namespaced(ctx.client.clone(), namespace);
-    let created = policies
-        .patch(&name, &params, &Patch::Apply(&policy))
-        .await?;
-    Ok(created)
+    let policies: Api<LlmPolicy> = Api::namespaced(client.clone(), namespace);
+    policies.patch(&name, &params, &Patch::Apply(&policy)).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn publish_policy(
+    route: &LlmRoute,
+    namespace: &str,
+    version: &str,
+    bytes: &[u8],
+    origin: PolicyOrigin,
+    source: Option<llmroute_api::crd::ConfigMapKeyRef>,
+    parent: Option<String>,
+    models: Vec<String>,
+    cost_scale_usd: f64,
+    ctx: &Context,
+) -> Result<LlmPolicy, Error> {
+    let objects = PolicyObjects {
+        version,
+        bytes,
+        origin,
+        source,
+        parent,
+        models,
+        encoder: ctx.encoder_digest.clone(),
+        cost_scale_usd,
+    };
+    Ok(publish_policy_objects(&ctx.client, FIELD_MANAGER, route, namespace, objects).await?)
 }
 
 /// Marks `stable` as the `Stable` version and earlier stable versions as `Retired`.
@@ -823,9 +950,10 @@ async fn set_phases(
 ) -> Result<(), Error> {
     for policy in policies {
         let current = policy.status.as_ref().and_then(|s| s.phase);
+        let unphased = current.is_none() && policy.spec.origin != PolicyOrigin::Trained;
         let wanted = if policy.spec.version == stable {
             Some((PolicyPhase::Stable, "serves the route".to_string()))
-        } else if current == Some(PolicyPhase::Stable) || current.is_none() {
+        } else if current == Some(PolicyPhase::Stable) || unphased {
             Some((PolicyPhase::Retired, format!("replaced by {stable}")))
         } else {
             None

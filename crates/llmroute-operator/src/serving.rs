@@ -20,19 +20,16 @@ use kube::runtime::{WatchStreamExt, watcher::watcher};
 use kube::{Api, ResourceExt};
 use llmroute_api::crd::LlmRoute;
 use llmroute_api::{PolicyRef, SidecarConfig};
+use llmroute_control::ControlBackend;
 use llmroute_control::store::Store;
-use llmroute_control::{ControlBackend, sidecar_config};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::names::{MANAGED_BY, MANAGED_BY_VALUE, POLICY_KEY, SHA256_ANNOTATION, route_key};
-use crate::reconcile::config_digest;
+use crate::reconcile::{config_digest, route_config, status_canary};
 
 /// Routes and policies as the control API serves them.
-// TODO: run `llmroute_control::learning` for the leader's routes (training, off-policy gate,
-// canary) and serve the canary from the route's status; until then the operator serves the
-// stable policy only and the events it stores train nothing.
 pub struct ClusterBackend {
     routes: RwLock<HashMap<String, watch::Sender<Arc<SidecarConfig>>>>,
     /// The route objects, for the injection webhook.
@@ -97,6 +94,17 @@ impl ClusterBackend {
             .unwrap_or_else(|p| p.into_inner())
             .get(key)
             .cloned()
+    }
+
+    /// Every route the watch has seen, sorted by key.
+    pub fn routes(&self) -> Vec<(String, Arc<LlmRoute>)> {
+        let objects = self.objects.read().unwrap_or_else(|p| p.into_inner());
+        let mut routes: Vec<(String, Arc<LlmRoute>)> = objects
+            .iter()
+            .map(|(key, route)| (key.clone(), route.clone()))
+            .collect();
+        routes.sort_by(|a, b| a.0.cmp(&b.0));
+        routes
     }
 
     fn remember(&self, key: &str, route: Option<LlmRoute>) {
@@ -276,10 +284,18 @@ pub fn served_config(key: &str, route: &LlmRoute) -> Option<SidecarConfig> {
         sha256: status.stable_policy_sha256.clone()?,
     };
     let version = status.config_version?;
-    if status.config_digest.as_deref()? != config_digest(key, &route.spec, &stable) {
+    let canary = status_canary(&route.spec, status);
+    if status.config_digest.as_deref()? != config_digest(key, &route.spec, &stable, canary.as_ref())
+    {
         return None;
     }
-    Some(sidecar_config(key, &route.spec, version, Some(stable)))
+    Some(route_config(
+        key,
+        &route.spec,
+        version,
+        &stable,
+        canary.as_ref(),
+    ))
 }
 
 /// The digest and bytes of a policy ConfigMap, when its bytes match its digest annotation.

@@ -109,6 +109,15 @@ struct Operator {
 
 impl Operator {
     async fn start(namespace: &TestNamespace, identity: &str) -> Self {
+        Self::start_with(namespace, identity, None).await
+    }
+
+    /// An operator whose learning loop passes every `learning_interval`.
+    async fn start_with(
+        namespace: &TestNamespace,
+        identity: &str,
+        learning_interval: Option<Duration>,
+    ) -> Self {
         let control = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let data = tempfile::tempdir().unwrap();
@@ -125,6 +134,7 @@ impl Operator {
             embedding_dim: 384,
             watch_namespace: Some(namespace.name.clone()),
             webhook: None,
+            learning_interval,
         };
         let control_url = format!("http://{}", control.local_addr().unwrap());
         let ops_url = format!("http://{}", ops.local_addr().unwrap());
@@ -919,6 +929,7 @@ async fn installed_rbac_is_enough_for_the_operator_and_no_more() {
         embedding_dim: 384,
         watch_namespace: Some(namespace.name.clone()),
         webhook: None,
+        learning_interval: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(llmroute_operator::run_with_listeners(
@@ -1063,6 +1074,263 @@ async fn a_referenced_pretrained_policy_is_checked_and_used() {
     assert_eq!(listed[0].spec.origin, PolicyOrigin::Pretrained);
     assert_eq!(listed[0].spec.sha256, hex::encode(Sha256::digest(&right)));
     assert_eq!(listed[0].spec.source.as_ref().unwrap().name, "trained");
+    operator.stop().await;
+    namespace.delete().await;
+}
+
+#[path = "../../llmroute-control/tests/support/world.rs"]
+#[allow(dead_code)]
+mod world;
+
+/// Mints a token of service account `account` for the control API's audience.
+async fn sidecar_token(namespace: &TestNamespace, account: &str) -> String {
+    use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let accounts: Api<ServiceAccount> = namespace.api();
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": account}})).unwrap(),
+        )
+        .await
+        .expect("the service account is created");
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            audiences: Some(vec!["llmroute.dev".into()]),
+            expiration_seconds: Some(3600),
+            ..TokenRequestSpec::default()
+        }),
+        ..TokenRequest::default()
+    };
+    accounts
+        .create_token_request(account, &PostParams::default(), &request)
+        .await
+        .expect("a token for the control API")
+        .status
+        .and_then(|s| s.token)
+        .expect("a TokenRequest status with a token")
+}
+
+/// A policy the control API serves, as a network the test can run.
+async fn served_network(
+    operator: &Operator,
+    sha256: &str,
+) -> llmroute_policy::policy::PolicyNetwork {
+    let (status, bytes) = get(&format!("{}/v1/policies/{sha256}", operator.control))
+        .await
+        .expect("the control API answers");
+    assert_eq!(status, 200, "policy {sha256}");
+    llmroute_policy::policy::from_onnx(&llmroute_policy::onnx::decode(&bytes).unwrap()).unwrap()
+}
+
+/// Logs `n` requests as the route's sidecars would under the configuration the control API
+/// serves now (stable and canary by the canary weight), and posts them as event batches.
+async fn serve_requests(
+    operator: &Operator,
+    key: &str,
+    token: &str,
+    world: &mut world::World,
+    n: usize,
+) -> SidecarConfig {
+    use rand::Rng;
+    let config = sidecar_config(operator, key, 0).await;
+    let stable_ref = config.stable.clone().expect("a stable policy");
+    let stable = served_network(operator, &stable_ref.sha256).await;
+    let canary = match &config.canary {
+        Some(c) => Some((c.version.clone(), served_network(operator, &c.sha256).await)),
+        None => None,
+    };
+    let mut events = Vec::with_capacity(n);
+    for _ in 0..n {
+        let use_canary = canary.is_some() && world.rng.random::<f64>() < config.canary_weight;
+        let mut event = match (&canary, use_canary) {
+            (Some((version, policy)), true) => world.event(policy, version, 10.0),
+            _ => world.event(&stable, &stable_ref.version, 10.0),
+        };
+        event.decision.config_version = config.version;
+        events.push(event);
+    }
+    for chunk in events.chunks(250) {
+        let batch = llmroute_api::EventBatch {
+            route: key.to_string(),
+            sidecar: "test-sidecar".into(),
+            events: chunk.to_vec(),
+        };
+        let body = serde_json::to_vec(&batch).unwrap();
+        let (status, answer) =
+            common::post_json(&format!("{}/v1/events", operator.control), token, &body)
+                .await
+                .expect("the control API answers");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    }
+    config
+}
+
+fn learning_route(name: &str) -> Value {
+    route_manifest(
+        name,
+        json!({
+            "models": world::MODELS.iter().zip([0.1, 0.8, 4.0]).map(|(model, price)| json!({
+                "name": model, "endpoint": "http://127.0.0.1:9/v1", "model": model,
+                "pricing": {"inputUsdPerMillionTokens": price, "outputUsdPerMillionTokens": price},
+            })).collect::<Vec<_>>(),
+            "defaultPreference": {"quality": 0.5, "cost": 0.5},
+            "fallback": "cheap",
+            "exploration": {"mode": "epsilonGreedy", "epsilon": world::EPSILON},
+            "costScaleUsd": 0.004,
+            "training": {"minNewEvents": 600, "steps": 400, "intervalSeconds": 5},
+            "rollout": {"steps": [{"weight": 0.3, "minEvents": 60}, {"weight": 0.6, "minEvents": 60}]},
+        }),
+    )
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn the_leader_trains_gates_canaries_and_promotes_a_policy() {
+    let namespace = TestNamespace::new("learning").await;
+    let token = sidecar_token(&namespace, "app").await;
+    let operator =
+        Operator::start_with(&namespace, "learner", Some(Duration::from_millis(500))).await;
+    apply_route(&namespace, &learning_route("world"))
+        .await
+        .expect("the route applies");
+    wait_ready(&namespace, "world", ConditionStatus::True, "Serving").await;
+    let key = format!("{}/world", namespace.name);
+    let mut world = world::World::new(1, &key);
+
+    // Traffic under the pricing prior, then a candidate trained on it, gated and canaried.
+    let config = serve_requests(&operator, &key, &token, &mut world, 1500).await;
+    assert_eq!(config.stable.as_ref().unwrap().version, "v1");
+    let routes: Api<LlmRoute> = namespace.api();
+    let policies_api: Api<LlmPolicy> = namespace.api();
+    let phase = |policy: &LlmPolicy| policy.status.as_ref().and_then(|s| s.phase);
+    let v2 = eventually("v2 to be trained and gated", || async {
+        let policy = policies_api.get_opt("world-v2").await.ok()??;
+        phase(&policy)
+            .is_some_and(|p| p != PolicyPhase::Candidate)
+            .then_some(policy)
+    })
+    .await;
+    let status = v2.status.clone().unwrap();
+    assert_eq!(status.phase, Some(PolicyPhase::Canary), "{status:?}");
+    assert_eq!(v2.spec.origin, PolicyOrigin::Trained);
+    assert_eq!(v2.spec.parent.as_deref(), Some("v1"));
+    assert_eq!(v2.spec.models, world::MODELS.map(String::from).to_vec());
+    let training = status
+        .training
+        .expect("the data the candidate was trained on");
+    // Training may start while the batches are still arriving: once 600 have feedback.
+    let used = training.training_events + training.holdout_events;
+    assert!((600..=1500).contains(&used), "{training:?}");
+    let gate = status.off_policy.expect("the gate's figures");
+    assert!(gate.passed && gate.difference_dr.ci_low > 0.0, "{gate:?}");
+    let route = eventually("the canary in the route's status", || async {
+        let route = routes.get("world").await.ok()?;
+        let status = route.status.as_ref()?;
+        (status.canary_policy.as_deref() == Some("v2")).then_some(route)
+    })
+    .await;
+    let status = route.status.unwrap();
+    assert_eq!(status.canary_weight, Some(0.3));
+    assert_eq!(
+        status.canary_policy_sha256.as_deref(),
+        Some(v2.spec.sha256.as_str())
+    );
+    assert_eq!(
+        status.last_training.as_ref().map(|t| t.result.as_str()),
+        Some("GatePassed")
+    );
+
+    // The control API serves the canary, and live traffic carries it through both steps.
+    let served = sidecar_config(&operator, &key, config.version).await;
+    assert_eq!(
+        served.canary.as_ref().map(|c| c.version.as_str()),
+        Some("v2")
+    );
+    assert_eq!(served.canary_weight, 0.3);
+    let mut promoted = false;
+    for _ in 0..40 {
+        serve_requests(&operator, &key, &token, &mut world, 200).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let v2 = policies_api.get("world-v2").await.unwrap();
+        if phase(&v2) == Some(PolicyPhase::Stable) {
+            promoted = true;
+            break;
+        }
+    }
+    assert!(promoted, "v2 was not promoted");
+    let v1 = policies_api.get("world-v1").await.unwrap();
+    assert_eq!(phase(&v1), Some(PolicyPhase::Retired));
+    let v2 = policies_api.get("world-v2").await.unwrap();
+    let live = v2.status.unwrap().live.expect("live figures of the canary");
+    assert!(live.with_feedback >= 60, "{live:?}");
+
+    let route = wait_ready(&namespace, "world", ConditionStatus::True, "Serving").await;
+    let route = eventually("the route to serve v2 without a canary", || {
+        let route = route.clone();
+        let routes = routes.clone();
+        async move {
+            let current = routes.get("world").await.ok().unwrap_or(route);
+            let status = current.status.as_ref()?;
+            (status.stable_policy.as_deref() == Some("v2") && status.canary_policy.is_none())
+                .then_some(current)
+        }
+    })
+    .await;
+    let progressing = route
+        .status
+        .as_ref()
+        .unwrap()
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Progressing")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        progressing.status,
+        ConditionStatus::False,
+        "{progressing:?}"
+    );
+    let served = sidecar_config(&operator, &key, served.version).await;
+    let served = if served.canary.is_some() {
+        sidecar_config(&operator, &key, served.version).await
+    } else {
+        served
+    };
+    assert_eq!(served.stable.as_ref().unwrap().version, "v2");
+    assert!(served.canary.is_none());
+
+    // Every decision is an Event on the route, with its figures.
+    let events = eventually("the learning loop's Events", || async {
+        let events = events_for(&namespace, "world").await;
+        events
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("Promoted"))
+            .then_some(events)
+    })
+    .await;
+    let reasons: Vec<&str> = events.iter().filter_map(|e| e.reason.as_deref()).collect();
+    for reason in [
+        "TrainingStarted",
+        "GatePassed",
+        "CanaryStepStarted",
+        "CanaryStepPassed",
+    ] {
+        assert!(
+            reasons.contains(&reason),
+            "no {reason} Event in {reasons:?}"
+        );
+    }
+    let passed = events
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("CanaryStepPassed"))
+        .and_then(|e| e.note.clone())
+        .unwrap();
+    assert!(
+        passed.contains("reward") && passed.contains("p = "),
+        "{passed}"
+    );
+
     operator.stop().await;
     namespace.delete().await;
 }

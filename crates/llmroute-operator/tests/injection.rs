@@ -176,6 +176,7 @@ impl Setup {
                 },
                 certificate,
             }),
+            learning_interval: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let client = self.client.clone();

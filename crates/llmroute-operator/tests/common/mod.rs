@@ -73,6 +73,38 @@ pub async fn get(url: &str) -> Option<(u16, Vec<u8>)> {
     Some((status, body))
 }
 
+/// A POST of a JSON body on 127.0.0.1 with a bearer token; `None` when the connection fails.
+// Only the cluster tests post; the other test crates that share this module do not.
+#[allow(dead_code)]
+pub async fn post_json(url: &str, token: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.ok()?;
+    stream.write_all(body).await.ok()?;
+    let mut response = Vec::new();
+    tokio::time::timeout(Duration::from_secs(70), stream.read_to_end(&mut response))
+        .await
+        .ok()?
+        .ok()?;
+    let text_end = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&response[..text_end]).to_string();
+    let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
+    let mut body = response[text_end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Some((status, body))
+}
+
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {

@@ -106,6 +106,11 @@ pub struct OperatorArgs {
     /// Seconds between two runs of the event retention.
     #[arg(long, default_value_t = 600)]
     pub retention_interval_seconds: u64,
+    /// Seconds between two passes of the learning loop (each route trains on its own
+    /// `spec.training.intervalSeconds`; a pass also analyses running canaries). 0 turns the
+    /// learning loop off.
+    #[arg(long, default_value_t = 10)]
+    pub learning_interval_seconds: u64,
 }
 
 impl OperatorArgs {
@@ -165,6 +170,8 @@ pub fn run(workspace: &Workspace, args: &OperatorArgs) -> Result<()> {
         embedding_dim: EMBEDDING_DIM,
         watch_namespace: args.watch_namespace.clone(),
         webhook,
+        learning_interval: (args.learning_interval_seconds > 0)
+            .then(|| Duration::from_secs(args.learning_interval_seconds)),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
