@@ -39,6 +39,8 @@ pub struct InstallOptions {
     pub event_max_age_days: u64,
     /// Newest events kept per route (0 sets no limit).
     pub event_max_per_route: u64,
+    /// Seconds between two passes of the leader's learning loop (0 turns it off).
+    pub learning_interval_seconds: u64,
 }
 
 impl Default for InstallOptions {
@@ -60,6 +62,7 @@ impl Default for InstallOptions {
             storage_class: None,
             event_max_age_days: 30,
             event_max_per_route: 1_000_000,
+            learning_interval_seconds: 10,
         }
     }
 }
@@ -246,6 +249,10 @@ fn operator_args(options: &InstallOptions) -> Vec<String> {
         format!("--sidecar-mode={}", options.sidecar_mode),
         format!("--event-max-age-days={}", options.event_max_age_days),
         format!("--event-max-per-route={}", options.event_max_per_route),
+        format!(
+            "--learning-interval-seconds={}",
+            options.learning_interval_seconds
+        ),
         format!("--data-dir={DATA_DIR}"),
         "--lease-namespace=$(POD_NAMESPACE)".into(),
         "--identity=$(POD_NAME)".into(),

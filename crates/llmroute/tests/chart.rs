@@ -217,6 +217,7 @@ fn chart_settings_match_llmroute_install() {
             "persistence.storageClass=fast-ssd",
             "events.maxAgeDays=7",
             "events.maxPerRoute=50000",
+            "learning.intervalSeconds=0",
         ],
     );
     let options = InstallOptions {
@@ -233,6 +234,7 @@ fn chart_settings_match_llmroute_install() {
         storage_class: Some("fast-ssd".into()),
         event_max_age_days: 7,
         event_max_per_route: 50_000,
+        learning_interval_seconds: 0,
         ..InstallOptions::default()
     };
     assert_same_objects(chart, &options);
@@ -387,7 +389,7 @@ fn chart_optional_objects_follow_values() {
 #[ignore = "needs helm from scripts/helm; scripts/test builds it and runs this"]
 fn chart_rejects_invalid_values_by_name() {
     let chart = chart();
-    let cases: [(&[&str], &str); 10] = [
+    let cases: [(&[&str], &str); 11] = [
         (&["replicas=0"], "/replicas"),
         (
             &["webhook.failurePolicy=Sometimes"],
@@ -398,6 +400,10 @@ fn chart_rejects_invalid_values_by_name() {
         (&["sidecar.mode=sometimes"], "/sidecar/mode"),
         (&["sidecar.cpuRequest=fast"], "/sidecar/cpuRequest"),
         (&["sidecar.encoderDigest=abc"], "/sidecar/encoderDigest"),
+        (
+            &["learning.intervalSeconds=-1"],
+            "/learning/intervalSeconds",
+        ),
         (&["replica=3"], "replica"),
         (
             &["webhook.certificate.source=secret"],
