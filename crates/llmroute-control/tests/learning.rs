@@ -365,3 +365,49 @@ fn route_retention_overrides_server_settings() {
     );
     assert_eq!(plane.route_retention("absent"), None);
 }
+
+#[test]
+fn canary_aborts_inverted_reward_candidate() {
+    let dir = tempfile::tempdir().unwrap();
+    // Tolerance 1 forces any candidate past the gate, so the canary analysis must stop it.
+    let training =
+        "  training: {minNewEvents: 600, steps: 400, intervalSeconds: 5, gate: {tolerance: 1}}";
+    let (plane, learning) = setup(dir.path(), &route_yaml(training, ROLLOUT));
+    let mut world = World::new(7, "world");
+    learning.tick();
+    let v1 = network(plane.store(), &record(&plane, "v1"));
+    // Every training event has inverted feedback, so the candidate learns the worst models.
+    let events: Vec<_> = (0..1500)
+        .map(|_| {
+            let mut event = world.event(&v1, "v1", 10.0);
+            event.quality = event.quality.map(|q| 1.0 - q);
+            event
+        })
+        .collect();
+    plane
+        .store()
+        .insert_events("world", "test", &events)
+        .unwrap();
+    learning.tick();
+    let v2 = record(&plane, "v2");
+    assert_eq!(v2.phase, PolicyPhase::Canary, "{:?}", v2.message);
+
+    // Live traffic has honest feedback.
+    for _ in 0..20 {
+        serve(&plane, &mut world, 200, 10.0);
+        learning.tick();
+        if record(&plane, "v2").phase != PolicyPhase::Canary {
+            break;
+        }
+    }
+    let v2 = record(&plane, "v2");
+    assert_eq!(v2.phase, PolicyPhase::Rejected);
+    let message = v2.message.unwrap_or_default();
+    assert!(message.contains("aborted: reward is lower"), "{message}");
+    assert_eq!(reasons(&plane).last().unwrap(), "CanaryAborted");
+    let config = plane.subscribe("world").unwrap().borrow().clone();
+    assert!(config.canary.is_none());
+    assert_eq!(config.stable.as_ref().unwrap().version, "v1");
+    let state = plane.store().rollout_state("world").unwrap();
+    assert!(state.degraded.is_some());
+}

@@ -1125,12 +1125,14 @@ async fn served_network(
 
 /// Logs `n` requests as the route's sidecars would under the configuration the control API
 /// serves now (stable and canary by the canary weight), and posts them as event batches.
+/// Canary requests take `canary_latency_ms`, stable ones 10 ms.
 async fn serve_requests(
     operator: &Operator,
     key: &str,
     token: &str,
     world: &mut world::World,
     n: usize,
+    canary_latency_ms: f64,
 ) -> SidecarConfig {
     use rand::Rng;
     let config = sidecar_config(operator, key, 0).await;
@@ -1144,7 +1146,7 @@ async fn serve_requests(
     for _ in 0..n {
         let use_canary = canary.is_some() && world.rng.random::<f64>() < config.canary_weight;
         let mut event = match (&canary, use_canary) {
-            (Some((version, policy)), true) => world.event(policy, version, 10.0),
+            (Some((version, policy)), true) => world.event(policy, version, canary_latency_ms),
             _ => world.event(&stable, &stable_ref.version, 10.0),
         };
         event.decision.config_version = config.version;
@@ -1199,7 +1201,7 @@ async fn the_leader_trains_gates_canaries_and_promotes_a_policy() {
     let mut world = world::World::new(1, &key);
 
     // Traffic under the pricing prior, then a candidate trained on it, gated and canaried.
-    let config = serve_requests(&operator, &key, &token, &mut world, 1500).await;
+    let config = serve_requests(&operator, &key, &token, &mut world, 1500, 10.0).await;
     assert_eq!(config.stable.as_ref().unwrap().version, "v1");
     let routes: Api<LlmRoute> = namespace.api();
     let policies_api: Api<LlmPolicy> = namespace.api();
@@ -1250,7 +1252,7 @@ async fn the_leader_trains_gates_canaries_and_promotes_a_policy() {
     assert_eq!(served.canary_weight, 0.3);
     let mut promoted = false;
     for _ in 0..40 {
-        serve_requests(&operator, &key, &token, &mut world, 200).await;
+        serve_requests(&operator, &key, &token, &mut world, 200, 10.0).await;
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let v2 = policies_api.get("world-v2").await.unwrap();
         if phase(&v2) == Some(PolicyPhase::Stable) {
@@ -1330,6 +1332,76 @@ async fn the_leader_trains_gates_canaries_and_promotes_a_policy() {
         passed.contains("reward") && passed.contains("p = "),
         "{passed}"
     );
+
+    operator.stop().await;
+    namespace.delete().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn a_slow_canary_is_aborted_and_degrades_the_route() {
+    let namespace = TestNamespace::new("abort").await;
+    let token = sidecar_token(&namespace, "app").await;
+    let operator =
+        Operator::start_with(&namespace, "learner", Some(Duration::from_millis(500))).await;
+    apply_route(&namespace, &learning_route("world"))
+        .await
+        .expect("the route applies");
+    wait_ready(&namespace, "world", ConditionStatus::True, "Serving").await;
+    let key = format!("{}/world", namespace.name);
+    let mut world = world::World::new(6, &key);
+    serve_requests(&operator, &key, &token, &mut world, 1500, 10.0).await;
+    let routes: Api<LlmRoute> = namespace.api();
+    eventually("the canary v2 in the route's status", || async {
+        let route = routes.get("world").await.ok()?;
+        (route.status?.canary_policy.as_deref() == Some("v2")).then_some(())
+    })
+    .await;
+
+    // The candidate decides better but answers 20 times slower: the p95 latency check aborts.
+    let policies_api: Api<LlmPolicy> = namespace.api();
+    let mut aborted = None;
+    for _ in 0..40 {
+        serve_requests(&operator, &key, &token, &mut world, 200, 200.0).await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let v2 = policies_api.get("world-v2").await.unwrap();
+        if v2.status.as_ref().and_then(|s| s.phase) == Some(PolicyPhase::Rejected) {
+            aborted = Some(v2);
+            break;
+        }
+    }
+    let v2 = aborted.expect("the slow canary v2 was not aborted");
+    let message = v2.status.unwrap().message.unwrap_or_default();
+    assert!(message.contains("aborted: p95 latency"), "{message}");
+
+    let route = eventually("the route to be Degraded without a canary", || async {
+        let route = routes.get("world").await.ok()?;
+        let status = route.status.as_ref()?;
+        let degraded = status.conditions.iter().find(|c| c.type_ == "Degraded")?;
+        (degraded.status == ConditionStatus::True
+            && degraded.reason == "CanaryAborted"
+            && status.canary_policy.is_none()
+            && status.observed_generation == route.metadata.generation)
+            .then_some(route)
+    })
+    .await;
+    let status = route.status.unwrap();
+    assert_eq!(status.stable_policy.as_deref(), Some("v1"));
+    assert!(status.canary_abort.is_some());
+    assert!(status.canary_weight.is_none());
+    let served = sidecar_config(&operator, &key, 0).await;
+    assert_eq!(served.stable.as_ref().unwrap().version, "v1");
+    assert!(served.canary.is_none(), "{served:?}");
+
+    let events = eventually("the CanaryAborted Event", || async {
+        let events = events_for(&namespace, "world").await;
+        events
+            .iter()
+            .find(|e| e.reason.as_deref() == Some("CanaryAborted"))
+            .cloned()
+    })
+    .await;
+    assert_eq!(events.type_.as_deref(), Some("Warning"));
 
     operator.stop().await;
     namespace.delete().await;
