@@ -58,7 +58,11 @@ pub struct CompletedEvent {
     pub decision: DecisionRecord,
     /// Model that produced the answer (differs from `decision.model` after a retry).
     pub served_model: String,
-    /// Prompt embedding the policy saw; empty when the request was not routed.
+    /// Prompt embedding the policy saw; empty when the request was not routed. In JSON it is
+    /// the base64 text of its little-endian f32 values (as with `encoding_format: base64` of
+    /// OpenAI's embeddings API), or an array of numbers. Events are written in base64: for 384
+    /// values it is 2,048 characters against about 4 KB of decimals, and needs no float parsing.
+    #[serde(with = "embedding_json")]
     pub embedding: Vec<f32>,
     /// Quality score from feedback; `None` when none arrived within the feedback TTL.
     pub quality: Option<f64>,
@@ -339,9 +343,127 @@ pub fn is_decision_id(value: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The JSON form of [`CompletedEvent::embedding`]: base64 of little-endian f32 values, or an
+/// array of numbers. An empty embedding is written as `[]`.
+mod embedding_json {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(embedding: &[f32], serializer: S) -> Result<S::Ok, S::Error> {
+        if embedding.is_empty() {
+            return serializer.collect_seq(embedding);
+        }
+        let mut bytes = Vec::with_capacity(embedding.len() * 4);
+        for value in embedding {
+            bytes.extend_from_slice(&value.to_le_bytes());
+        }
+        serializer.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<f32>, D::Error> {
+        deserializer.deserialize_any(EmbeddingVisitor)
+    }
+
+    struct EmbeddingVisitor;
+
+    impl<'de> Visitor<'de> for EmbeddingVisitor {
+        type Value = Vec<f32>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of numbers or the base64 text of little-endian f32 values")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<f32>, A::Error> {
+            let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(value) = seq.next_element::<f32>()? {
+                values.push(value);
+            }
+            Ok(values)
+        }
+
+        fn visit_str<E: Error>(self, text: &str) -> Result<Vec<f32>, E> {
+            let bytes = STANDARD.decode(text).map_err(|error| {
+                E::custom(format!(
+                    "invalid base64 embedding ({error}); expected the standard base64 alphabet with padding"
+                ))
+            })?;
+            if bytes.len() % 4 != 0 {
+                return Err(E::custom(format!(
+                    "invalid base64 embedding: {} bytes is not a whole number of f32 values (4 bytes each)",
+                    bytes.len()
+                )));
+            }
+            Ok(bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event_json(embedding: serde_json::Value) -> serde_json::Value {
+        serde_json::json!({
+            "decision": {
+                "decisionId": "0123456789abcdef0123456789abcdef", "route": "chat",
+                "configVersion": 1, "model": "small", "routed": true,
+                "preference": {"quality": 0.7}, "policyVersion": "v1", "propensity": 0.9
+            },
+            "servedModel": "small", "embedding": embedding, "quality": 0.5, "costUsd": 0.001,
+            "promptTokens": 5, "completionTokens": 7, "latencyMs": 3.0,
+            "outcome": {"kind": "success"}, "attempts": 1, "timestampMs": 1
+        })
+    }
+
+    #[test]
+    fn embedding_round_trips_as_base64() {
+        let values = vec![0.25f32, -1.5, 3.0e-8, f32::MAX];
+        let event: CompletedEvent =
+            serde_json::from_value(event_json(serde_json::json!(values))).unwrap();
+        assert_eq!(event.embedding, values);
+        let written = serde_json::to_value(&event).unwrap();
+        let text = written["embedding"].as_str().expect("a base64 string");
+        assert_eq!(text.len(), 24);
+        let read: CompletedEvent = serde_json::from_value(written).unwrap();
+        assert_eq!(read.embedding, values);
+    }
+
+    #[test]
+    fn empty_embedding_is_written_as_array() {
+        let mut event: CompletedEvent =
+            serde_json::from_value(event_json(serde_json::json!([]))).unwrap();
+        assert!(event.embedding.is_empty());
+        event.embedding.clear();
+        let written = serde_json::to_value(&event).unwrap();
+        assert_eq!(written["embedding"], serde_json::json!([]));
+    }
+
+    #[test]
+    fn invalid_base64_embedding_is_named() {
+        let error =
+            serde_json::from_value::<CompletedEvent>(event_json(serde_json::json!("not base64!")))
+                .unwrap_err()
+                .to_string();
+        assert!(error.contains("invalid base64 embedding"), "{error}");
+        let error =
+            serde_json::from_value::<CompletedEvent>(event_json(serde_json::json!("AAAAAAA=")))
+                .unwrap_err()
+                .to_string();
+        assert!(error.contains("5 bytes is not a whole number"), "{error}");
+        let error =
+            serde_json::from_value::<CompletedEvent>(event_json(serde_json::json!({"a": 1})))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            error.contains("base64 text of little-endian f32"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn feedback_validation_names_value() {

@@ -2,9 +2,10 @@
 //! (routed events with 384-dimensional embeddings) to a running control API and prints one
 //! table row per batch size and concurrency: events/s and the p50/p99 batch latency.
 //!
-//! Usage: `ingest_load URL ROUTE TOKEN_FILE SECONDS BATCH_SIZES CONCURRENCIES`, for example
-//! `ingest_load http://127.0.0.1:8070 chat token 10 64,256 1,4`. TOKEN_FILE may be `-` for
-//! none. Every run uses new random decision ids, so nothing is a duplicate.
+//! Usage: `ingest_load URL ROUTE TOKEN_FILE SECONDS BATCH_SIZES CONCURRENCIES [FORMAT]`, for
+//! example `ingest_load http://127.0.0.1:8070 chat token 10 64,256 1,4`. TOKEN_FILE may be `-`
+//! for none. FORMAT is `base64` (the sidecar's, the default) or `array` (JSON numbers) for the
+//! embeddings. Every run uses new random decision ids, so nothing is a duplicate.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -19,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use rand::{Rng, SeedableRng};
 
 const DIM: usize = 384;
-/// Distinct embeddings cycled through the events, pre-formatted as JSON arrays.
+/// Distinct embeddings cycled through the events, pre-formatted as JSON values.
 const EMBEDDINGS: usize = 32;
 
 struct Settings {
@@ -28,6 +29,8 @@ struct Settings {
     token: Option<String>,
     duration: Duration,
     batch_sizes: Vec<usize>,
+    /// Whether embeddings are sent as base64 text (as sidecars send them) or number arrays.
+    base64: bool,
     concurrencies: Vec<usize>,
 }
 
@@ -46,9 +49,9 @@ fn parse_list(name: &str, text: &str) -> Vec<usize> {
 
 fn settings() -> Settings {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() != 6 {
+    if !(6..=7).contains(&args.len()) {
         eprintln!(
-            "usage: ingest_load URL ROUTE TOKEN_FILE SECONDS BATCH_SIZES CONCURRENCIES\n\
+            "usage: ingest_load URL ROUTE TOKEN_FILE SECONDS BATCH_SIZES CONCURRENCIES [base64|array]\n\
              example: ingest_load http://127.0.0.1:8070 chat token 10 64,256 1,4"
         );
         std::process::exit(2);
@@ -72,18 +75,33 @@ fn settings() -> Settings {
         duration: Duration::from_secs(seconds),
         batch_sizes: parse_list("BATCH_SIZES", &args[4]),
         concurrencies: parse_list("CONCURRENCIES", &args[5]),
+        base64: match args.get(6).map(String::as_str) {
+            None | Some("base64") => true,
+            Some("array") => false,
+            Some(other) => panic!("invalid FORMAT {other:?}: expected base64 or array"),
+        },
     }
 }
 
-/// Random unit-length embeddings, formatted as the sidecar's serde_json would.
-fn embeddings() -> Vec<String> {
+/// Creates random unit-length embeddings as JSON values: base64 text of little-endian f32
+/// values (what sidecars send) or arrays of numbers.
+fn embeddings(base64: bool) -> Vec<String> {
     let mut rng = rand::rng();
     (0..EMBEDDINGS)
         .map(|_| {
             let values: Vec<f32> = (0..DIM).map(|_| rng.random_range(-1.0..1.0)).collect();
             let norm = values.iter().map(|v| v * v).sum::<f32>().sqrt();
             let unit: Vec<f32> = values.iter().map(|v| v / norm).collect();
-            serde_json::to_string(&unit).unwrap()
+            if base64 {
+                use base64::Engine;
+                let bytes: Vec<u8> = unit.iter().flat_map(|v| v.to_le_bytes()).collect();
+                format!(
+                    "\"{}\"",
+                    base64::engine::general_purpose::STANDARD.encode(bytes)
+                )
+            } else {
+                serde_json::to_string(&unit).unwrap()
+            }
         })
         .collect()
 }
@@ -185,7 +203,7 @@ async fn run_one(
 
 fn main() {
     let settings = Arc::new(settings());
-    let embeddings = Arc::new(embeddings());
+    let embeddings = Arc::new(embeddings(settings.base64));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
