@@ -88,7 +88,11 @@ async fn routed_decisions_match_policy() {
     let events = harness.stop().await;
     assert_eq!(events.len(), 6, "every request leaves an event at shutdown");
     for event in &events {
-        assert_eq!(event["embedding"].as_array().unwrap().len(), 384);
+        // Sidecars send the embedding as base64 of little-endian f32 values.
+        let completed: llmroute_api::CompletedEvent =
+            serde_json::from_value(event.clone()).unwrap();
+        assert!(event["embedding"].is_string(), "{}", event["embedding"]);
+        assert_eq!(completed.embedding.len(), 384);
         assert_eq!(event["quality"], Value::Null);
         assert_eq!(event["outcome"]["kind"], "success");
     }
