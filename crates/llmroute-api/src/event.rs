@@ -9,7 +9,7 @@ use crate::preference::Preference;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DecisionRecord {
-    /// Random 128-bit id in 32 lowercase hex digits.
+    /// 128-bit id in 32 lowercase hex digits, made by [`new_decision_id`].
     pub decision_id: String,
     pub route: String,
     /// Version of the sidecar configuration the decision was made with.
@@ -335,6 +335,24 @@ fn check_propensity(decision: &DecisionRecord) -> Result<(), FieldError> {
     }
 }
 
+/// Makes a decision id: a UUID version 7 (RFC 9562, section 5.7) in 32 lowercase hex digits,
+/// without dashes. The first 48 bits are `unix_ms`, the Unix time in milliseconds; 74 of the
+/// other bits come from `random`, and the remaining 6 hold the version (7) and the variant.
+///
+/// Ids made later sort after ids made earlier. The event store keeps a unique index on the
+/// decision id, so a new id lands at the end of that index instead of on a random page of it.
+/// In a SQLite test of the store's schema with 64-event transactions, time-ordered ids were
+/// stored about 1.7 times as fast as fully random ones (see `docs/benchmarks-ingest.md`).
+pub fn new_decision_id(unix_ms: u64, random: u128) -> String {
+    const RAND_B_BITS: u32 = 62;
+    let timestamp = (u128::from(unix_ms) & 0xFFFF_FFFF_FFFF) << 80;
+    let version = 0x7_u128 << 76;
+    let rand_a = ((random >> RAND_B_BITS) & 0xFFF) << 64;
+    let variant = 0b10_u128 << RAND_B_BITS;
+    let rand_b = random & ((1_u128 << RAND_B_BITS) - 1);
+    format!("{:032x}", timestamp | version | rand_a | variant | rand_b)
+}
+
 /// Tests whether `value` has the form of a decision id: 32 lowercase hex digits.
 pub fn is_decision_id(value: &str) -> bool {
     value.len() == 32
@@ -406,6 +424,29 @@ mod embedding_json {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decision_id_is_time_ordered_uuid_v7() {
+        let earlier = new_decision_id(1_764_806_400_000, u128::MAX);
+        let later = new_decision_id(1_764_806_400_001, 0);
+        assert!(is_decision_id(&earlier), "{earlier}");
+        assert!(is_decision_id(&later), "{later}");
+        assert!(earlier < later, "{earlier} should sort before {later}");
+        assert_eq!(&earlier[..12], format!("{:012x}", 1_764_806_400_000_u64));
+        // Version nibble 7 and variant bits 10 (hex digit 8 to b), as RFC 9562 requires.
+        assert_eq!(&earlier[12..13], "7");
+        assert!(matches!(&later[16..17], "8" | "9" | "a" | "b"), "{later}");
+        assert!(
+            matches!(&earlier[16..17], "8" | "9" | "a" | "b"),
+            "{earlier}"
+        );
+        // Different random bits give different ids in the same millisecond.
+        assert_ne!(
+            new_decision_id(5, 1),
+            new_decision_id(5, 2),
+            "the random part is lost"
+        );
+    }
 
     fn event_json(embedding: serde_json::Value) -> serde_json::Value {
         serde_json::json!({

@@ -15,6 +15,8 @@ pub mod rollout;
 pub use config::{
     ApiKeyRef, ConfigError, Exploration, ModelEndpoint, PolicyRef, Pricing, SidecarConfig,
 };
-pub use event::{CompletedEvent, DecisionRecord, EventBatch, FeedbackRequest, Outcome};
+pub use event::{
+    CompletedEvent, DecisionRecord, EventBatch, FeedbackRequest, Outcome, new_decision_id,
+};
 pub use openai::{Endpoint, ErrorBody, ErrorDetail, prompt_text};
 pub use preference::{Preference, PreferenceError};

@@ -2,10 +2,12 @@
 //! (routed events with 384-dimensional embeddings) to a running control API and prints one
 //! table row per batch size and concurrency: events/s and the p50/p99 batch latency.
 //!
-//! Usage: `ingest_load URL ROUTE TOKEN_FILE SECONDS BATCH_SIZES CONCURRENCIES [FORMAT]`, for
-//! example `ingest_load http://127.0.0.1:8070 chat token 10 64,256 1,4`. TOKEN_FILE may be `-`
-//! for none. FORMAT is `base64` (the sidecar's, the default) or `array` (JSON numbers) for the
-//! embeddings. Every run uses new random decision ids, so nothing is a duplicate.
+//! Usage: `ingest_load URL ROUTE TOKEN_FILE SECONDS BATCH_SIZES CONCURRENCIES [FORMAT [IDS]]`,
+//! for example `ingest_load http://127.0.0.1:8070 chat token 10 64,256 1,4`. TOKEN_FILE may be
+//! `-` for none. FORMAT is `base64` (the sidecar's, the default) or `array` (JSON numbers) for
+//! the embeddings. IDS is `uuid7` (the default: time-ordered ids as the sidecar makes them) or
+//! `random` (128 random bits, as sidecars before 2026-12-05 made them). Every decision id is
+//! new, so nothing is a duplicate.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -31,6 +33,8 @@ struct Settings {
     batch_sizes: Vec<usize>,
     /// Whether embeddings are sent as base64 text (as sidecars send them) or number arrays.
     base64: bool,
+    /// Whether decision ids are time-ordered UUIDs version 7 (as sidecars make them) or random.
+    time_ordered_ids: bool,
     concurrencies: Vec<usize>,
 }
 
@@ -49,9 +53,9 @@ fn parse_list(name: &str, text: &str) -> Vec<usize> {
 
 fn settings() -> Settings {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if !(6..=7).contains(&args.len()) {
+    if !(6..=8).contains(&args.len()) {
         eprintln!(
-            "usage: ingest_load URL ROUTE TOKEN_FILE SECONDS BATCH_SIZES CONCURRENCIES [base64|array]\n\
+            "usage: ingest_load URL ROUTE TOKEN_FILE SECONDS BATCH_SIZES CONCURRENCIES [base64|array [uuid7|random]]\n\
              example: ingest_load http://127.0.0.1:8070 chat token 10 64,256 1,4"
         );
         std::process::exit(2);
@@ -80,6 +84,11 @@ fn settings() -> Settings {
             Some("array") => false,
             Some(other) => panic!("invalid FORMAT {other:?}: expected base64 or array"),
         },
+        time_ordered_ids: match args.get(7).map(String::as_str) {
+            None | Some("uuid7") => true,
+            Some("random") => false,
+            Some(other) => panic!("invalid IDS {other:?}: expected uuid7 or random"),
+        },
     }
 }
 
@@ -107,19 +116,32 @@ fn embeddings(base64: bool) -> Vec<String> {
 }
 
 /// Builds one batch body of `size` events with new decision ids.
-fn batch_body(route: &str, size: usize, embeddings: &[String], rng: &mut impl Rng) -> Vec<u8> {
+fn batch_body(
+    route: &str,
+    size: usize,
+    embeddings: &[String],
+    time_ordered_ids: bool,
+    rng: &mut impl Rng,
+) -> Vec<u8> {
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let mut body = String::with_capacity(size * 5_000);
     write!(body, r#"{{"route":"{route}","sidecar":"bench","events":["#).unwrap();
     for i in 0..size {
         if i > 0 {
             body.push(',');
         }
-        let id: u128 = rng.random();
+        let id = if time_ordered_ids {
+            llmroute_api::new_decision_id(unix_ms, rng.random())
+        } else {
+            format!("{:032x}", rng.random::<u128>())
+        };
         let quality: f64 = rng.random_range(0.0..1.0);
         let embedding = &embeddings[i % embeddings.len()];
         write!(
             body,
-            r#"{{"decision":{{"decisionId":"{id:032x}","route":"{route}","configVersion":1,"model":"small","routed":true,"preference":{{"quality":0.7,"cost":0.30000000000000004}},"policyVersion":"v1","propensity":0.93}},"servedModel":"small","embedding":{embedding},"quality":{quality},"costUsd":0.00012,"promptTokens":54,"completionTokens":180,"latencyMs":812.5,"outcome":{{"kind":"success"}},"attempts":1,"timestampMs":1764806400000}}"#
+            r#"{{"decision":{{"decisionId":"{id}","route":"{route}","configVersion":1,"model":"small","routed":true,"preference":{{"quality":0.7,"cost":0.30000000000000004}},"policyVersion":"v1","propensity":0.93}},"servedModel":"small","embedding":{embedding},"quality":{quality},"costUsd":0.00012,"promptTokens":54,"completionTokens":180,"latencyMs":812.5,"outcome":{{"kind":"success"}},"attempts":1,"timestampMs":1764806400000}}"#
         )
         .unwrap();
     }
@@ -154,7 +176,13 @@ async fn run_one(
             let mut latencies = Vec::new();
             let mut rng = rand::rngs::StdRng::from_os_rng();
             while started.elapsed() < settings.duration {
-                let body = batch_body(&settings.route, batch_size, &embeddings, &mut rng);
+                let body = batch_body(
+                    &settings.route,
+                    batch_size,
+                    &embeddings,
+                    settings.time_ordered_ids,
+                    &mut rng,
+                );
                 let mut request = Request::builder()
                     .method(Method::POST)
                     .uri(format!("{}/v1/events", settings.url))

@@ -544,6 +544,13 @@ pub(crate) fn cost_of(state: &RouteState, model: &str, usage: Usage) -> Option<f
     )
 }
 
+/// The current Unix time in milliseconds; 0 when the clock is before 1970.
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 fn new_record(
     state: &RouteState,
     model: &str,
@@ -553,7 +560,7 @@ fn new_record(
     propensity: Option<f64>,
 ) -> DecisionRecord {
     DecisionRecord {
-        decision_id: format!("{:032x}", rand::rng().random::<u128>()),
+        decision_id: llmroute_api::new_decision_id(unix_ms(), rand::rng().random()),
         route: state.config.route.clone(),
         config_version: state.config.version,
         model: model.to_string(),
