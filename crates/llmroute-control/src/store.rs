@@ -2,7 +2,7 @@
 //! published policies, route configuration versions and completed events.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use llmroute_api::{CompletedEvent, PolicyRef};
@@ -36,6 +36,15 @@ pub enum StoreError {
         "invalid stored embedding of event {decision_id}: {bytes} bytes is not a whole number of f32 values"
     )]
     Embedding { decision_id: String, bytes: usize },
+    /// The commit of a group of event batches failed, so none of them was stored.
+    #[error(
+        "database error in {path} while committing {batches} event batches together: {message}"
+    )]
+    GroupCommit {
+        path: PathBuf,
+        batches: usize,
+        message: String,
+    },
 }
 
 /// SQLite's `synchronous` setting, which decides what a committed transaction survives. In
@@ -82,6 +91,32 @@ pub struct Store {
     folder: PathBuf,
     database: PathBuf,
     connection: Mutex<Connection>,
+    /// Event batches waiting for the next group commit (see [`Store::insert_events`]).
+    pending: Mutex<Vec<Arc<PendingBatch>>>,
+}
+
+/// One event batch of [`Store::insert_events`], encoded for its rows, waiting to be committed.
+#[derive(Debug)]
+struct PendingBatch {
+    route: String,
+    sidecar: String,
+    /// Each event with its JSON text (without the embedding) and its embedding's bytes.
+    rows: Vec<(CompletedEvent, String, Vec<u8>)>,
+    /// How many events were new, set by the caller that committed the batch.
+    outcome: Mutex<Option<Result<usize, StoreError>>>,
+}
+
+impl PendingBatch {
+    fn set(&self, outcome: Result<usize, StoreError>) {
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+    }
+
+    fn take(&self) -> Option<Result<usize, StoreError>> {
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
 }
 
 const SCHEMA: &str = "
@@ -178,6 +213,7 @@ impl Store {
             folder: folder.to_path_buf(),
             database,
             connection: Mutex::new(connection),
+            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -287,9 +323,16 @@ impl Store {
         Ok(())
     }
 
-    /// Stores events of `route` in one transaction and returns how many were new. An event
-    /// whose decision id is already stored is skipped, because a sidecar sends a batch again
-    /// when the response to it was lost. The events are committed when this returns `Ok`.
+    /// Stores events of `route` and returns how many were new. An event whose decision id is
+    /// already stored is skipped, because a sidecar sends a batch again when the response to it
+    /// was lost. The events are committed when this returns `Ok`.
+    ///
+    /// Batches that arrive while another commit runs are committed together, as databases
+    /// group the commits of their logs. The first caller to get the connection stores every
+    /// waiting batch in one transaction, each under its own savepoint, and sets each caller's
+    /// result. Under concurrent senders this writes the WAL and syncs it once per group instead
+    /// of once per batch. A batch whose inserts fail is rolled back alone; a failed commit
+    /// fails every batch of the group, and none of them is stored.
     pub fn insert_events(
         &self,
         route: &str,
@@ -297,7 +340,7 @@ impl Store {
         events: &[CompletedEvent],
     ) -> Result<usize, StoreError> {
         // The embedding goes into its own column; the JSON text keeps the other fields.
-        let encoded: Vec<(String, Vec<u8>)> = events
+        let rows = events
             .iter()
             .map(|event| {
                 let without_embedding = CompletedEvent {
@@ -305,39 +348,64 @@ impl Store {
                     ..event.clone()
                 };
                 let json = serde_json::to_string(&without_embedding)?;
-                Ok((json, encode_embedding(&event.embedding)))
+                Ok((without_embedding, json, encode_embedding(&event.embedding)))
             })
             .collect::<Result<_, serde_json::Error>>()?;
+        let batch = Arc::new(PendingBatch {
+            route: route.to_string(),
+            sidecar: sidecar.to_string(),
+            rows,
+            outcome: Mutex::new(None),
+        });
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(batch.clone());
+        let mut connection = self.connection.lock().unwrap_or_else(|p| p.into_inner());
+        // Another caller may have committed this batch while this one waited.
+        if let Some(outcome) = batch.take() {
+            return outcome;
+        }
+        // Only holders of the connection take batches from the queue, and they set the
+        // outcome of each before they let go of it, so this batch is still in the queue.
+        let group = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
         let received = now_ms();
-        self.with_connection(|connection| {
-            let transaction = connection.transaction()?;
-            let mut inserted = 0;
-            {
-                let mut statement = transaction.prepare_cached(
-                    "INSERT OR IGNORE INTO events
-                     (route, sidecar, decision_id, model, routed, policy_version, propensity,
-                      quality, cost_usd, received_ms, event, embedding)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                )?;
-                for (event, (json, embedding)) in events.iter().zip(&encoded) {
-                    inserted += statement.execute(params![
-                        route,
-                        sidecar,
-                        event.decision.decision_id,
-                        event.served_model,
-                        event.decision.routed,
-                        event.decision.policy_version,
-                        event.decision.propensity,
-                        event.quality,
-                        event.cost_usd,
-                        received,
-                        json,
-                        embedding,
-                    ])?;
+        match commit_group(&mut connection, &group, received) {
+            Ok(outcomes) => {
+                if group.len() > 1 {
+                    tracing::debug!(
+                        batches = group.len(),
+                        events = group.iter().map(|b| b.rows.len()).sum::<usize>(),
+                        "committed event batches together"
+                    );
+                }
+                for (pending, outcome) in group.iter().zip(outcomes) {
+                    pending.set(outcome.map_err(|source| StoreError::Database {
+                        path: self.database.clone(),
+                        source,
+                    }));
                 }
             }
-            transaction.commit()?;
-            Ok(inserted)
+            Err(error) => {
+                let message = error.to_string();
+                for pending in &group {
+                    pending.set(Err(StoreError::GroupCommit {
+                        path: self.database.clone(),
+                        batches: group.len(),
+                        message: message.clone(),
+                    }));
+                }
+            }
+        }
+        drop(connection);
+        batch.take().unwrap_or_else(|| {
+            // Reached only when a caller panicked in the middle of a group commit that held
+            // this batch: the transaction was rolled back when it was dropped.
+            Err(StoreError::GroupCommit {
+                path: self.database.clone(),
+                batches: 0,
+                message: "the group commit that held this batch was abandoned".into(),
+            })
         })
     }
 
@@ -457,6 +525,60 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Stores the batches of one group commit in one transaction, each under a savepoint. Returns
+/// each batch's count of new events, or the error that rolled that batch back. Returns `Err`
+/// when the transaction itself failed.
+fn commit_group(
+    connection: &mut Connection,
+    group: &[Arc<PendingBatch>],
+    received_ms: i64,
+) -> rusqlite::Result<Vec<rusqlite::Result<usize>>> {
+    let mut transaction = connection.transaction()?;
+    let mut outcomes = Vec::with_capacity(group.len());
+    for batch in group {
+        let savepoint = transaction.savepoint()?;
+        let inserted = insert_rows(&savepoint, batch, received_ms);
+        if inserted.is_ok() {
+            savepoint.commit()?;
+        }
+        // Dropping a savepoint that was not committed rolls it back.
+        outcomes.push(inserted);
+    }
+    transaction.commit()?;
+    Ok(outcomes)
+}
+
+fn insert_rows(
+    connection: &Connection,
+    batch: &PendingBatch,
+    received_ms: i64,
+) -> rusqlite::Result<usize> {
+    let mut statement = connection.prepare_cached(
+        "INSERT OR IGNORE INTO events
+         (route, sidecar, decision_id, model, routed, policy_version, propensity,
+          quality, cost_usd, received_ms, event, embedding)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+    )?;
+    let mut inserted = 0;
+    for (event, json, embedding) in &batch.rows {
+        inserted += statement.execute(params![
+            batch.route,
+            batch.sidecar,
+            event.decision.decision_id,
+            event.served_model,
+            event.decision.routed,
+            event.decision.policy_version,
+            event.decision.propensity,
+            event.quality,
+            event.cost_usd,
+            received_ms,
+            json,
+            embedding,
+        ])?;
+    }
+    Ok(inserted)
 }
 
 /// Creates the tables, or brings a database of an older schema version up to date.

@@ -149,3 +149,61 @@ fn retention_deletes_oldest_first() {
     assert_eq!(store.apply_retention("chat", day, Some(1_000)).unwrap(), 0);
     assert_eq!(store.count_events("chat").unwrap(), 600);
 }
+
+/// Batches sent at the same time may share one commit. Each caller gets the count of its own
+/// new events, and a batch that fails is rolled back without the others.
+#[test]
+fn concurrent_batches_are_each_stored_once() {
+    let state = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(Store::open(state.path()).unwrap());
+    // A trigger rejects the events of route "bad", so one batch fails among the others.
+    Connection::open(state.path().join("state.sqlite3"))
+        .unwrap()
+        .execute_batch(
+            "CREATE TRIGGER reject_bad BEFORE INSERT ON events WHEN NEW.route = 'bad'
+             BEGIN SELECT RAISE(ABORT, 'rejected by the test'); END;",
+        )
+        .unwrap();
+
+    const SENDERS: u32 = 8;
+    const BAD: u32 = 3;
+    // Sender t sends ids 25t .. 25t + 50, so each batch shares half its ids with the next.
+    let ids = |t: u32| (25 * t)..(25 * t + 50);
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(SENDERS as usize));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|t| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let events: Vec<CompletedEvent> = ids(t).map(|n| event("chat", n)).collect();
+                let route = if t == BAD { "bad" } else { "chat" };
+                barrier.wait();
+                (t, store.insert_events(route, "pod", &events))
+            })
+        })
+        .collect();
+
+    let mut new_events = 0;
+    for sender in senders {
+        let (t, outcome) = sender.join().unwrap();
+        if t == BAD {
+            let error = outcome.expect_err("the trigger rejects route bad");
+            assert!(
+                error.to_string().contains("rejected by the test"),
+                "{error}"
+            );
+        } else {
+            new_events += outcome.unwrap();
+        }
+    }
+
+    let good: std::collections::BTreeSet<u32> =
+        (0..SENDERS).filter(|t| *t != BAD).flat_map(ids).collect();
+    assert_eq!(new_events, good.len(), "each id is counted as new once");
+    assert_eq!(store.count_events("chat").unwrap(), good.len() as u64);
+    assert_eq!(
+        store.count_events("bad").unwrap(),
+        0,
+        "the failed batch is rolled back"
+    );
+}
