@@ -5,51 +5,24 @@
 //! module proxy. `scripts/test` builds it, sets `LLMROUTE_TEST_HELM` and runs them. Without that
 //! variable they run `scripts/helm`, which builds helm on first use.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{
+    ENCODER, eventually, free_port, kubeconfig, kubectl, kubectl_json, kubectl_ok, repository, run,
+};
 use llmroute_operator::install::{InstallOptions, manifests};
 use serde_json::{Value, json};
-
-/// Encoder digest the cluster test passes to the operator, so that it needs no encoder files.
-const ENCODER: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
-fn repository() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn chart() -> String {
     repository()
         .join("charts/llmroute")
         .to_string_lossy()
         .into_owned()
-}
-
-/// Runs `program` with `args`, writing `input` to its standard input when given.
-fn run(program: &str, args: &[&str], input: Option<&str>) -> Output {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if input.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("failed to start {program}: {e}"));
-    if let Some(text) = input {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    child.wait_with_output().unwrap()
 }
 
 fn helm_program() -> String {
@@ -435,63 +408,6 @@ fn chart_rejects_invalid_values_by_name() {
 
 // === The chart on a real API server ===
 
-fn kubeconfig() -> String {
-    std::env::var("LLMROUTE_TEST_KUBECONFIG").unwrap_or_else(|_| {
-        panic!(
-            "LLMROUTE_TEST_KUBECONFIG is not set: run scripts/test, or `scripts/k8s-testenv start DIR` and `source DIR/env`"
-        )
-    })
-}
-
-/// Runs the testenv's kubectl (first on PATH after `source DIR/env`) against the test server.
-fn kubectl(args: &[&str], input: Option<&str>) -> Output {
-    let config = kubeconfig();
-    let mut all = vec!["--kubeconfig", config.as_str()];
-    all.extend(args);
-    run("kubectl", &all, input)
-}
-
-fn kubectl_ok(args: &[&str], input: Option<&str>) -> String {
-    let output = kubectl(args, input);
-    assert!(
-        output.status.success(),
-        "kubectl {} failed: {}\n{}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-fn kubectl_json(args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.extend(["-o", "json"]);
-    serde_json::from_str(&kubectl_ok(&all, None)).unwrap()
-}
-
-/// Polls `check` every 200 ms until it returns `Some`, for at most 60 s.
-fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out after 60 s waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Writes a copy of the test kubeconfig that acts as `user` in `groups` (impersonation), so that the
 /// operator runs with exactly the chart's RBAC.
 fn impersonating_kubeconfig(dir: &Path, user: &str, groups: &[&str]) -> PathBuf {
@@ -529,7 +445,7 @@ impl Drop for OperatorProcess {
 }
 
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::Read;
+    use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(

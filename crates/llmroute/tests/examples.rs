@@ -2,9 +2,12 @@
 //! applies to the real API server of `scripts/k8s-testenv` (a server-side dry run, then for
 //! real), with the CRDs' schema and CEL rules enforced.
 
-use std::io::Write;
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
+
+use common::{install_crds, kubectl, kubectl_ok};
 
 use llmroute_api::crd::LlmRoute;
 use serde::Deserialize;
@@ -77,67 +80,6 @@ fn example_scripts_compile() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
-}
-
-fn kubectl(args: &[&str], input: Option<&str>) -> Output {
-    let kubeconfig = std::env::var("LLMROUTE_TEST_KUBECONFIG").unwrap_or_else(|_| {
-        panic!(
-            "LLMROUTE_TEST_KUBECONFIG is not set: run scripts/test, or `scripts/k8s-testenv start DIR` and `source DIR/env`"
-        )
-    });
-    let mut child = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl starts (scripts/k8s-testenv's env puts it on PATH)");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin
-        .write_all(input.unwrap_or_default().as_bytes())
-        .unwrap();
-    drop(stdin);
-    child.wait_with_output().unwrap()
-}
-
-fn kubectl_ok(args: &[&str], input: Option<&str>) -> String {
-    let output = kubectl(args, input);
-    assert!(
-        output.status.success(),
-        "kubectl {} failed: {}\n{}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-/// Applies the CRDs with the same field manager as the other cluster tests.
-fn install_crds() {
-    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds/llmroute.yaml");
-    kubectl_ok(
-        &[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "--field-manager=llmroute-tests",
-            "-f",
-            crds.to_str().unwrap(),
-        ],
-        None,
-    );
-    kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/llmroutes.llmroute.dev",
-            "crd/llmpolicies.llmroute.dev",
-        ],
-        None,
-    );
 }
 
 #[test]

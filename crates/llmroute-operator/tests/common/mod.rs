@@ -47,44 +47,41 @@ where
     }
 }
 
-/// A GET on 127.0.0.1 with a plain HTTP/1.1 client; `None` when the connection fails.
+/// A GET on 127.0.0.1; returns the status and the body (de-chunked), `None` when the
+/// connection fails.
 pub async fn get(url: &str) -> Option<(u16, Vec<u8>)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://")?;
-    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(70), stream.read_to_end(&mut response))
-        .await
-        .ok()?
-        .ok()?;
-    let text_end = response.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = String::from_utf8_lossy(&response[..text_end]).to_string();
-    let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
-    let mut body = response[text_end + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    Some((status, body))
+    exchange(url, "GET", &[], b"").await
 }
 
 /// A POST of a JSON body on 127.0.0.1 with a bearer token; `None` when the connection fails.
 // Only the cluster tests post; the other test crates that share this module do not.
 #[allow(dead_code)]
 pub async fn post_json(url: &str, token: &str, body: &[u8]) -> Option<(u16, Vec<u8>)> {
+    let authorization = format!("Authorization: Bearer {token}");
+    let headers = [authorization.as_str(), "Content-Type: application/json"];
+    exchange(url, "POST", &headers, body).await
+}
+
+/// Sends one HTTP/1.1 request with `headers` and `body` and reads the whole response.
+async fn exchange(
+    url: &str,
+    method: &str,
+    headers: &[&str],
+    body: &[u8],
+) -> Option<(u16, Vec<u8>)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let rest = url.strip_prefix("http://")?;
     let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let mut stream = tokio::net::TcpStream::connect(host).await.ok()?;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n");
+    for header in headers {
+        head.push_str(header);
+        head.push_str("\r\n");
+    }
+    if method != "GET" {
+        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    head.push_str("Connection: close\r\n\r\n");
     stream.write_all(head.as_bytes()).await.ok()?;
     stream.write_all(body).await.ok()?;
     let mut response = Vec::new();
