@@ -209,22 +209,6 @@ impl ControlPlane {
         self.store.stable_policy(route, None)
     }
 
-    /// Returns the policy that serves `route` as stable now, following the route's pin.
-    pub fn serving_stable(&self, route: &str) -> Result<Option<PolicyRef>, StoreError> {
-        let pinned = {
-            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-            routes.get(route).and_then(|entry| {
-                entry
-                    .route
-                    .spec
-                    .policy
-                    .as_ref()
-                    .and_then(|p| p.version.clone())
-            })
-        };
-        self.serving_stable_for(route, pinned.as_deref())
-    }
-
     /// Returns the history's `Stable` record of `route`, the newest when several claim it.
     pub fn history_stable(&self, route: &str) -> Result<Option<PolicyRecord>, StoreError> {
         crate::learning::history_stable(&self.store, route)
@@ -245,39 +229,6 @@ impl ControlPlane {
             }
             _ => Ok((None, 0.0)),
         }
-    }
-
-    /// Names and specs of the served routes, sorted by name.
-    pub fn route_specs(&self) -> Vec<(String, LlmRouteSpec)> {
-        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-        let mut specs: Vec<(String, LlmRouteSpec)> = routes
-            .iter()
-            .map(|(name, entry)| (name.clone(), entry.route.spec.clone()))
-            .collect();
-        specs.sort_by(|a, b| a.0.cmp(&b.0));
-        specs
-    }
-
-    /// Publishes `bytes` as `version` of `route` and records it in the history as the stable
-    /// policy, retiring the previous stable one. Does not reload: the caller does.
-    pub fn publish_version(
-        &self,
-        route: &str,
-        version: &str,
-        bytes: &[u8],
-        origin: PolicyOrigin,
-        parent: Option<String>,
-        message: &str,
-    ) -> Result<PolicyRef, StoreError> {
-        crate::learning::publish_stable_version(
-            &self.store,
-            route,
-            version,
-            bytes,
-            origin,
-            parent,
-            message,
-        )
     }
 
     /// Subscribes to the configuration of `route`.
@@ -302,7 +253,8 @@ impl ControlPlane {
         version: &str,
         bytes: &[u8],
     ) -> Result<PolicyRef, StoreError> {
-        let reference = self.publish_version(
+        let reference = crate::learning::publish_stable_version(
+            &self.store,
             route,
             version,
             bytes,
@@ -358,9 +310,17 @@ fn fingerprint(folder: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
     files
 }
 
+/// The standalone plane's side of the learning loop: routes come from the route folder, and
+/// a pass that changed what a route serves reloads the configurations.
 impl crate::learning::LearningHost for ControlPlane {
     fn route_specs(&self) -> Vec<(String, LlmRouteSpec)> {
-        ControlPlane::route_specs(self)
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut specs: Vec<(String, LlmRouteSpec)> = routes
+            .iter()
+            .map(|(name, entry)| (name.clone(), entry.route.spec.clone()))
+            .collect();
+        specs.sort_by(|a, b| a.0.cmp(&b.0));
+        specs
     }
 
     fn store(&self) -> &Store {
@@ -368,9 +328,21 @@ impl crate::learning::LearningHost for ControlPlane {
     }
 
     fn serving_stable(&self, route: &str) -> Result<Option<PolicyRef>, StoreError> {
-        ControlPlane::serving_stable(self, route)
+        let pinned = {
+            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+            routes.get(route).and_then(|entry| {
+                entry
+                    .route
+                    .spec
+                    .policy
+                    .as_ref()
+                    .and_then(|p| p.version.clone())
+            })
+        };
+        self.serving_stable_for(route, pinned.as_deref())
     }
 
+    /// Does not reload: [`changed`](crate::learning::LearningHost::changed) does, once per pass.
     fn publish_version(
         &self,
         route: &str,
@@ -380,7 +352,15 @@ impl crate::learning::LearningHost for ControlPlane {
         parent: Option<String>,
         message: &str,
     ) -> Result<PolicyRef, StoreError> {
-        ControlPlane::publish_version(self, route, version, bytes, origin, parent, message)
+        crate::learning::publish_stable_version(
+            &self.store,
+            route,
+            version,
+            bytes,
+            origin,
+            parent,
+            message,
+        )
     }
 
     fn changed(&self) {

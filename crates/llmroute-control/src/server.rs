@@ -84,8 +84,7 @@ impl ControlBackend for ControlPlane {
     }
 
     fn route_retention(&self, route: &str) -> Option<(Option<Duration>, Option<u64>)> {
-        let (_, spec) = self
-            .route_specs()
+        let (_, spec) = crate::learning::LearningHost::route_specs(self)
             .into_iter()
             .find(|(name, _)| name == route)?;
         retention_limits(&spec)
