@@ -379,7 +379,8 @@ async fn deployment_pods_are_injected_once_and_skips_are_visible() {
         1
     );
 
-    // Skips: host network, and a route that does not exist; each with an Event.
+    // Skips: host network, and a route that does not exist; each with an Event, as the
+    // resubmitted pod has.
     let host = setup
         .create_pod("host", json!({"llmroute.dev/route": "chat"}), true)
         .await;
@@ -389,9 +390,10 @@ async fn deployment_pods_are_injected_once_and_skips_are_visible() {
         .create_pod("missing", json!({"llmroute.dev/route": "nope"}), false)
         .await;
     assert!(sidecars(&missing).is_empty());
-    for (pod, reason) in [
-        ("host", "InjectionSkippedHostNetwork"),
-        ("missing", "InjectionSkippedRouteNotFound"),
+    for (pod, reason, kind) in [
+        ("host", "InjectionSkippedHostNetwork", "Warning"),
+        ("missing", "InjectionSkippedRouteNotFound", "Warning"),
+        ("resubmitted", "InjectionSkippedAlreadyInjected", "Normal"),
     ] {
         let event = eventually(&format!("the {reason} Event"), || async {
             setup
@@ -401,7 +403,7 @@ async fn deployment_pods_are_injected_once_and_skips_are_visible() {
                 .find(|e| e.reason.as_deref() == Some(reason))
         })
         .await;
-        assert_eq!(event.type_.as_deref(), Some("Warning"));
+        assert_eq!(event.type_.as_deref(), Some(kind), "{reason}");
     }
     // An unannotated pod is left alone.
     let plain = setup.create_pod("plain", json!({}), false).await;

@@ -23,6 +23,8 @@ pub const INJECT_ANNOTATION: &str = "llmroute.dev/inject";
 pub const INJECTED_ANNOTATION: &str = "llmroute.dev/injected";
 /// Annotation recording why injection was skipped: `<Reason>: <message>`.
 pub const SKIPPED_ANNOTATION: &str = "llmroute.dev/injection-skipped";
+/// Reason of the skip annotation and the Event for a pod that already has this injection.
+pub const ALREADY_INJECTED: &str = "AlreadyInjected";
 /// Label on every pod the webhook decided on: `injected` or `skipped`, so the operator can
 /// watch only those pods.
 pub const INJECTION_LABEL: &str = "llmroute.dev/injection";
@@ -104,8 +106,9 @@ impl SkipReason {
 pub enum Decision {
     /// The pod does not ask for injection: no change.
     NotRequested,
-    /// The pod already has this exact injection: no change but the injection label, when the
-    /// pod lacks it (so that the operator counts the pod).
+    /// The pod already has this exact injection, so its spec is left as it is. The patch
+    /// records the skip in an annotation, which the operator publishes as a Normal Event. It
+    /// adds the injection label when the pod lacks it, so that the operator counts the pod.
     AlreadyInjected { patch: Vec<Value> },
     /// A JSON patch (RFC 6902) that injects the sidecar.
     Inject { patch: Vec<Value>, hash: String },
@@ -181,11 +184,15 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
             .labels
             .as_ref()
             .is_some_and(|labels| labels.get(INJECTION_LABEL).is_some_and(|v| v == "injected"));
-        let patch = if labelled {
-            Vec::new()
+        let note = format!(
+            "{ALREADY_INJECTED}: the pod already has the llmroute sidecar of injection {record}, so it was not injected again"
+        );
+        let label: &[(&str, &str)] = if labelled {
+            &[]
         } else {
-            set_metadata(pod, &[], &[(INJECTION_LABEL, "injected")])
+            &[(INJECTION_LABEL, "injected")]
         };
+        let patch = set_metadata(pod, &[(SKIPPED_ANNOTATION, note.as_str())], label);
         return Decision::AlreadyInjected { patch };
     }
     Decision::Inject {
@@ -601,10 +608,22 @@ mod tests {
         let settings = InjectionSettings::default();
         let pod = pod(json!({ROUTE_ANNOTATION: "chat"}), app_spec());
         let once = apply(&pod, &decide(&pod, Some(&route()), &settings));
-        assert_eq!(
-            decide(&once, Some(&route()), &settings),
-            Decision::AlreadyInjected { patch: vec![] }
+        let second = decide(&once, Some(&route()), &settings);
+        assert!(
+            matches!(second, Decision::AlreadyInjected { .. }),
+            "{second:?}"
         );
+        let twice = apply(&once, &second);
+        assert_eq!(
+            twice.spec, once.spec,
+            "a second pass leaves the spec as it is"
+        );
+        let note = &twice.metadata.annotations.as_ref().unwrap()[SKIPPED_ANNOTATION];
+        assert!(
+            note.starts_with("AlreadyInjected: ") && note.contains(&settings.version),
+            "{note}"
+        );
+        assert_eq!(twice.metadata.labels, once.metadata.labels);
         let mut unlabelled = once.clone();
         unlabelled.metadata.labels = None;
         let relabelled = apply(&unlabelled, &decide(&unlabelled, Some(&route()), &settings));

@@ -33,7 +33,10 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::serving::ClusterBackend;
-use inject::{Decision, INJECTION_LABEL, InjectionSettings, ROUTE_ANNOTATION, SKIPPED_ANNOTATION};
+use inject::{
+    ALREADY_INJECTED, Decision, INJECTION_LABEL, InjectionSettings, ROUTE_ANNOTATION,
+    SKIPPED_ANNOTATION,
+};
 
 /// Name of the `MutatingWebhookConfiguration` and its one webhook.
 pub const CONFIGURATION_NAME: &str = "llmroute-sidecar-injector";
@@ -212,7 +215,7 @@ impl Webhook {
             Decision::NotRequested => ("not_requested", None),
             Decision::AlreadyInjected { patch } => {
                 tracing::info!(pod = %pod_name, namespace = %namespace, "pod already injected; unchanged");
-                self.metrics.observe_skip("AlreadyInjected");
+                self.metrics.observe_skip(ALREADY_INJECTED);
                 ("already_injected", (!patch.is_empty()).then_some(patch))
             }
             Decision::Inject { patch, hash } => {
@@ -424,8 +427,15 @@ async fn announce_skip(pod: &Pod, recorder: &Recorder, announced: &mut HashSet<S
         return;
     }
     let (reason, message) = note.split_once(": ").unwrap_or(("Skipped", note.as_str()));
+    // A pod that already has its sidecar lacks nothing, so that skip is a Normal Event and the
+    // others are Warnings.
+    let type_ = if reason == ALREADY_INJECTED {
+        EventType::Normal
+    } else {
+        EventType::Warning
+    };
     let event = KubeEvent {
-        type_: EventType::Warning,
+        type_,
         reason: format!("InjectionSkipped{reason}"),
         note: Some(format!("llmroute sidecar not injected: {message}")),
         action: "Inject".into(),
