@@ -18,5 +18,5 @@ pub mod store;
 pub use learning::{LearningHost, LearningLoop};
 pub use plane::{ControlPlane, ReloadReport};
 pub use route::{LlmRoute, RouteError, load_routes, sidecar_config};
-pub use server::{ControlBackend, serve, serve_backend};
+pub use server::{ControlBackend, EventDestination, serve, serve_backend};
 pub use store::{Store, StoreError};

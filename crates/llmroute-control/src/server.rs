@@ -32,7 +32,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use llmroute_api::config::is_sha256_hex;
 use llmroute_api::event::{BatchRules, MAX_BATCH_EVENTS};
@@ -69,7 +71,37 @@ pub trait ControlBackend: Send + Sync + 'static {
     fn route_retention(&self, _route: &str) -> Option<(Option<Duration>, Option<u64>)> {
         None
     }
+    /// Returns the destination of event batches. The default stores them here.
+    fn event_destination(&self) -> EventDestination {
+        EventDestination::Local
+    }
 }
+
+/// Destination of the event batches that the control API receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventDestination {
+    /// Into this server's own store.
+    Local,
+    /// To the replica that stores the events (the leader), which checks the batch itself.
+    Forward {
+        /// The leader's identity, for logs and messages.
+        leader: String,
+        /// `host:port` of the leader's control API.
+        address: String,
+    },
+    /// Nowhere yet: no replica leads, so the batch is rejected with 503 and the sidecar
+    /// sends it again later.
+    NoLeader,
+}
+
+/// Header of an event batch that a replica forwarded to the leader. A batch with it is never
+/// forwarded again, so two replicas with stale views of the leader cannot pass it back and
+/// forth.
+pub const FORWARDED_HEADER: &str = "x-llmroute-forwarded";
+
+/// Time allowed for the leader to store a forwarded batch. The sidecar's own request times out
+/// after 10 s, and the sidecar then sends the batch again.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ControlBackend for ControlPlane {
     fn subscribe(
@@ -159,6 +191,14 @@ struct ControlMetrics {
     events_stored: Counter,
     events_duplicate: Counter,
     batches_rejected: Family<RejectLabels, Counter>,
+    batches_forwarded: Family<ForwardLabels, Counter>,
+}
+
+/// Outcome of forwarding an event batch to the leader: the leader's status code, or `failed`
+/// when no response came.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ForwardLabels {
+    outcome: String,
 }
 
 impl ControlMetrics {
@@ -182,11 +222,18 @@ impl ControlMetrics {
             "Event batches rejected before storing, by reason and invalid field",
             batches_rejected.clone(),
         );
+        let batches_forwarded = Family::<ForwardLabels, Counter>::default();
+        registry.register(
+            "event_batches_forwarded",
+            "Event batches forwarded to the leader, by the leader's status code or failed",
+            batches_forwarded.clone(),
+        );
         Self {
             registry,
             events_stored,
             events_duplicate,
             batches_rejected,
+            batches_forwarded,
         }
     }
 
@@ -244,6 +291,9 @@ struct Server {
     options: ServerOptions,
     metrics: ControlMetrics,
     rejection_log: LogLimiter,
+    /// Client for forwarding event batches to the leader.
+    forwarder: Client<HttpConnector, Full<Bytes>>,
+    forward_log: LogLimiter,
 }
 
 type ResponseBody = BoxBody<Bytes, Infallible>;
@@ -429,6 +479,26 @@ async fn post_events(server: &Server, request: Request<Incoming>) -> Response<Re
         .get::<SocketAddr>()
         .map(ToString::to_string)
         .unwrap_or_default();
+    let forwarded = request.headers().contains_key(FORWARDED_HEADER);
+    match server.backend.event_destination() {
+        EventDestination::Local => {}
+        EventDestination::Forward { leader, address } if !forwarded => {
+            return forward_batch(server, request, &leader, &address).await;
+        }
+        destination => {
+            let message = match destination {
+                EventDestination::Forward { leader, .. } => format!(
+                    "this replica received a forwarded event batch but does not store events; the leader is {leader}, so send the batch again"
+                ),
+                _ => "no replica leads yet, so no replica stores events; send the batch again in a few seconds".to_string(),
+            };
+            server.metrics.reject("no_leader", "");
+            if let Some(suppressed) = server.forward_log.allow() {
+                tracing::warn!(peer = %sidecar_address, forwarded, suppressed, "{message}");
+            }
+            return error(StatusCode::SERVICE_UNAVAILABLE, message);
+        }
+    }
     match check_batch(server, request).await {
         Ok((batch, identity)) => store_batch(server, batch, identity).await,
         Err(rejection) => {
@@ -446,6 +516,90 @@ async fn post_events(server: &Server, request: Request<Incoming>) -> Response<Re
             error(rejection.status, rejection.message)
         }
     }
+}
+
+/// Sends an event batch unchanged to the leader's control API, with the caller's
+/// `Authorization` header, and returns the leader's response. The leader authenticates and
+/// checks the batch, so a 200 still means that the batch is committed.
+async fn forward_batch(
+    server: &Server,
+    request: Request<Incoming>,
+    leader: &str,
+    address: &str,
+) -> Response<ResponseBody> {
+    let authorization = request.headers().get(header::AUTHORIZATION).cloned();
+    let body = match Limited::new(request.into_body(), MAX_EVENTS_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            server.metrics.reject("body_too_large", "");
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("failed to read the event batch (limit {MAX_EVENTS_BYTES} bytes): {e}"),
+            );
+        }
+    };
+
+    let mut forward = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://{address}/v1/events"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(FORWARDED_HEADER, "1");
+    if let Some(value) = authorization {
+        forward = forward.header(header::AUTHORIZATION, value);
+    }
+    let forward = match forward.body(Full::new(body)) {
+        Ok(forward) => forward,
+        Err(e) => {
+            tracing::error!(leader = %leader, address = %address, error = %e, "failed to build the forwarded event batch request");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failed to forward the event batch to the leader {leader}: {e}"),
+            );
+        }
+    };
+
+    let sent = tokio::time::timeout(FORWARD_TIMEOUT, async {
+        let response = server.forwarder.request(forward).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body))
+    })
+    .await;
+    let failure = match sent {
+        Ok(Ok((status, body))) => {
+            server
+                .metrics
+                .batches_forwarded
+                .get_or_create(&ForwardLabels {
+                    outcome: status.as_u16().to_string(),
+                })
+                .inc();
+            tracing::debug!(leader = %leader, address = %address, status = status.as_u16(), "forwarded an event batch to the leader");
+            return respond(status, "application/json", body);
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("timed out after {} s", FORWARD_TIMEOUT.as_secs()),
+    };
+
+    server
+        .metrics
+        .batches_forwarded
+        .get_or_create(&ForwardLabels {
+            outcome: "failed".into(),
+        })
+        .inc();
+    if let Some(suppressed) = server.forward_log.allow() {
+        tracing::warn!(leader = %leader, address = %address, error = %failure, suppressed, "failed to forward an event batch to the leader");
+    }
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "failed to forward the event batch to the leader {leader} at {address}: {failure}; send the batch again"
+        ),
+    )
 }
 
 /// Authenticates the caller, reads and parses the batch and checks every field.
@@ -719,6 +873,8 @@ pub async fn serve_with(
         options,
         metrics: ControlMetrics::new(),
         rejection_log: LogLimiter::new(),
+        forwarder: Client::builder(TokioExecutor::new()).build_http(),
+        forward_log: LogLimiter::new(),
     });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);

@@ -12,10 +12,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use llmroute_api::SidecarConfig;
-use llmroute_control::ControlBackend;
 use llmroute_control::auth::{AuthError, AuthFuture, Authenticator, Identity};
 use llmroute_control::server::{ServerOptions, serve_with};
 use llmroute_control::store::Store;
+use llmroute_control::{ControlBackend, EventDestination};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -29,6 +29,7 @@ const MAX_EVENTS: usize = 8;
 struct TestBackend {
     routes: HashMap<String, watch::Sender<Arc<SidecarConfig>>>,
     store: Store,
+    destination: std::sync::Mutex<EventDestination>,
 }
 
 impl ControlBackend for TestBackend {
@@ -48,6 +49,10 @@ impl ControlBackend for TestBackend {
 
     fn store(&self) -> &Store {
         &self.store
+    }
+
+    fn event_destination(&self) -> EventDestination {
+        self.destination.lock().unwrap().clone()
     }
 }
 
@@ -106,6 +111,7 @@ impl Server {
         let backend = Arc::new(TestBackend {
             routes,
             store: Store::open(state.path()).unwrap(),
+            destination: std::sync::Mutex::new(EventDestination::Local),
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
@@ -128,12 +134,25 @@ impl Server {
     }
 
     async fn post(&self, token: Option<&str>, body: Vec<u8>) -> (StatusCode, Value) {
+        self.post_with(token, &[], body).await
+    }
+
+    /// Posts a batch with extra `headers`.
+    async fn post_with(
+        &self,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> (StatusCode, Value) {
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(format!("{}/v1/events", self.base))
             .header("content-type", "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
         if let Some(token) = token {
             request = request.header("authorization", format!("Bearer {token}"));
         }
@@ -170,6 +189,14 @@ impl Server {
         assert_eq!(response.status(), StatusCode::OK);
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    fn route_to(&self, destination: EventDestination) {
+        *self.backend.destination.lock().unwrap() = destination;
+    }
+
+    fn stored(&self) -> u64 {
+        self.backend.store.count_events(ROUTE).unwrap()
     }
 
     async fn stop(mut self) {
@@ -474,4 +501,68 @@ async fn ingest_rejects_and_counts() {
         "no event of a rejected batch is stored"
     );
     server.stop().await;
+}
+
+/// A replica that does not lead sends batches to the leader and returns its response; without
+/// a reachable leader it responds 503 and stores nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_forward_batches_to_the_leader() {
+    let leader = Server::start().await;
+    let follower = Server::start().await;
+    let address = leader.base.trim_start_matches("http://").to_string();
+    follower.route_to(EventDestination::Forward {
+        leader: "replica-0".into(),
+        address,
+    });
+
+    // The leader authenticates, checks and stores the batch; the follower keeps no copy.
+    let body = batch(ROUTE, (1..=3).map(event).collect());
+    let (status, reply) = follower.post(Some("token-a"), body.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(reply["stored"], 3);
+    assert_eq!(leader.stored(), 3);
+    assert_eq!(follower.stored(), 0);
+    let (status, reply) = follower.post(Some("bad-token"), body.clone()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{reply}");
+    let metrics = follower.metrics().await;
+    for series in [
+        "llmroute_control_event_batches_forwarded_total{outcome=\"200\"} 1",
+        "llmroute_control_event_batches_forwarded_total{outcome=\"401\"} 1",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from\n{metrics}");
+    }
+
+    // A batch that was forwarded once is not forwarded again.
+    let forwarded = [(llmroute_control::server::FORWARDED_HEADER, "1")];
+    let (status, reply) = follower
+        .post_with(Some("token-a"), &forwarded, batch(ROUTE, vec![event(4)]))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+    assert!(reply.to_string().contains("leader is replica-0"), "{reply}");
+
+    // No reachable leader, or none at all: 503, so that the sidecar sends the batch again.
+    follower.route_to(EventDestination::Forward {
+        leader: "replica-0".into(),
+        address: "127.0.0.1:1".into(),
+    });
+    let (status, reply) = follower
+        .post(Some("token-a"), batch(ROUTE, vec![event(5)]))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+    assert!(
+        reply
+            .to_string()
+            .contains("failed to forward the event batch"),
+        "{reply}"
+    );
+    follower.route_to(EventDestination::NoLeader);
+    let (status, reply) = follower
+        .post(Some("token-a"), batch(ROUTE, vec![event(6)]))
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
+    assert!(reply.to_string().contains("no replica leads"), "{reply}");
+    assert_eq!(leader.stored(), 3);
+    assert_eq!(follower.stored(), 0);
+    follower.stop().await;
+    leader.stop().await;
 }

@@ -256,11 +256,12 @@ fn operator_args(options: &InstallOptions) -> Vec<String> {
         format!("--data-dir={DATA_DIR}"),
         "--lease-namespace=$(POD_NAMESPACE)".into(),
         "--identity=$(POD_NAME)".into(),
+        "--advertise-host=$(POD_IP)".into(),
     ]
 }
 
-/// Builds the operator's StatefulSet. Each replica stores the events it receives in its own
-/// SQLite file, so each gets its own PersistentVolumeClaim. A claim keeps its name, and so its
+/// Builds the operator's StatefulSet. Each replica keeps events in its own SQLite file, so each
+/// gets its own PersistentVolumeClaim. A claim keeps its name, and so its
 /// events, across restarts, upgrades and uninstalls.
 fn stateful_set(options: &InstallOptions, labels: &Value) -> Value {
     let probe = |path: &str| {
@@ -308,6 +309,7 @@ fn stateful_set(options: &InstallOptions, labels: &Value) -> Value {
                         "env": [
                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                             {"name": "RUST_LOG", "value": "info"},
                         ],
                         "ports": [

@@ -3,7 +3,12 @@
 //! over only when `renewTime + leaseDurationSeconds` has passed. Every write carries the
 //! Lease's `resourceVersion`, so of two replicas that try at once, the API server lets one win
 //! and responds 409 Conflict to the other.
+//!
+//! The holder also writes the address of its control API into the Lease's annotation
+//! [`CONTROL_ADDRESS_ANNOTATION`], so that the other replicas can forward event batches to it
+//! ([`LeaderView`]).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -12,6 +17,25 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::watch;
+
+/// Annotation of the Lease with the `host:port` of the holder's control API.
+pub const CONTROL_ADDRESS_ANNOTATION: &str = "llmroute.dev/control-address";
+
+/// The replica that holds the Lease, as this replica saw it in its last election round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaderView {
+    /// No round has finished yet, the Lease is free or expired, or another replica won a race
+    /// for it a moment ago.
+    Unknown,
+    /// This replica holds the Lease.
+    Me,
+    /// Another replica holds the Lease.
+    Other {
+        identity: String,
+        /// Its control API from [`CONTROL_ADDRESS_ANNOTATION`]; `None` when it sets none.
+        control_address: Option<String>,
+    },
+}
 
 /// Settings of one elector.
 #[derive(Debug, Clone)]
@@ -24,6 +48,9 @@ pub struct LeaderElection {
     pub lease_duration: Duration,
     /// Period of renewals and of attempts to acquire.
     pub renew_every: Duration,
+    /// `host:port` at which the other replicas reach this replica's control API (its pod IP
+    /// in a cluster), written into the Lease while this replica leads.
+    pub control_address: Option<String>,
 }
 
 impl LeaderElection {
@@ -34,15 +61,18 @@ impl LeaderElection {
             identity: identity.to_string(),
             lease_duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(2),
+            control_address: None,
         }
     }
 
-    /// Runs the election until `shutdown` completes, publishing leadership on `leader`. On
-    /// shutdown a leader releases the Lease, so that another replica takes over at once.
+    /// Runs the election until `shutdown` completes, publishing leadership on `leader` and the
+    /// holder as each round saw it on `view`. On shutdown a leader releases the Lease, so that
+    /// another replica takes over at once.
     pub async fn run(
         self,
         client: Client,
         leader: watch::Sender<bool>,
+        view: watch::Sender<LeaderView>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         let api: Api<Lease> = Api::namespaced(client, &self.namespace);
@@ -51,7 +81,22 @@ impl LeaderElection {
         tracing::info!(lease = %self.lease_name, namespace = %self.namespace, identity = %self.identity, "leader election started");
         loop {
             let held = match self.try_acquire_or_renew(&api).await {
-                Ok(held) => held,
+                Ok((held, seen)) => {
+                    if let LeaderView::Other {
+                        identity,
+                        control_address,
+                    } = &seen
+                        && *view.borrow() != seen
+                    {
+                        tracing::info!(leader = %identity, control_address = ?control_address, "another replica leads");
+                    }
+                    view.send_if_modified(|current| {
+                        let changed = *current != seen;
+                        *current = seen;
+                        changed
+                    });
+                    held
+                }
                 Err(error) => {
                     tracing::warn!(error = %error, "failed to read or write the leader Lease; retrying");
                     // Keep leading until the Lease could have expired.
@@ -63,6 +108,9 @@ impl LeaderElection {
             };
             if held {
                 last_renewal = Some(tokio::time::Instant::now());
+            } else if *view.borrow() == LeaderView::Me {
+                // The Lease could not be renewed in time, so this replica may have lost it.
+                view.send_replace(LeaderView::Unknown);
             }
             if held != *leader.borrow() {
                 if held {
@@ -77,6 +125,7 @@ impl LeaderElection {
                 () = &mut shutdown => break,
             }
         }
+        view.send_replace(LeaderView::Unknown);
         if *leader.borrow() {
             leader.send_replace(false);
             match self.release(&api).await {
@@ -89,21 +138,29 @@ impl LeaderElection {
         tracing::info!("leader election stopped");
     }
 
-    /// Takes or renews the Lease. Returns whether this replica is the holder.
-    async fn try_acquire_or_renew(&self, api: &Api<Lease>) -> Result<bool, kube::Error> {
+    /// Takes or renews the Lease. Returns whether this replica is the holder, and the holder
+    /// as this round saw it.
+    async fn try_acquire_or_renew(
+        &self,
+        api: &Api<Lease>,
+    ) -> Result<(bool, LeaderView), kube::Error> {
         let now = Timestamp::now();
         let Some(mut lease) = api.get_opt(&self.lease_name).await? else {
+            let mut metadata = ObjectMeta {
+                name: Some(self.lease_name.clone()),
+                namespace: Some(self.namespace.clone()),
+                ..ObjectMeta::default()
+            };
+            self.annotate(&mut metadata);
             let lease = Lease {
-                metadata: ObjectMeta {
-                    name: Some(self.lease_name.clone()),
-                    namespace: Some(self.namespace.clone()),
-                    ..ObjectMeta::default()
-                },
+                metadata,
                 spec: Some(self.spec(now, now, 0)),
             };
             return match api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+                Ok(_) => Ok((true, LeaderView::Me)),
+                Err(kube::Error::Api(status)) if status.code == 409 => {
+                    Ok((false, LeaderView::Unknown))
+                }
                 Err(error) => Err(error),
             };
         };
@@ -116,8 +173,19 @@ impl LeaderElection {
                 .is_ok_and(|deadline| deadline < now),
             _ => true,
         };
-        if !mine && holder.is_some() && !expired {
-            return Ok(false);
+        if let Some(holder) = holder.filter(|_| !mine && !expired) {
+            let control_address = lease
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(CONTROL_ADDRESS_ANNOTATION))
+                .filter(|address| !address.is_empty())
+                .cloned();
+            let view = LeaderView::Other {
+                identity: holder.to_string(),
+                control_address,
+            };
+            return Ok((false, view));
         }
         let acquired_at = if mine {
             spec.acquire_time.map(|MicroTime(t)| t).unwrap_or(now)
@@ -126,13 +194,28 @@ impl LeaderElection {
         };
         let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(!mine);
         lease.spec = Some(self.spec(acquired_at, now, transitions));
+        self.annotate(&mut lease.metadata);
         match api
             .replace(&self.lease_name, &PostParams::default(), &lease)
             .await
         {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Ok(_) => Ok((true, LeaderView::Me)),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok((false, LeaderView::Unknown)),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Writes this replica's control address into the Lease's annotations, or removes an
+    /// earlier holder's address when this replica has none.
+    fn annotate(&self, metadata: &mut ObjectMeta) {
+        let annotations = metadata.annotations.get_or_insert_with(BTreeMap::new);
+        match &self.control_address {
+            Some(address) => {
+                annotations.insert(CONTROL_ADDRESS_ANNOTATION.to_string(), address.clone());
+            }
+            None => {
+                annotations.remove(CONTROL_ADDRESS_ANNOTATION);
+            }
         }
     }
 

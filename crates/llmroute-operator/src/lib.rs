@@ -258,6 +258,11 @@ pub async fn serve_listeners(
     let metrics = Arc::new(Metrics::default());
     let store = Store::open(&config.data_dir)?;
     let backend = Arc::new(ClusterBackend::new(store, metrics.clone()));
+    let (view_tx, view_rx) = watch::channel(leader::LeaderView::Unknown);
+    if let Some(address) = &config.election.control_address {
+        tracing::info!(control_address = %address, "event batches go to the leader; this replica publishes its control address while it leads");
+        backend.forward_events_to_leader(view_rx);
+    }
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -297,12 +302,12 @@ pub async fn serve_listeners(
     ));
 
     let (leader_tx, mut leader_rx) = watch::channel(false);
-    let election = tokio::spawn(
-        config
-            .election
-            .clone()
-            .run(client.clone(), leader_tx, stopped()),
-    );
+    let election = tokio::spawn(config.election.clone().run(
+        client.clone(),
+        leader_tx,
+        view_tx,
+        stopped(),
+    ));
 
     let mut webhook_server = None;
     if let (Some(options), Some(listener)) = (config.webhook.clone(), webhook_listener) {

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -20,11 +20,12 @@ use kube::runtime::{WatchStreamExt, watcher::watcher};
 use kube::{Api, ResourceExt};
 use llmroute_api::crd::LlmRoute;
 use llmroute_api::{PolicyRef, SidecarConfig};
-use llmroute_control::ControlBackend;
 use llmroute_control::store::Store;
+use llmroute_control::{ControlBackend, EventDestination};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::leader::LeaderView;
 use crate::metrics::Metrics;
 use crate::names::{MANAGED_BY, MANAGED_BY_VALUE, POLICY_KEY, SHA256_ANNOTATION, route_key};
 use crate::reconcile::{config_digest, route_config, status_canary};
@@ -39,6 +40,9 @@ pub struct ClusterBackend {
     routes_synced: AtomicBool,
     policies_synced: AtomicBool,
     metrics: Arc<Metrics>,
+    /// The Lease holder from the last election round, set when this replica forwards event
+    /// batches to the leader. Unset, every replica stores the events it receives.
+    leader_view: OnceLock<watch::Receiver<LeaderView>>,
 }
 
 impl std::fmt::Debug for ClusterBackend {
@@ -72,6 +76,31 @@ impl ControlBackend for ClusterBackend {
     fn route_retention(&self, route: &str) -> Option<(Option<Duration>, Option<u64>)> {
         llmroute_control::server::retention_limits(&self.route(route)?.spec)
     }
+
+    /// Events go to the leader, which trains on them: stored here when this replica leads,
+    /// forwarded when another replica leads and publishes its control address.
+    fn event_destination(&self) -> EventDestination {
+        let Some(view) = self.leader_view.get() else {
+            return EventDestination::Local;
+        };
+        match &*view.borrow() {
+            LeaderView::Me => EventDestination::Local,
+            LeaderView::Other {
+                identity,
+                control_address: Some(address),
+            } => EventDestination::Forward {
+                leader: identity.clone(),
+                address: address.clone(),
+            },
+            // A leader that publishes no address stores only what it receives itself, as
+            // every replica did before forwarding existed.
+            LeaderView::Other {
+                control_address: None,
+                ..
+            } => EventDestination::Local,
+            LeaderView::Unknown => EventDestination::NoLeader,
+        }
+    }
 }
 
 impl ClusterBackend {
@@ -84,7 +113,14 @@ impl ClusterBackend {
             routes_synced: AtomicBool::new(false),
             policies_synced: AtomicBool::new(false),
             metrics,
+            leader_view: OnceLock::new(),
         }
+    }
+
+    /// Sends the event batches this replica receives to the leader that `view` names, from
+    /// now on. Only the first call has an effect.
+    pub fn forward_events_to_leader(&self, view: watch::Receiver<LeaderView>) {
+        let _ = self.leader_view.set(view);
     }
 
     /// The route with this key, as last seen by the watch.

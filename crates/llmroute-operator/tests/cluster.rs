@@ -104,7 +104,7 @@ struct Operator {
     ops: String,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 impl Operator {
@@ -128,6 +128,7 @@ impl Operator {
             election: LeaderElection {
                 renew_every: Duration::from_millis(500),
                 lease_duration: Duration::from_secs(4),
+                control_address: Some(control.local_addr().unwrap().to_string()),
                 ..LeaderElection::new(&namespace.name, "llmroute-operator", identity)
             },
             encoder_digest: ENCODER.into(),
@@ -157,7 +158,7 @@ impl Operator {
             ops: ops_url,
             stop: Some(stop),
             task,
-            _data: data,
+            data,
         };
         eventually("the operator to be ready", || async {
             let (status, _) = get(&format!("{}/readyz", operator.ops)).await?;
@@ -174,6 +175,19 @@ impl Operator {
         String::from_utf8_lossy(&body)
             .lines()
             .any(|line| line == "llmroute_operator_leader 1")
+    }
+
+    /// Decision ids of the events of `route` in this operator's own store.
+    fn stored_ids(&self, route: &str) -> Vec<String> {
+        let store = llmroute_control::store::Store::open(self.data.path()).unwrap();
+        let mut ids: Vec<String> = store
+            .events(route)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.decision.decision_id)
+            .collect();
+        ids.sort();
+        ids
     }
 
     async fn stop(mut self) {
@@ -765,7 +779,8 @@ async fn two_replicas_elect_one_leader_and_hand_over() {
         assert_eq!(leaders.iter().filter(|l| **l).count(), 1, "{leaders:?}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    apply_route(&namespace, &route_manifest("shared", json!({})))
+    // The models of the simulated world, so that its events pass the leader's checks.
+    apply_route(&namespace, &learning_route("shared"))
         .await
         .unwrap();
     wait_ready(&namespace, "shared", ConditionStatus::True, "Serving").await;
@@ -774,12 +789,32 @@ async fn two_replicas_elect_one_leader_and_hand_over() {
     let b = sidecar_config(&second, &key, 0).await;
     assert_eq!(a, b, "both replicas serve the same configuration");
 
-    // The leader stops and releases the Lease; the other takes over and reconciles.
+    // Events posted to the follower are stored by the leader, which trains on them.
     let (leader, follower) = if holder == "replica-a" {
         (first, second)
     } else {
         (second, first)
     };
+    let token = sidecar_token(&namespace, "app").await;
+    let mut world = world::World::new(7, &key);
+    serve_requests(&follower, &key, &token, &mut world, 20, 10.0).await;
+    assert_eq!(
+        leader.stored_ids(&key).len(),
+        20,
+        "the leader stores the batch"
+    );
+    assert!(
+        follower.stored_ids(&key).is_empty(),
+        "the follower keeps no copy"
+    );
+    let (_, metrics) = get(&format!("{}/metrics", follower.control)).await.unwrap();
+    let metrics = String::from_utf8_lossy(&metrics).to_string();
+    assert!(
+        metrics.contains("llmroute_control_event_batches_forwarded_total{outcome=\"200\"} 1"),
+        "{metrics}"
+    );
+
+    // The leader stops and releases the Lease; the other takes over and reconciles.
     leader.stop().await;
     eventually("the follower to lead", || async {
         follower.is_leader().await.then_some(())

@@ -480,7 +480,8 @@ fn start_operator(
         .map(|arg| {
             let arg = arg
                 .replace("$(POD_NAMESPACE)", namespace)
-                .replace("$(POD_NAME)", "llmroute-operator-0");
+                .replace("$(POD_NAME)", "llmroute-operator-0")
+                .replace("$(POD_IP)", "127.0.0.1");
             if let Some(rest) = arg.strip_prefix("--control-listen=") {
                 assert!(rest.starts_with("0.0.0.0:"), "{arg}");
                 format!("--control-listen=127.0.0.1:{control}")

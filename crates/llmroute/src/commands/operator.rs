@@ -37,6 +37,12 @@ pub struct OperatorArgs {
     /// This replica's identity in the Lease [default: the host name and process id].
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Host name or IP address at which the other replicas reach this replica's control API
+    /// (on the port of --control-listen), such as the pod IP. When set, a replica that does not
+    /// lead forwards the event batches it receives to the leader, so that the leader trains on
+    /// every event. Unset, each replica stores what it receives.
+    #[arg(long, value_parser = parse_advertise_host)]
+    pub advertise_host: Option<String>,
     /// Watch routes in this namespace only [default: every namespace].
     #[arg(long)]
     pub watch_namespace: Option<String>,
@@ -165,7 +171,13 @@ pub fn run(workspace: &Workspace, args: &OperatorArgs) -> Result<()> {
         control_address: args.control_listen,
         ops_address: args.ops_listen,
         data_dir: args.data_dir.clone(),
-        election: LeaderElection::new(&args.lease_namespace, &args.lease_name, &identity),
+        election: LeaderElection {
+            control_address: args
+                .advertise_host
+                .as_deref()
+                .map(|host| advertised_address(host, args.control_listen.port())),
+            ..LeaderElection::new(&args.lease_namespace, &args.lease_name, &identity)
+        },
         encoder_digest,
         embedding_dim: EMBEDDING_DIM,
         watch_namespace: args.watch_namespace.clone(),
@@ -185,6 +197,41 @@ pub fn run(workspace: &Workspace, args: &OperatorArgs) -> Result<()> {
             .await?;
         Ok(())
     })
+}
+
+/// Checks `--advertise-host`: an IP address or a DNS name, without a port.
+fn parse_advertise_host(value: &str) -> Result<String, String> {
+    let host = value.trim();
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(host.to_string());
+    }
+    let is_dns_name = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if is_dns_name {
+        Ok(host.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "invalid host {value:?}: give an IP address or a DNS name without a port, such as $(POD_IP) in a pod"
+        ))
+    }
+}
+
+/// Formats `host:port` of the control API for other replicas, with an IPv6 address in
+/// brackets.
+fn advertised_address(host: &str, port: u16) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(ip)) => format!("[{ip}]:{port}"),
+        _ => format!("{host}:{port}"),
+    }
 }
 
 fn webhook_options(args: &OperatorArgs, address: SocketAddr) -> WebhookOptions {
@@ -246,5 +293,36 @@ fn webhook_options(args: &OperatorArgs, address: SocketAddr) -> WebhookOptions {
             excluded_namespaces: excluded,
         },
         certificate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advertise_host_accepts_addresses_and_names() {
+        assert_eq!(parse_advertise_host("10.1.2.3").unwrap(), "10.1.2.3");
+        assert_eq!(parse_advertise_host("fd00::5").unwrap(), "fd00::5");
+        assert_eq!(
+            parse_advertise_host("Operator-0.llmroute.svc").unwrap(),
+            "operator-0.llmroute.svc"
+        );
+    }
+
+    #[test]
+    fn advertise_host_rejects_ports_and_junk() {
+        for value in ["10.1.2.3:8070", "", "-bad.example", "a..b", "http://x"] {
+            let error = parse_advertise_host(value).expect_err(value);
+            assert!(error.contains(&format!("{value:?}")), "{error}");
+            assert!(error.contains("without a port"), "{error}");
+        }
+    }
+
+    #[test]
+    fn advertised_address_brackets_ipv6() {
+        assert_eq!(advertised_address("10.1.2.3", 8070), "10.1.2.3:8070");
+        assert_eq!(advertised_address("fd00::5", 8070), "[fd00::5]:8070");
+        assert_eq!(advertised_address("op-0.svc", 80), "op-0.svc:80");
     }
 }
