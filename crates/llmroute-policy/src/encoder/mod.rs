@@ -86,6 +86,10 @@ impl Encoder {
                 detail,
             })?;
         let digest = encoder_digest(&model_bytes, &tokenizer_bytes);
+        // ONNX Runtime reads the file itself. Handing it these 90 MB as well would keep two
+        // copies of the weights alive while it builds the session, which set the process's
+        // peak memory.
+        drop(model_bytes);
 
         let session_error = |error: ort::Error| EncoderError::Session {
             path: assets.encoder.clone(),
@@ -97,7 +101,7 @@ impl Encoder {
             .map_err(|error| session_error(error.into()))?
             .with_inter_threads(1)
             .map_err(|error| session_error(error.into()))?
-            .commit_from_memory(&model_bytes)
+            .commit_from_file(&assets.encoder)
             .map_err(session_error)?;
         tracing::info!(
             encoder = %assets.encoder.display(),
