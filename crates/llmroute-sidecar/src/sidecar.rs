@@ -52,7 +52,8 @@ pub struct SidecarOptions {
     pub limits: Limits,
     /// Time a finished request waits for feedback.
     pub feedback_ttl: Duration,
-    /// Maximum number of finished requests waiting for feedback.
+    /// Maximum number of finished requests waiting for feedback. Each holds its event with
+    /// the 384-dimensional embedding, about 2 KB, so 20,000 of them take about 40 MB.
     pub feedback_capacity: usize,
     /// Maximum number of completed events queued for sending.
     pub event_queue_capacity: usize,
@@ -71,7 +72,7 @@ impl Default for SidecarOptions {
         Self {
             limits: Limits::default(),
             feedback_ttl: Duration::from_secs(600),
-            feedback_capacity: 100_000,
+            feedback_capacity: 20_000,
             event_queue_capacity: 10_000,
             batch: BatchSettings::default(),
             sidecar_id: "sidecar".to_string(),

@@ -49,6 +49,10 @@ pub struct SidecarArgs {
     /// Seconds a finished request waits for feedback before its event is sent without quality.
     #[arg(long, default_value_t = 600)]
     pub feedback_ttl_seconds: u64,
+    /// Maximum finished requests waiting for feedback, about 2 KB each; when it is full the
+    /// oldest is sent without quality.
+    #[arg(long, default_value_t = SidecarOptions::default().feedback_capacity)]
+    pub feedback_capacity: usize,
     /// Maximum request body, in bytes.
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
@@ -123,12 +127,16 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
     if args.feedback_ttl_seconds == 0 {
         bail!("invalid --feedback-ttl-seconds 0: use at least 1");
     }
+    if args.feedback_capacity == 0 {
+        bail!("invalid --feedback-capacity 0: use at least 1");
+    }
     let options = SidecarOptions {
         limits: Limits {
             max_body_bytes: args.max_body_bytes,
             ..Limits::default()
         },
         feedback_ttl: Duration::from_secs(args.feedback_ttl_seconds),
+        feedback_capacity: args.feedback_capacity,
         sidecar_id: args.sidecar_id.clone(),
         upstream_tls: match &args.upstream_ca_file {
             Some(path) => llmroute_sidecar::UpstreamTls::with_ca_file(path)
