@@ -52,8 +52,8 @@ pub struct SidecarOptions {
     pub limits: Limits,
     /// Time a finished request waits for feedback.
     pub feedback_ttl: Duration,
-    /// Maximum number of finished requests waiting for feedback. Each holds its event with
-    /// the 384-dimensional embedding, about 2 KB, so 20,000 of them take about 40 MB.
+    /// Maximum number of finished requests waiting for feedback. Each keeps its event with
+    /// the 384-dimensional embedding, about 2 KB (an estimate), so 20,000 take about 40 MB.
     pub feedback_capacity: usize,
     /// Maximum number of completed events queued for sending.
     pub event_queue_capacity: usize,
@@ -545,7 +545,7 @@ pub(crate) fn cost_of(state: &RouteState, model: &str, usage: Usage) -> Option<f
     )
 }
 
-/// The current Unix time in milliseconds; 0 when the clock is before 1970.
+/// Returns the current Unix time in milliseconds, or 0 when the clock is before 1970.
 fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     ENCODER, eventually, free_port, kubeconfig, kubectl, kubectl_json, kubectl_ok, repository, run,
+    stdout_of_success,
 };
 use llmroute_operator::install::{InstallOptions, manifests};
 use serde_json::{Value, json};
@@ -40,15 +41,7 @@ fn helm(args: &[&str]) -> Output {
 
 /// Runs helm and returns its standard output, or panics with its standard error.
 fn helm_ok(args: &[&str]) -> String {
-    let output = helm(args);
-    assert!(
-        output.status.success(),
-        "helm {} failed: {}\n{}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    stdout_of_success("helm", args, helm(args))
 }
 
 /// Parses a YAML stream into its documents, skipping empty ones.

@@ -70,10 +70,15 @@ pub fn kubectl(args: &[&str], input: Option<&str>) -> Output {
 /// Runs kubectl like [`kubectl`] and returns its standard output. Panics with its standard
 /// error when it fails.
 pub fn kubectl_ok(args: &[&str], input: Option<&str>) -> String {
-    let output = kubectl(args, input);
+    stdout_of_success("kubectl", args, kubectl(args, input))
+}
+
+/// Returns the standard output of `program args`, or panics with its standard error when it
+/// failed.
+pub fn stdout_of_success(program: &str, args: &[&str], output: Output) -> String {
     assert!(
         output.status.success(),
-        "kubectl {} failed: {}\n{}",
+        "{program} {} failed: {}\n{}",
         args.join(" "),
         output.status,
         String::from_utf8_lossy(&output.stderr)
@@ -130,7 +135,7 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// A port on 127.0.0.1 that was free a moment ago.
+/// Returns a port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -139,9 +144,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Sends one HTTP/1.1 request with a bearer token; returns the status and the JSON body
-/// (`Null` when the body is not JSON), or `None` when the connection fails (the server was
-/// killed or is not listening yet).
+/// Sends one HTTP/1.1 request with a bearer token and returns the status and the JSON body
+/// (`Null` when the body is not JSON). Returns `None` when the connection fails, because the
+/// server was killed or is not listening yet.
 pub fn request(
     address: &str,
     method: &str,
@@ -167,8 +172,8 @@ pub fn request(
     Some((status, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
-/// An event batch for `route` with [`BATCH_EVENTS`] events whose decision ids are `first`,
-/// `first + 1`, … in 32 hex digits. Returns the ids and the request body.
+/// Builds an event batch for `route` with [`BATCH_EVENTS`] events whose decision ids are
+/// `first`, `first + 1`, … in 32 hex digits. Returns the ids and the request body.
 pub fn event_batch(route: &str, first: u32) -> (Vec<String>, Vec<u8>) {
     let ids: Vec<String> = (first..first + BATCH_EVENTS)
         .map(|n| format!("{n:032x}"))
@@ -252,7 +257,7 @@ pub fn assert_reported_as_duplicates(address: &str, token: &str, acknowledged: &
     }
 }
 
-/// Checks that the store in `state` holds every acknowledged decision id of `route`.
+/// Checks that the store in `state` contains every acknowledged decision id of `route`.
 pub fn assert_stored(state: &Path, route: &str, acknowledged: &Acknowledged) {
     let store = Store::open(state).unwrap();
     let stored: std::collections::HashSet<String> = store
