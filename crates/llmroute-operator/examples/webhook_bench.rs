@@ -2,11 +2,12 @@
 //! Kubernetes API server.
 //!
 //! Creates the CRDs, a namespace, a Secret and a ready `LLMRoute` `chat`, and starts the
-//! operator in this process with its webhook (a managed certificate for 127.0.0.1, a
-//! `MutatingWebhookConfiguration` whose namespace selector matches only the bench namespace,
-//! `failurePolicy: Ignore`, `timeoutSeconds: 3`). Probe pods, created until one comes back
-//! injected, check that injection works before anything is measured. Then it creates N
-//! annotated pods at once, at most C requests in flight, and reports:
+//! operator in this process, on a Tokio runtime and API client of its own, with its webhook (a
+//! managed certificate for 127.0.0.1, a `MutatingWebhookConfiguration` whose namespace selector
+//! matches only the bench namespace, `failurePolicy: Ignore`, `timeoutSeconds: 3`). Probe pods,
+//! created until one comes back injected, check that injection works before anything is
+//! measured. Then it creates N annotated pods at once, at most C requests in flight, and
+//! reports:
 //!
 //! - the webhook's own handling time, from the operator's histogram
 //!   `llmroute_operator_webhook_duration_seconds`. Its p50 and p99 come from bucket deltas, so
@@ -385,7 +386,8 @@ struct Setup {
     configuration: String,
     ops_address: String,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
+    /// The thread that runs the operator's own Tokio runtime.
+    thread: Option<std::thread::JoinHandle<()>>,
     data: tempfile::TempDir,
 }
 
@@ -408,7 +410,7 @@ impl Setup {
             namespace,
             ops_address: String::new(),
             stop: None,
-            task: None,
+            thread: None,
             data: tempfile::tempdir()?,
         };
         setup.create_route(options.ready_timeout).await?;
@@ -455,9 +457,16 @@ impl Setup {
     }
 
     async fn start_operator(&mut self, timeout: Duration) -> BenchResult<()> {
-        let control = TcpListener::bind("127.0.0.1:0").await?;
-        let ops = TcpListener::bind("127.0.0.1:0").await?;
-        let webhook = TcpListener::bind("127.0.0.1:0").await?;
+        // Bound here, so that their addresses are known at once; the operator's runtime
+        // registers them with its own reactor.
+        let bind = || -> std::io::Result<std::net::TcpListener> {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            listener.set_nonblocking(true)?;
+            Ok(listener)
+        };
+        let control = bind()?;
+        let ops = bind()?;
+        let webhook = bind()?;
         let webhook_url = format!("https://127.0.0.1:{}/inject", webhook.local_addr()?.port());
         self.ops_address = ops.local_addr()?.to_string();
         let labels = BTreeMap::from([(
@@ -498,22 +507,45 @@ impl Setup {
             learning_interval: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        let client = self.client.clone();
-        self.task = Some(tokio::spawn(async move {
-            let listeners = Listeners {
-                control,
-                ops,
-                webhook: Some(webhook),
-            };
-            let shutdown = async {
-                let _ = stopped.await;
-            };
-            if let Err(error) =
-                llmroute_operator::run_with_listeners(client, config, listeners, shutdown).await
-            {
-                eprintln!("error: the operator failed: {error}");
-            }
-        }));
+        // The operator runs on a Tokio runtime of its own, with one worker thread per core
+        // and its own API client, as in a process of its own: its connections never wait in
+        // the load client's task queue. The two runtimes share the cores through the kernel's
+        // scheduler.
+        let thread = std::thread::Builder::new()
+            .name("operator".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .thread_name("operator-worker")
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        eprintln!("error: failed to start the operator's Tokio runtime: {error}");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let started = async {
+                        let client = client().await?;
+                        let listeners = Listeners {
+                            control: TcpListener::from_std(control)?,
+                            ops: TcpListener::from_std(ops)?,
+                            webhook: Some(TcpListener::from_std(webhook)?),
+                        };
+                        let shutdown = async {
+                            let _ = stopped.await;
+                        };
+                        llmroute_operator::run_with_listeners(client, config, listeners, shutdown)
+                            .await?;
+                        BenchResult::Ok(())
+                    };
+                    if let Err(error) = started.await {
+                        eprintln!("error: the operator failed: {error}");
+                    }
+                });
+            })?;
+        self.thread = Some(thread);
         self.stop = Some(stop);
 
         let configurations: Api<MutatingWebhookConfiguration> = Api::all(self.client.clone());
@@ -573,10 +605,12 @@ impl Setup {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if let Some(task) = self.task.take() {
-            match tokio::time::timeout(Duration::from_secs(20), task).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => eprintln!("error: the operator task failed: {error}"),
+        if let Some(thread) = self.thread.take() {
+            let joined = tokio::task::spawn_blocking(move || thread.join());
+            match tokio::time::timeout(Duration::from_secs(20), joined).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(_))) => eprintln!("error: the operator's thread panicked"),
+                Ok(Err(error)) => eprintln!("error: failed to wait for the operator: {error}"),
                 Err(_) => eprintln!("error: the operator did not stop within 20 s"),
             }
         }
@@ -1129,13 +1163,13 @@ async fn measure(setup: &Setup, load: &Client, options: &Options) -> BenchResult
 
 async fn run(options: Options) -> BenchResult<bool> {
     init_logging(options.operator_log.as_ref())?;
-    // The operator and the load have their own clients, so that neither waits for the other's
-    // connections.
-    let operator_client = client().await?;
+    // Set-up and the load have their own clients, and the operator makes a third on its own
+    // runtime, so that none waits for another's connections.
+    let setup_client = client().await?;
     let load = client().await?;
     let namespace = format!("webhook-bench-{}", std::process::id());
     eprintln!("starting the operator with its webhook for namespace {namespace}");
-    let setup = Setup::start(operator_client, namespace.clone(), &options).await;
+    let setup = Setup::start(setup_client, namespace.clone(), &options).await;
     let setup = match setup {
         Ok(setup) => setup,
         Err(error) => {
