@@ -1,6 +1,7 @@
 //! `llmroute`: the one binary of llmroute. Each subcommand lives in `commands/`.
 
 mod commands;
+mod memory;
 mod shutdown;
 mod workspace;
 

@@ -49,8 +49,8 @@ pub struct SidecarArgs {
     /// Seconds a finished request waits for feedback before its event is sent without quality.
     #[arg(long, default_value_t = 600)]
     pub feedback_ttl_seconds: u64,
-    /// Maximum finished requests waiting for feedback, about 2 KB each; when it is full the
-    /// oldest is sent without quality.
+    /// Maximum finished requests waiting for feedback, about 2.2 KiB of memory each; when it
+    /// is full the oldest is sent without quality.
     #[arg(long, default_value_t = SidecarOptions::default().feedback_capacity)]
     pub feedback_capacity: usize,
     /// Maximum request body, in bytes.
@@ -203,6 +203,11 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
             (None, None) => EventSink::Discard,
         };
         let options = SidecarOptions { sink, ..options };
+        let released = crate::memory::release_freed_heap();
+        tracing::info!(
+            released_mib = released / (1 << 20),
+            "returned the heap freed while loading to the kernel"
+        );
         let (sidecar, events) = Sidecar::new(state, encoder, options);
         println!(
             "sidecar of route {} listening on http://{bound}/v1",
