@@ -53,9 +53,13 @@ pub struct SidecarOptions {
     /// Time a finished request waits for feedback.
     pub feedback_ttl: Duration,
     /// Maximum number of finished requests waiting for feedback. Each keeps its event with
-    /// the 384-dimensional embedding, about 2 KB (an estimate), so 20,000 take about 40 MB.
+    /// the 384-dimensional embedding: the resident size grew by 2.2 MiB per 1,000 waiting
+    /// events under routed load, so the default of 12,000 takes about 26 MiB. With the
+    /// default TTL of 600 s, it keeps every decision for the whole TTL up to 20 requests/s.
     pub feedback_capacity: usize,
-    /// Maximum number of completed events queued for sending.
+    /// Maximum number of completed events queued for sending, about 2.2 KiB each as above.
+    /// The default of 4,096 is 16 full batches. A larger queue would not carry events through
+    /// a longer outage, because the sender drops a batch after its retries.
     pub event_queue_capacity: usize,
     pub batch: BatchSettings,
     /// Identity sent with event batches (for example the pod name).
@@ -72,8 +76,8 @@ impl Default for SidecarOptions {
         Self {
             limits: Limits::default(),
             feedback_ttl: Duration::from_secs(600),
-            feedback_capacity: 20_000,
-            event_queue_capacity: 10_000,
+            feedback_capacity: 12_000,
+            event_queue_capacity: 4_096,
             batch: BatchSettings::default(),
             sidecar_id: "sidecar".to_string(),
             sink: EventSink::Discard,
