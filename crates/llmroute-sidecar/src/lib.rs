@@ -9,6 +9,7 @@
 pub mod body;
 pub mod control;
 pub mod decision;
+mod encoder_thread;
 pub mod events;
 pub mod feedback;
 pub mod limits;

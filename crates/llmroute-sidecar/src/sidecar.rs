@@ -2,7 +2,7 @@
 //! endpoints: parse and check, decide, forward with retries, account, and record the event.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
@@ -14,6 +14,7 @@ use rand::Rng;
 
 use crate::body::{ResponseBody, error_response};
 use crate::decision::{choose, retry_order};
+use crate::encoder_thread::EncoderThread;
 use crate::events::{BatchSettings, EventQueue, EventSender, EventSink};
 use crate::feedback::FeedbackBuffer;
 use crate::limits::Limits;
@@ -89,7 +90,7 @@ impl Default for SidecarOptions {
 /// A running sidecar: route state, encoder, upstream client, buffers and metrics.
 pub struct Sidecar {
     state: RwLock<Arc<RouteState>>,
-    encoder: Option<Arc<Mutex<Encoder>>>,
+    encoder: Option<EncoderThread>,
     encoder_digest: String,
     pub(crate) client: UpstreamClient,
     pub(crate) options: SidecarOptions,
@@ -154,10 +155,17 @@ impl Sidecar {
             .as_ref()
             .map(|e| e.digest().to_string())
             .unwrap_or_default();
+        let encoder = encoder.and_then(|encoder| match EncoderThread::spawn(encoder) {
+            Ok(thread) => Some(thread),
+            Err(error) => {
+                tracing::error!(%error, "failed to start the encoder thread; routed requests go to the fallback model");
+                None
+            }
+        });
         let client = options.upstream_tls.client();
         let sidecar = Arc::new(Self {
             state: RwLock::new(Arc::new(state)),
-            encoder: encoder.map(|e| Arc::new(Mutex::new(e))),
+            encoder,
             encoder_digest,
             client,
             feedback: FeedbackBuffer::new(options.feedback_ttl, options.feedback_capacity),
@@ -309,25 +317,23 @@ impl Sidecar {
         let Some(policy) = policy else {
             return self.fallback_plan(state, preference, FallbackReason::NoPolicy, None);
         };
-        let Some(encoder) = self.encoder.clone() else {
+        let Some(encoder) = self.encoder.as_ref() else {
             return self.fallback_plan(state, preference, FallbackReason::NoEncoder, None);
         };
         let decision_started = Instant::now();
         let run_policy = policy.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
-            let embedding = encoder
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .embed(&prompt)
-                .map_err(|e| e.to_string())?;
-            let probabilities = run_policy
-                .probabilities(&embedding, preference.quality as f32)
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((embedding, probabilities))
-        })
-        .await
-        .map_err(|e| format!("the decision task failed: {e}"))
-        .and_then(|result| result);
+        let outcome = encoder
+            .run(move |encoder| {
+                let embedding = encoder.embed(&prompt).map_err(|e| e.to_string())?;
+                let probabilities = run_policy
+                    .probabilities(&embedding, preference.quality as f32)
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((embedding, probabilities))
+            })
+            .await
+            .unwrap_or_else(|| {
+                Err("the decision panicked or the encoder thread stopped".to_string())
+            });
         self.metrics
             .decision_seconds
             .observe(decision_started.elapsed().as_secs_f64());
