@@ -10,7 +10,7 @@ use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper::service::service_fn;
+use hyper::service::{Service, service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use llmroute_api::{ErrorBody, FeedbackRequest};
@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use crate::body::{ResponseBody, error_response, json_response, text_response};
 use crate::events::EventSender;
 use crate::feedback::Joined;
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::request::unknown_path_error;
 use crate::sidecar::Sidecar;
@@ -196,43 +197,14 @@ pub async fn serve(
     let expiry = tokio::spawn(expire_feedback(sidecar.clone()));
     let graceful = GracefulShutdown::new();
     let limits = sidecar.options.limits;
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Accept fails on resource limits such as EMFILE; wait before retrying.
-                        tracing::warn!(route = %route, error = %error, "failed to accept a connection; retrying in 50 ms");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                if let Err(error) = stream.set_nodelay(true) {
-                    tracing::debug!(error = %error, "failed to set TCP_NODELAY");
-                }
-                let sidecar = sidecar.clone();
-                let service = service_fn(move |request| {
-                    let sidecar = sidecar.clone();
-                    async move { Ok::<_, Infallible>(sidecar.handle(request).await) }
-                });
-                let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(limits.header_read_timeout)
-                    .max_headers(limits.max_headers)
-                    .max_header_size(limits.max_header_bytes)
-                    .serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(peer = %peer, error = %error, "connection ended with an error");
-                    }
-                });
-            }
-            () = &mut shutdown => break,
-        }
-    }
+    let service = || {
+        let sidecar = sidecar.clone();
+        service_fn(move |request| {
+            let sidecar = sidecar.clone();
+            async move { Ok::<_, Infallible>(sidecar.handle(request).await) }
+        })
+    };
+    accept_until(&listener, &limits, &graceful, shutdown, service).await;
     drop(listener);
     tracing::info!(address = %address, route = %route, "sidecar stopping");
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
@@ -257,50 +229,27 @@ pub async fn serve(
 /// then get [`SHUTDOWN_GRACE`] to finish, so that the caller can serve the same listener.
 pub async fn serve_not_ready(listener: &TcpListener, ready: impl std::future::Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
-    tokio::pin!(ready);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        tracing::warn!(error = %error, "failed to accept a connection; retrying in 50 ms");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let service = service_fn(|request: Request<Incoming>| async move {
-                    let response = match (request.method(), request.uri().path()) {
-                        (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
-                        (&Method::GET, "/readyz") => text_response(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "waiting for the first route configuration\n",
-                        ),
-                        _ => error_response(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            ErrorBody::new(
-                                "api_error",
-                                "the sidecar is waiting for its first route configuration from the control plane; retry shortly",
-                            )
-                            .with_code("not_ready"),
-                        ),
-                    };
-                    Ok::<_, Infallible>(response)
-                });
-                let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(30))
-                    .serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(error) = connection.await {
-                        tracing::debug!(peer = %peer, error = %error, "connection ended with an error");
-                    }
-                });
-            }
-            () = &mut ready => break,
-        }
-    }
+    let service = || {
+        service_fn(|request: Request<Incoming>| async move {
+            let response = match (request.method(), request.uri().path()) {
+                (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
+                (&Method::GET, "/readyz") => text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "waiting for the first route configuration\n",
+                ),
+                _ => error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorBody::new(
+                        "api_error",
+                        "the sidecar is waiting for its first route configuration from the control plane; retry shortly",
+                    )
+                    .with_code("not_ready"),
+                ),
+            };
+            Ok::<_, Infallible>(response)
+        })
+    };
+    accept_until(listener, &Limits::default(), &graceful, ready, service).await;
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
         .await
         .is_err()
@@ -309,6 +258,56 @@ pub async fn serve_not_ready(listener: &TcpListener, ready: impl std::future::Fu
             grace_seconds = SHUTDOWN_GRACE.as_secs(),
             "closed not-ready connections still open after the grace period"
         );
+    }
+}
+
+/// Accepts connections on `listener` until `stop` completes. Each connection is served over
+/// HTTP/1.1 by a service from `service`, with the header limits of `limits`, and `graceful`
+/// watches it.
+async fn accept_until<F, S>(
+    listener: &TcpListener,
+    limits: &Limits,
+    graceful: &GracefulShutdown,
+    stop: impl std::future::Future<Output = ()>,
+    mut service: F,
+) where
+    F: FnMut() -> S,
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Accept fails on resource limits such as EMFILE; wait before retrying.
+                        tracing::warn!(error = %error, "failed to accept a connection; retrying in 50 ms");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %error, "failed to set TCP_NODELAY");
+                }
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_headers(limits.max_headers)
+                    .max_header_size(limits.max_header_bytes)
+                    .serve_connection(TokioIo::new(stream), service());
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = connection.await {
+                        tracing::debug!(peer = %peer, error = %error, "connection ended with an error");
+                    }
+                });
+            }
+            () = &mut stop => break,
+        }
     }
 }
 
