@@ -112,12 +112,11 @@ pub fn join_input(path: &str, content_type: &str, preference: &str, body: &[u8])
 /// - A rejection has a 4xx status and a non-empty message of at most
 ///   [`MAX_ERROR_MESSAGE_BYTES`] that survives the trip through the JSON error body.
 /// - An accepted request's body is a JSON object that serialises and parses back unchanged
-///   (floating-point numbers up to rounding, see [`same_json`]),
-///   without the preference field, whose `model` is the route or a pool model. A routed request
-///   has a prompt within the prompt limit, a direct one has none.
+///   (an integer and a float of the same value are equal, see [`same_json`]), without the
+///   preference field, whose `model` is the route or a pool model. A routed request has a
+///   prompt within the prompt limit, a direct one has none.
 /// - Parsing the rewritten body again, with the parsed preference in the header, gives the same
-///   request (the preference's cost up to rounding), and a stream that can carry usage no
-///   longer needs it stripped.
+///   request, and a stream that can carry usage no longer needs it stripped.
 pub fn check_input(data: &[u8]) -> Result<Outcome, String> {
     let Some(input) = split_input(data) else {
         return Ok(Outcome::Skipped);
@@ -291,11 +290,7 @@ fn check_reparse(
             parsed.body, e.status, e.body.error.message
         )
     })?;
-    // NOTE: `Preference::parse` keeps `cost` as given for `cost=C` but sets it to `1 - quality`
-    // when both keys are given, so the text form of `cost=0.05` parses back with cost
-    // 0.050000000000000044. The policy reads only `quality`, which must come back exactly.
-    let cost_difference = (again.preference.cost - parsed.preference.cost).abs();
-    if again.preference.quality != parsed.preference.quality || cost_difference > 1e-12 {
+    if again.preference != parsed.preference {
         return Err(format!(
             "the preference {:?} parses back from its text form {} as {:?}",
             parsed.preference, parsed.preference, again.preference
@@ -331,21 +326,17 @@ fn check_reparse(
     Ok(())
 }
 
-/// Compares two JSON values, with floating-point numbers equal within a relative difference of
-/// `4 * f64::EPSILON`.
-///
-/// NOTE: serde_json 1.0.154 without its `float_roundtrip` feature, as the sidecar builds it, may
-/// parse a 17-digit number 1 ULP away from the nearest double, so it can read its own output
-/// `1.8446744073750598e+19` back as `1.84467440737506e+19`. The sidecar forwards such numbers
-/// off by that much. The feature, enabled in the sidecar's Cargo.toml, makes the round trip exact
-/// at about twice the parse time for floats, as serde_json's documentation states.
+/// Compares two JSON values, with a number equal to another when both are the same double.
+/// serde_json's `float_roundtrip` feature, which the workspace enables, reads its own output
+/// back exactly. Without it, a 17-digit number such as `1.8446744073750598e+19` could come back
+/// 1 ULP away, as `1.84467440737506e+19`.
 fn same_json(left: &Value, right: &Value) -> bool {
     match (left, right) {
         (Value::Number(a), Value::Number(b)) if a.is_f64() || b.is_f64() => {
             let (Some(a), Some(b)) = (a.as_f64(), b.as_f64()) else {
                 return false;
             };
-            a == b || (a - b).abs() <= 4.0 * f64::EPSILON * a.abs().max(b.abs())
+            a == b
         }
         (Value::Array(a), Value::Array(b)) => {
             a.len() == b.len() && a.iter().zip(b).all(|(x, y)| same_json(x, y))

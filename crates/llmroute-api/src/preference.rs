@@ -79,7 +79,9 @@ impl Preference {
                 (q, 1.0 - q)
             }
             (Some(q), None) => (q, 1.0 - q),
-            (None, Some(c)) => (1.0 - c, c),
+            // The cost is stored as `1 - quality` in every form, so that the text form of
+            // `Display` parses back to the same two numbers.
+            (None, Some(c)) => (1.0 - c, 1.0 - (1.0 - c)),
             (None, None) => return Err(invalid("neither quality nor cost is given".to_string())),
         };
         Ok(Self { quality, cost })
@@ -153,6 +155,15 @@ mod tests {
             let message = Preference::parse(input).unwrap_err().to_string();
             assert!(message.contains(reason), "{input:?}: {message}");
             assert!(message.contains("quality=0.8"), "{input:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn text_form_parses_back_exactly() {
+        for input in ["cost=0.05", "cost=0.3", "quality=0.1", "quality=0.7,cost=0.3"] {
+            let preference = Preference::parse(input).unwrap();
+            let again = Preference::parse(&preference.to_string()).unwrap();
+            assert_eq!(again, preference, "{input}");
         }
     }
 
