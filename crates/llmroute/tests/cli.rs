@@ -246,3 +246,22 @@ fn quickstart_rejects_zero_requests() {
         "{stderr}"
     );
 }
+
+#[test]
+fn sidecar_rejects_zero_settings_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sidecar.json");
+    for flag in [
+        "--encoder-threads",
+        "--feedback-capacity",
+        "--feedback-ttl-seconds",
+    ] {
+        let output = llmroute(&["sidecar", "--config", path_arg(&config), flag, "0"]);
+        assert!(!output.status.success(), "{flag} 0 was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("invalid {flag} 0: use at least 1")),
+            "{stderr}"
+        );
+    }
+}

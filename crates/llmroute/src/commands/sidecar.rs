@@ -53,6 +53,11 @@ pub struct SidecarArgs {
     /// is full the oldest is sent without quality.
     #[arg(long, default_value_t = SidecarOptions::default().feedback_capacity)]
     pub feedback_capacity: usize,
+    /// Intra-op threads of the prompt encoder. Decisions run one at a time on the one
+    /// encoder, so more threads shorten each decision and raise the routed throughput, with
+    /// CPU time taken from the proxy path.
+    #[arg(long, default_value_t = 1)]
+    pub encoder_threads: usize,
     /// Maximum request body, in bytes.
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]
     pub max_body_bytes: usize,
@@ -102,7 +107,7 @@ fn state_from_files(
         artifacts.insert(policy.sha256().to_string(), bytes);
     }
     let encoder = match &environment {
-        Some(_) => Some(workspace.encoder(1)?),
+        Some(_) => Some(workspace.encoder(args.encoder_threads)?),
         None => {
             tracing::warn!(route = %config.route, fallback = %config.fallback, "no policy is configured; routed requests go to the fallback model");
             None
@@ -129,6 +134,9 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
     }
     if args.feedback_capacity == 0 {
         bail!("invalid --feedback-capacity 0: use at least 1");
+    }
+    if args.encoder_threads == 0 {
+        bail!("invalid --encoder-threads 0: use at least 1");
     }
     let options = SidecarOptions {
         limits: Limits {
@@ -165,7 +173,7 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
             (None, Some(base)) => {
                 let route = args.route.as_deref().expect("clap requires --route");
                 let environment = workspace.onnx_runtime()?;
-                let encoder = workspace.encoder(1)?;
+                let encoder = workspace.encoder(args.encoder_threads)?;
                 let mut client = ControlClient::new(base, route);
                 if let Some(path) = &args.control_token_file {
                     tracing::info!(path = %path.display(), "sending the control API token from a file");
