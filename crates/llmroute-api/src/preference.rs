@@ -160,7 +160,12 @@ mod tests {
 
     #[test]
     fn text_form_parses_back_exactly() {
-        for input in ["cost=0.05", "cost=0.3", "quality=0.1", "quality=0.7,cost=0.3"] {
+        for input in [
+            "cost=0.05",
+            "cost=0.3",
+            "quality=0.1",
+            "quality=0.7,cost=0.3",
+        ] {
             let preference = Preference::parse(input).unwrap();
             let again = Preference::parse(&preference.to_string()).unwrap();
             assert_eq!(again, preference, "{input}");
