@@ -507,10 +507,9 @@ impl Setup {
             learning_interval: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
-        // The operator runs on a Tokio runtime of its own, with one worker thread per core
-        // and its own API client, as in a process of its own: its connections never wait in
-        // the load client's task queue. The two runtimes share the cores through the kernel's
-        // scheduler.
+        // The operator runs on a Tokio runtime and API client of its own, so its connections
+        // do not wait in the load client's task queue. The two runtimes share the cores
+        // through the kernel's scheduler, as two processes would.
         let thread = std::thread::Builder::new()
             .name("operator".into())
             .spawn(move || {

@@ -16,8 +16,8 @@ use tokio::sync::oneshot;
 /// A unit of work for the encoder thread.
 type Job<E> = Box<dyn FnOnce(&mut E) + Send>;
 
-/// The sending end of the encoder thread's queue. The thread stops when every handle is
-/// dropped. `E` is the encoder, generic so that tests need no model.
+/// The sending end of the encoder thread's queue. The thread stops when this is dropped.
+/// `E` is the encoder, generic so that tests need no model.
 #[derive(Debug)]
 pub(crate) struct EncoderThread<E = Encoder> {
     jobs: mpsc::Sender<Job<E>>,
@@ -59,7 +59,7 @@ fn run<E>(mut encoder: E, queue: mpsc::Receiver<Job<E>>) {
             tracing::error!("a decision panicked on the encoder thread; its request falls back");
         }
     }
-    tracing::info!("the encoder thread stopped: the sidecar was dropped");
+    tracing::info!("the encoder thread stopped: its queue was closed");
 }
 
 #[cfg(test)]

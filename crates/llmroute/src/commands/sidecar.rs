@@ -49,8 +49,8 @@ pub struct SidecarArgs {
     /// Seconds a finished request waits for feedback before its event is sent without quality.
     #[arg(long, default_value_t = 600)]
     pub feedback_ttl_seconds: u64,
-    /// Maximum finished requests waiting for feedback, about 2.2 KiB of memory each; when it
-    /// is full the oldest is sent without quality.
+    /// Maximum finished requests waiting for feedback, about 2.2 KiB of memory each. When the
+    /// buffer is full, the oldest is sent without quality.
     #[arg(long, default_value_t = SidecarOptions::default().feedback_capacity)]
     pub feedback_capacity: usize,
     /// Intra-op threads of the prompt encoder. Decisions run one at a time on the one
