@@ -38,6 +38,27 @@ fn candidates() -> Vec<(&'static str, TrainConfig)> {
     vec![
         ("default", base.clone()),
         (
+            "120 per prompt",
+            TrainConfig {
+                interactions_per_prompt: Some(120),
+                ..base.clone()
+            },
+        ),
+        (
+            "60 per prompt",
+            TrainConfig {
+                interactions_per_prompt: Some(60),
+                ..base.clone()
+            },
+        ),
+        (
+            "200 per prompt",
+            TrainConfig {
+                interactions_per_prompt: Some(200),
+                ..base.clone()
+            },
+        ),
+        (
             "weight decay 0",
             TrainConfig {
                 weight_decay: 0.0,
@@ -158,6 +179,20 @@ fn candidates() -> Vec<(&'static str, TrainConfig)> {
             "preference dim 64",
             TrainConfig {
                 preference_dim: 64,
+                ..base.clone()
+            },
+        ),
+        (
+            "steps 3000",
+            TrainConfig {
+                steps: 3_000,
+                ..base.clone()
+            },
+        ),
+        (
+            "steps 5000",
+            TrainConfig {
+                steps: 5_000,
                 ..base.clone()
             },
         ),

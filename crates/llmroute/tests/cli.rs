@@ -73,6 +73,44 @@ fn train_writes_servable_policy() {
 }
 
 #[test]
+fn training_steps_follow_interactions_per_prompt() {
+    let out = tempfile::tempdir().unwrap();
+    let output = llmroute(&[
+        "train",
+        "--dataset",
+        "paretobandit-k3",
+        "--max-prompts",
+        "60",
+        "--interactions-per-prompt",
+        "5",
+        "--out",
+        path_arg(out.path()),
+    ]);
+    assert_success(&output);
+    let manifest: PolicyManifest = serde_json::from_slice(
+        &std::fs::read(out.path().join("policy.json")).expect("policy.json written"),
+    )
+    .expect("policy.json parses");
+    let training = manifest.training.expect("training record");
+    // 60 prompts · 5 draws = 300 interactions: ⌈300 / 64⌉ = 5 steps of 64.
+    assert_eq!(training.config.steps, 5);
+    assert_eq!(training.interactions, 5 * 64);
+}
+
+#[test]
+fn training_rejects_zero_settings_by_name() {
+    for flag in ["--steps", "--batch-size", "--interactions-per-prompt"] {
+        let output = llmroute(&["train", "--dataset", "paretobandit-k3", flag, "0"]);
+        assert!(!output.status.success(), "{flag} 0 was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("invalid {flag} 0: use at least 1")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn eval_rows_repeat_for_seed() {
     let first = tempfile::tempdir().unwrap();
     let second = tempfile::tempdir().unwrap();

@@ -67,7 +67,8 @@ pub fn is_held_out(task: &str, held_out: &[String]) -> bool {
 pub struct EvalConfig {
     /// Seed from which every router's seed is derived.
     pub seed: u64,
-    /// Bandit interactions of each bandit learner; set it to BaRP's budget.
+    /// Bandit interactions of each linear bandit learner on a split when BaRP is not trained.
+    /// When it is, each learner gets exactly as many as BaRP observed on that split.
     pub bandit_interactions: usize,
     /// Interactions that share one posterior in the linear bandit learners.
     pub bandit_batch_size: usize,
@@ -448,6 +449,12 @@ fn train_routers(
         .map_err(baseline_error)?,
     ));
 
+    // Every bandit-feedback learner sees as many outcomes as BaRP did on this split.
+    let bandit_interactions = pulls
+        .get("barp")
+        .map_or(config.bandit_interactions, |&barp_pulls| {
+            barp_pulls as usize
+        });
     for exploration in [
         Exploration::Ucb {
             alpha: config.linucb_alpha,
@@ -461,7 +468,7 @@ fn train_routers(
     ] {
         let id = exploration.router_id();
         let bandit_config = LinearBanditConfig {
-            interactions: config.bandit_interactions,
+            interactions: bandit_interactions,
             batch_size: config.bandit_batch_size,
             ridge_lambda: config.ridge_lambda,
             seed: derive_seed(config.seed, &format!("{id}/{split}")),
@@ -470,12 +477,12 @@ fn train_routers(
         let router = train_linear_bandit(&mut env, reward, exploration, &bandit_config)
             .map_err(baseline_error)?;
         // Each interaction reveals exactly one outcome: check it rather than trust it.
-        if env.pulls() != config.bandit_interactions as u64 {
+        if env.pulls() != bandit_interactions as u64 {
             return Err(EvalError::PullCount {
                 split,
                 router: id.to_string(),
                 pulls: env.pulls(),
-                expected: config.bandit_interactions as u64,
+                expected: bandit_interactions as u64,
             });
         }
         pulls.insert(id.to_string(), env.pulls());

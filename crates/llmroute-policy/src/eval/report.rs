@@ -356,10 +356,19 @@ fn write_hyperparameters(out: &mut String, report: &EvalReport) {
     );
     let _ = writeln!(out, "| router | setting |");
     let _ = writeln!(out, "|---|---|");
+    let barp_trained = report
+        .splits
+        .iter()
+        .any(|split| split.bandit_pulls.contains_key("barp"));
+    let budget = if barp_trained {
+        "as many interactions as BaRP on each split".to_string()
+    } else {
+        format!("{} interactions", config.bandit_interactions)
+    };
     let bandit = format!(
-        "{} interactions (one revealed outcome each), prompt uniform, w_q ~ U[0, 1], context \
-         [embedding; 1], ridge λ = {}, posterior updated every {} interactions",
-        config.bandit_interactions, config.ridge_lambda, config.bandit_batch_size
+        "{budget} (one revealed outcome each, counts above), prompt uniform, w_q ~ U[0, 1], \
+         context [embedding; 1], ridge λ = {}, posterior updated every {} interactions",
+        config.ridge_lambda, config.bandit_batch_size
     );
     let _ = writeln!(out, "| linucb | {bandit}, α = {} |", config.linucb_alpha);
     let _ = writeln!(

@@ -26,8 +26,16 @@ use crate::reward::Reward;
 pub struct TrainConfig {
     /// Seed of every random choice (initial weights, prompts, preferences, actions).
     pub seed: u64,
-    /// Gradient steps.
+    /// Gradient steps; replaced by the count that `interactions_per_prompt` gives when that
+    /// is set.
     pub steps: usize,
+    /// Sets `steps` from the size of the training set: `⌈prompts · n / batch_size⌉` steps,
+    /// so each training prompt is drawn `n` times on average whatever the data set's size.
+    /// A replayed prompt reveals the same outcome every time it is drawn with the same model,
+    /// so past some number of draws per prompt the policy fits those prompts' recorded
+    /// outcomes rather than what the prompts have in common.
+    #[serde(default)]
+    pub interactions_per_prompt: Option<usize>,
     /// Samples (bandit interactions) per step.
     pub batch_size: usize,
     pub learning_rate: f32,
@@ -58,6 +66,7 @@ impl Default for TrainConfig {
             // 640 000 interactions: on a validation split of llmrouter-9llm's training prompts
             // (examples/tune_barp.rs) 10 000 steps beat 3 000 steps for each of three seeds.
             steps: 10_000,
+            interactions_per_prompt: None,
             batch_size: 64,
             learning_rate: 1e-3,
             // On the same validation splits, λ = 0.1 raised the mean reward over the sweep both
@@ -75,10 +84,29 @@ impl Default for TrainConfig {
     }
 }
 
+/// Draws per training prompt of `llmroute train` and `llmroute eval`. We compared 60, 120
+/// and 200 draws per prompt and a fixed 10,000 steps on the validation splits of the three
+/// data sets (`examples/tune_barp.rs`). Summed over data sets and splits, 200 gave the
+/// highest mean reward over the sweep. A fixed 10,000 steps is 134 draws per prompt on
+/// llmrouter-9llm but 420 on paretobandit, where it did worst (`docs/benchmarks.md`).
+pub const DEFAULT_INTERACTIONS_PER_PROMPT: usize = 200;
+
 impl TrainConfig {
     /// Bandit interactions (observed outcomes) the run uses: `steps · batch_size`.
     pub fn interactions(&self) -> usize {
         self.steps * self.batch_size
+    }
+
+    /// This configuration with `steps` set for a training set of `prompts` prompts when
+    /// `interactions_per_prompt` is set; otherwise unchanged.
+    pub fn for_prompts(&self, prompts: usize) -> Self {
+        let mut resolved = self.clone();
+        if let Some(per_prompt) = self.interactions_per_prompt {
+            resolved.steps = (prompts * per_prompt)
+                .div_ceil(self.batch_size.max(1))
+                .max(1);
+        }
+        resolved
     }
 
     /// Entropy bonus at `step`, linear from `entropy_start` to `entropy_end`.
@@ -127,6 +155,7 @@ pub fn train(
     initial: Option<PolicyNetwork>,
     progress: &ProgressBar,
 ) -> (PolicyNetwork, TrainSummary) {
+    let config = &config.for_prompts(environment.num_prompts());
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
     let shape = NetworkShape {
         embedding_dim: environment.context_dim(),
@@ -594,6 +623,24 @@ mod tests {
             2,
             "cluster B at w=0"
         );
+    }
+
+    #[test]
+    fn steps_follow_the_number_of_training_prompts() {
+        let config = TrainConfig {
+            steps: 7,
+            batch_size: 64,
+            interactions_per_prompt: Some(120),
+            ..TrainConfig::default()
+        };
+        // ⌈1785 · 120 / 64⌉ = ⌈3346.875⌉
+        assert_eq!(config.for_prompts(1785).steps, 3347);
+        assert_eq!(config.for_prompts(0).steps, 1);
+        let fixed = TrainConfig {
+            interactions_per_prompt: None,
+            ..config
+        };
+        assert_eq!(fixed.for_prompts(1785).steps, 7);
     }
 
     #[test]

@@ -33,17 +33,18 @@ pub fn run(workspace: &Workspace, args: &EvalArgs) -> Result<()> {
     let barp_config = args.hyper.config()?;
     let embeddings = workspace.embed_dataset(&dataset)?;
 
-    // Every bandit learner gets the same number of observed outcomes as BaRP.
+    // Every bandit learner gets the same number of observed outcomes as BaRP on each split
+    // (`eval::evaluate` reads BaRP's pull count).
     let config = EvalConfig {
         seed: args.hyper.seed,
-        bandit_interactions: barp_config.interactions(),
         ..EvalConfig::default()
     };
     let mut barp = |environment: &mut ReplayEnvironment<'_>, reward: Reward, seed: u64| {
         let run_config = TrainConfig {
             seed,
             ..barp_config.clone()
-        };
+        }
+        .for_prompts(environment.num_prompts());
         let progress = progress_bar(run_config.steps as u64, "training BaRP");
         let (network, summary) = train(environment, reward, &run_config, None, &progress);
         progress.finish_and_clear();

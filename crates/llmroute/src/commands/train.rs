@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::policy::metadata::POLICY_FORMAT;
+use llmroute_policy::policy::train::DEFAULT_INTERACTIONS_PER_PROMPT;
 use llmroute_policy::policy::{
     PolicyManifest, PolicyMetadata, TrainConfig, TrainingRecord, to_onnx_bytes, train,
 };
@@ -37,9 +38,13 @@ pub struct HyperArgs {
     /// Seed of every random choice of training.
     #[arg(long, default_value_t = TrainConfig::default().seed)]
     pub seed: u64,
-    /// Gradient steps of REINFORCE.
-    #[arg(long, default_value_t = TrainConfig::default().steps)]
-    pub steps: usize,
+    /// Gradient steps of REINFORCE [default: from --interactions-per-prompt].
+    #[arg(long, conflicts_with = "interactions_per_prompt")]
+    pub steps: Option<usize>,
+    /// Sets the gradient steps from the training set's size: each training prompt is drawn
+    /// this many times on average.
+    #[arg(long, default_value_t = DEFAULT_INTERACTIONS_PER_PROMPT)]
+    pub interactions_per_prompt: usize,
     /// Bandit interactions per gradient step.
     #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     pub batch_size: usize,
@@ -53,18 +58,24 @@ pub struct HyperArgs {
 
 impl HyperArgs {
     pub fn config(&self) -> Result<TrainConfig> {
-        if self.steps == 0 || self.batch_size == 0 {
-            bail!(
-                "invalid --steps {} / --batch-size {}: both must be at least 1",
-                self.steps,
-                self.batch_size
-            );
+        if self.batch_size == 0 {
+            bail!("invalid --batch-size 0: use at least 1");
         }
+        let defaults = TrainConfig::default();
+        let (steps, interactions_per_prompt) = match self.steps {
+            Some(0) => bail!("invalid --steps 0: use at least 1"),
+            Some(steps) => (steps, None),
+            None if self.interactions_per_prompt == 0 => {
+                bail!("invalid --interactions-per-prompt 0: use at least 1")
+            }
+            None => (defaults.steps, Some(self.interactions_per_prompt)),
+        };
         Ok(TrainConfig {
             seed: self.seed,
-            steps: self.steps,
+            steps,
+            interactions_per_prompt,
             batch_size: self.batch_size,
-            ..TrainConfig::default()
+            ..defaults
         })
     }
 
@@ -85,7 +96,7 @@ impl HyperArgs {
 
 pub fn run(workspace: &Workspace, args: &TrainArgs) -> Result<()> {
     let dataset = load_dataset(&args.dataset, args.hyper.max_prompts)?;
-    let config = args.hyper.config()?;
+    let config = args.hyper.config()?.for_prompts(dataset.train.len());
     let reward = args.hyper.reward(dataset.train.cost.iter().copied())?;
 
     let mut encoder = workspace.bulk_encoder()?;
