@@ -38,23 +38,48 @@ fn candidates() -> Vec<(&'static str, TrainConfig)> {
     vec![
         ("default", base.clone()),
         (
-            "120 per prompt",
+            "default, alpha 1",
             TrainConfig {
-                interactions_per_prompt: Some(120),
+                preference_concentration: 1.0,
                 ..base.clone()
             },
         ),
         (
-            "60 per prompt",
-            TrainConfig {
-                interactions_per_prompt: Some(60),
-                ..base.clone()
-            },
-        ),
-        (
-            "200 per prompt",
+            "200 per prompt, alpha 0.5",
             TrainConfig {
                 interactions_per_prompt: Some(200),
+                ..base.clone()
+            },
+        ),
+        (
+            "200 per prompt, alpha 0.3",
+            TrainConfig {
+                interactions_per_prompt: Some(200),
+                preference_concentration: 0.3,
+                ..base.clone()
+            },
+        ),
+        (
+            "120 per prompt, alpha 1",
+            TrainConfig {
+                interactions_per_prompt: Some(120),
+                preference_concentration: 1.0,
+                ..base.clone()
+            },
+        ),
+        (
+            "60 per prompt, alpha 1",
+            TrainConfig {
+                interactions_per_prompt: Some(60),
+                preference_concentration: 1.0,
+                ..base.clone()
+            },
+        ),
+        (
+            "200 per prompt, alpha 1",
+            TrainConfig {
+                interactions_per_prompt: Some(200),
+                preference_concentration: 1.0,
                 ..base.clone()
             },
         ),
