@@ -6,8 +6,9 @@
 //! managed certificate for 127.0.0.1, a `MutatingWebhookConfiguration` whose namespace selector
 //! matches only the bench namespace, `failurePolicy: Ignore`, `timeoutSeconds: 3`). Probe pods,
 //! created until one comes back injected, check that injection works before anything is
-//! measured. Then it creates N annotated pods at once, at most C requests in flight, and
-//! reports:
+//! measured. Then it creates N annotated pods at once, at most C requests in flight, or with
+//! `--deployment` applies one Deployment of N replicas whose pods kube-controller-manager
+//! creates at its own pace, as a scale-up in a cluster does, and reports:
 //!
 //! - the webhook's own handling time, from the operator's histogram
 //!   `llmroute_operator_webhook_duration_seconds`. Its p50 and p99 come from bucket deltas, so
@@ -37,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -54,12 +56,14 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-const USAGE: &str = "usage: webhook_bench [--pods N] [--concurrency C] [--no-baseline] \
-[--operator-log FILE] [--ready-timeout-seconds S]";
+const USAGE: &str = "usage: webhook_bench [--pods N] [--concurrency C | --deployment] \
+[--no-baseline] [--operator-log FILE] [--ready-timeout-seconds S]";
 /// SHA-256 of empty input, as the encoder digest, because the webhook never loads the encoder.
 const ENCODER_DIGEST: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 const ROUTE: &str = "chat";
 const FIELD_MANAGER: &str = "llmroute-webhook-bench";
+/// Name and `app` label of the Deployment of `--deployment`.
+const DEPLOYMENT: &str = "bench";
 /// The p99 the webhook must meet, in seconds.
 const TARGET_P99_SECONDS: f64 = 0.010;
 
@@ -69,6 +73,8 @@ type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 struct Options {
     pods: usize,
     concurrency: usize,
+    /// Pods come from one Deployment of `pods` replicas rather than from direct creates.
+    deployment: bool,
     baseline: bool,
     operator_log: Option<PathBuf>,
     ready_timeout: Duration,
@@ -79,6 +85,7 @@ fn parse_options() -> Result<Options, String> {
     let mut options = Options {
         pods: 1000,
         concurrency: 64,
+        deployment: false,
         baseline: true,
         operator_log: None,
         ready_timeout: Duration::from_secs(60),
@@ -94,6 +101,7 @@ fn parse_options() -> Result<Options, String> {
                 options.concurrency = parse_count("--concurrency", &value("--concurrency")?)?;
             }
             "--no-baseline" => options.baseline = false,
+            "--deployment" => options.deployment = true,
             "--operator-log" => {
                 options.operator_log = Some(PathBuf::from(value("--operator-log")?));
             }
@@ -105,6 +113,12 @@ fn parse_options() -> Result<Options, String> {
             "-h" | "--help" => return Err(USAGE.to_string()),
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
+    }
+    if options.deployment && std::env::args().any(|arg| arg == "--concurrency") {
+        return Err(format!(
+            "--concurrency sets direct creates; with --deployment the controller manager \
+             creates the pods, so drop one of them; {USAGE}"
+        ));
     }
     Ok(options)
 }
@@ -689,7 +703,9 @@ fn sidecar_count(pod: &Pod) -> usize {
 /// Client-side figures of one burst.
 #[derive(Debug)]
 struct Burst {
-    /// Time of each successful create, sorted.
+    /// Pods created.
+    created: usize,
+    /// Time of each successful create, sorted; empty when the controller manager created them.
     latencies: Vec<Duration>,
     errors: Vec<String>,
     wall: Duration,
@@ -705,10 +721,13 @@ impl Burst {
     }
 
     fn pods_per_second(&self) -> f64 {
-        self.latencies.len() as f64 / self.wall.as_secs_f64()
+        self.created as f64 / self.wall.as_secs_f64()
     }
 
     fn summary(&self) -> String {
+        if self.latencies.is_empty() {
+            return "– (no client creates)".into();
+        }
         format!(
             "{} / {} / {}",
             format_ms(self.percentile(0.50).as_secs_f64()),
@@ -756,10 +775,58 @@ async fn burst(client: &Client, namespace: &str, pods: usize, concurrency: usize
     }
     latencies.sort();
     Burst {
+        created: latencies.len(),
         latencies,
         errors,
         wall,
     }
+}
+
+/// Applies a Deployment of `pods` replicas with the annotated pod template and waits until
+/// `pods` of its pods exist. kube-controller-manager's ReplicaSet controller creates them, in
+/// batches and at the request rate its client allows.
+async fn deployment_burst(
+    client: &Client,
+    namespace: &str,
+    pods: usize,
+    timeout: Duration,
+) -> BenchResult<Burst> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": DEPLOYMENT},
+        "spec": {
+            "replicas": pods,
+            "selector": {"matchLabels": {"app": DEPLOYMENT}},
+            "template": {
+                "metadata": {
+                    "labels": {"app": DEPLOYMENT},
+                    "annotations": {"llmroute.dev/route": ROUTE}
+                },
+                "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+            }
+        }
+    }))?;
+    let started = Instant::now();
+    deployments
+        .create(&PostParams::default(), &deployment)
+        .await?;
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = ListParams::default().labels(&format!("app={DEPLOYMENT}"));
+    let created = eventually(
+        &format!("{pods} pods of the Deployment {DEPLOYMENT}"),
+        timeout,
+        || async {
+            let listed = api.list_metadata(&selector).await.ok()?.items.len();
+            (listed >= pods).then_some(listed)
+        },
+    )
+    .await?;
+    Ok(Burst {
+        created,
+        latencies: Vec::new(),
+        errors: Vec::new(),
+        wall: started.elapsed(),
+    })
 }
 
 fn pod_name(index: usize) -> String {
@@ -801,20 +868,47 @@ async fn check_pods(client: &Client, namespace: &str, pods: usize) -> BenchResul
             }
             continue;
         };
+        check.inspect(&name, pod);
+    }
+    Ok(check)
+}
+
+/// Checks the pods of the Deployment of `--deployment`: `pods` of them, each injected once.
+async fn check_deployment_pods(
+    client: &Client,
+    namespace: &str,
+    pods: usize,
+) -> BenchResult<Check> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector = ListParams::default().labels(&format!("app={DEPLOYMENT}"));
+    let listed = api.list(&selector).await?.items;
+    let mut check = Check {
+        listed: listed.len(),
+        missing: pods.saturating_sub(listed.len()),
+        ..Check::default()
+    };
+    for pod in &listed {
+        check.inspect(&pod.name_any(), pod);
+    }
+    Ok(check)
+}
+
+impl Check {
+    /// Counts `pod` as not injected, injected twice or native, as it is.
+    fn inspect(&mut self, name: &str, pod: &Pod) {
         let sidecars = sidecar_count(pod);
         let label = pod.labels().get(INJECTION_LABEL).map(String::as_str);
         if sidecars == 0 || label != Some("injected") {
-            check.not_injected += 1;
-            if check.examples.len() < 5 {
-                check
-                    .examples
+            self.not_injected += 1;
+            if self.examples.len() < 5 {
+                self.examples
                     .push(format!("{name}: {sidecars} sidecars, label {label:?}"));
             }
         }
         if sidecars > 1 {
-            check.injected_twice += 1;
-            if check.examples.len() < 5 {
-                check.examples.push(format!("{name}: {sidecars} sidecars"));
+            self.injected_twice += 1;
+            if self.examples.len() < 5 {
+                self.examples.push(format!("{name}: {sidecars} sidecars"));
             }
         }
         let native = pod
@@ -827,10 +921,9 @@ async fn check_pods(client: &Client, namespace: &str, pods: usize) -> BenchResul
                 })
             });
         if native {
-            check.native += 1;
+            self.native += 1;
         }
     }
-    Ok(check)
 }
 
 // --- the report ---------------------------------------------------------------------------
@@ -841,6 +934,7 @@ struct Report {
     server_version: String,
     options_pods: usize,
     concurrency: usize,
+    deployment: bool,
     load_before: String,
     load_after: String,
     baseline: Option<Burst>,
@@ -861,11 +955,18 @@ impl Report {
         let mut rows: Vec<(String, String)> = vec![
             (
                 "pods created (errors)".into(),
-                format!("{} ({})", burst.latencies.len(), burst.errors.len()),
+                format!("{} ({})", burst.created, burst.errors.len()),
             ),
             (
                 "requests in flight (max)".into(),
-                self.concurrency.to_string(),
+                if self.deployment {
+                    format!(
+                        "set by kube-controller-manager (one Deployment of {} replicas)",
+                        self.options_pods
+                    )
+                } else {
+                    self.concurrency.to_string()
+                },
             ),
             (
                 "burst wall time".into(),
@@ -1080,7 +1181,7 @@ async fn measure(setup: &Setup, load: &Client, options: &Options) -> BenchResult
     setup.probe(options.ready_timeout).await?;
     let load_before = load_average();
 
-    let baseline = if options.baseline {
+    let baseline = if options.baseline && !options.deployment {
         let namespace = format!("{}-baseline", setup.namespace);
         create_namespace(load, &namespace).await?;
         eprintln!(
@@ -1104,11 +1205,22 @@ async fn measure(setup: &Setup, load: &Client, options: &Options) -> BenchResult
 
     let operator_before = setup.scrape_operator().await?;
     let apiserver_before = scrape_apiserver(load).await?;
-    eprintln!(
-        "burst: creating {} pods in {}, at most {} in flight",
-        options.pods, setup.namespace, options.concurrency
-    );
-    let burst = burst(load, &setup.namespace, options.pods, options.concurrency).await;
+    let burst = if options.deployment {
+        eprintln!(
+            "burst: applying a Deployment of {} replicas in {}",
+            options.pods, setup.namespace
+        );
+        // The controller manager's client is rate limited (20 requests/s by default), so a
+        // generous bound: 2 s per pod.
+        let timeout = Duration::from_secs(2 * options.pods as u64);
+        deployment_burst(load, &setup.namespace, options.pods, timeout).await?
+    } else {
+        eprintln!(
+            "burst: creating {} pods in {}, at most {} in flight",
+            options.pods, setup.namespace, options.concurrency
+        );
+        burst(load, &setup.namespace, options.pods, options.concurrency).await
+    };
     let operator_after = setup.scrape_operator().await?;
     let apiserver_after = scrape_apiserver(load).await?;
     let load_after = load_average();
@@ -1117,13 +1229,18 @@ async fn measure(setup: &Setup, load: &Client, options: &Options) -> BenchResult
     let this_webhook = |labels: &BTreeMap<String, String>| {
         labels.get("name").map(String::as_str) == Some(WEBHOOK_NAME)
     };
-    let check = check_pods(load, &setup.namespace, options.pods).await?;
+    let check = if options.deployment {
+        check_deployment_pods(load, &setup.namespace, options.pods).await?
+    } else {
+        check_pods(load, &setup.namespace, options.pods).await?
+    };
     Ok(Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         machine: machine_description(),
         server_version: load.apiserver_version().await?.git_version,
         options_pods: options.pods,
         concurrency: options.concurrency,
+        deployment: options.deployment,
         load_before,
         load_after,
         baseline,
