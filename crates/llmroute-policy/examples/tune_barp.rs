@@ -52,6 +52,22 @@ fn candidates() -> Vec<(&'static str, TrainConfig)> {
             },
         ),
         (
+            "200 per prompt, alpha 0.5, entropy to 0.001",
+            TrainConfig {
+                interactions_per_prompt: Some(200),
+                entropy_end: 0.001,
+                ..base.clone()
+            },
+        ),
+        (
+            "200 per prompt, alpha 0.5, hidden 256",
+            TrainConfig {
+                interactions_per_prompt: Some(200),
+                hidden_dim: 256,
+                ..base.clone()
+            },
+        ),
+        (
             "200 per prompt, alpha 0.3",
             TrainConfig {
                 interactions_per_prompt: Some(200),
