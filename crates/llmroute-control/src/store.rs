@@ -343,10 +343,7 @@ impl Store {
         let rows = events
             .iter()
             .map(|event| {
-                let without_embedding = CompletedEvent {
-                    embedding: Vec::new(),
-                    ..event.clone()
-                };
+                let without_embedding = without_embedding(event);
                 let json = serde_json::to_string(&without_embedding)?;
                 Ok((without_embedding, json, encode_embedding(&event.embedding)))
             })
@@ -548,6 +545,37 @@ fn commit_group(
     }
     transaction.commit()?;
     Ok(outcomes)
+}
+
+/// Copies `event` with an empty embedding, without copying the embedding.
+fn without_embedding(event: &CompletedEvent) -> CompletedEvent {
+    // Naming every field makes a new field of `CompletedEvent` a compile error here.
+    let CompletedEvent {
+        decision,
+        served_model,
+        embedding: _,
+        quality,
+        cost_usd,
+        prompt_tokens,
+        completion_tokens,
+        latency_ms,
+        outcome,
+        attempts,
+        timestamp_ms,
+    } = event;
+    CompletedEvent {
+        decision: decision.clone(),
+        served_model: served_model.clone(),
+        embedding: Vec::new(),
+        quality: *quality,
+        cost_usd: *cost_usd,
+        prompt_tokens: *prompt_tokens,
+        completion_tokens: *completion_tokens,
+        latency_ms: *latency_ms,
+        outcome: outcome.clone(),
+        attempts: *attempts,
+        timestamp_ms: *timestamp_ms,
+    }
 }
 
 fn insert_rows(
