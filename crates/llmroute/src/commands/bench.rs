@@ -9,6 +9,7 @@ use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::data;
 use llmroute_policy::encoder::EMBEDDING_DIM;
 use llmroute_policy::policy::metadata::POLICY_FORMAT;
+use llmroute_policy::policy::train::DEFAULT_INTERACTIONS_PER_PROMPT;
 use llmroute_policy::policy::{
     NetworkShape, OnnxPolicy, PolicyMetadata, PolicyNetwork, TrainConfig, to_onnx_bytes, train,
 };
@@ -159,7 +160,11 @@ fn bench_training(workspace: &Workspace, dataset_name: &str) -> Result<Row> {
         llmroute_policy::reward::calibrate_tau(dataset.train.cost.iter().copied(), 0.95)
             .context("training costs are all zero")?,
     );
-    let config = TrainConfig::default();
+    // The run of `llmroute train`: its step count follows the number of training prompts.
+    let config = TrainConfig {
+        interactions_per_prompt: Some(DEFAULT_INTERACTIONS_PER_PROMPT),
+        ..TrainConfig::default()
+    };
     let started = Instant::now();
     let mut bandit = ReplayEnvironment::new(
         embeddings.view(),
