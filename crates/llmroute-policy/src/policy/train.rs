@@ -116,12 +116,13 @@ impl TrainConfig {
         self.steps * self.batch_size
     }
 
-    /// This configuration with `steps` set for a training set of `prompts` prompts when
+    /// Returns this configuration with `steps` set for a training set of `prompts` prompts when
     /// `interactions_per_prompt` is set; otherwise unchanged.
     pub fn for_prompts(&self, prompts: usize) -> Self {
         let mut resolved = self.clone();
         if let Some(per_prompt) = self.interactions_per_prompt {
-            resolved.steps = (prompts * per_prompt)
+            resolved.steps = prompts
+                .saturating_mul(per_prompt)
                 .div_ceil(self.batch_size.max(1))
                 .max(1);
         }
