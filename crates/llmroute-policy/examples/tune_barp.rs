@@ -68,6 +68,13 @@ fn candidates() -> Vec<(&'static str, TrainConfig)> {
             },
         ),
         (
+            "300 per prompt, alpha 0.5",
+            TrainConfig {
+                interactions_per_prompt: Some(300),
+                ..base.clone()
+            },
+        ),
+        (
             "200 per prompt, alpha 0.3",
             TrainConfig {
                 interactions_per_prompt: Some(200),
