@@ -705,7 +705,8 @@ fn sidecar_count(pod: &Pod) -> usize {
 struct Burst {
     /// Pods created.
     created: usize,
-    /// Time of each successful create, sorted; empty when the controller manager created them.
+    /// Time of each successful create, sorted. Empty when the controller manager created the
+    /// pods.
     latencies: Vec<Duration>,
     errors: Vec<String>,
     wall: Duration,
@@ -894,7 +895,8 @@ async fn check_deployment_pods(
 }
 
 impl Check {
-    /// Counts `pod` as not injected, injected twice or native, as it is.
+    /// Adds `pod` to the counts of pods not injected, injected twice and with native sidecars
+    /// that it belongs to.
     fn inspect(&mut self, name: &str, pod: &Pod) {
         let sidecars = sidecar_count(pod);
         let label = pod.labels().get(INJECTION_LABEL).map(String::as_str);

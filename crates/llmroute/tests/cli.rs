@@ -31,6 +31,12 @@ fn path_arg(path: &Path) -> &str {
     path.to_str().expect("temporary paths are UTF-8")
 }
 
+/// Reads the `policy.json` that `llmroute train` wrote into `dir`.
+fn read_manifest(dir: &Path) -> PolicyManifest {
+    let text = std::fs::read(dir.join("policy.json")).expect("policy.json written");
+    serde_json::from_slice(&text).expect("policy.json parses")
+}
+
 #[test]
 fn train_writes_servable_policy() {
     let out = tempfile::tempdir().unwrap();
@@ -50,10 +56,7 @@ fn train_writes_servable_policy() {
     assert_success(&output);
 
     let onnx = std::fs::read(out.path().join("policy.onnx")).expect("policy.onnx written");
-    let manifest: PolicyManifest = serde_json::from_slice(
-        &std::fs::read(out.path().join("policy.json")).expect("policy.json written"),
-    )
-    .expect("policy.json parses");
+    let manifest = read_manifest(out.path());
     assert_eq!(manifest.sha256, hex::encode(Sha256::digest(&onnx)));
     assert_eq!(manifest.metadata.version, "test-v1");
     assert_eq!(manifest.metadata.models.len(), 3);
@@ -87,10 +90,7 @@ fn training_steps_follow_interactions_per_prompt() {
         path_arg(out.path()),
     ]);
     assert_success(&output);
-    let manifest: PolicyManifest = serde_json::from_slice(
-        &std::fs::read(out.path().join("policy.json")).expect("policy.json written"),
-    )
-    .expect("policy.json parses");
+    let manifest = read_manifest(out.path());
     let training = manifest.training.expect("training record");
     // 60 prompts · 5 draws = 300 interactions: ⌈300 / 64⌉ = 5 steps of 64.
     assert_eq!(training.config.steps, 5);

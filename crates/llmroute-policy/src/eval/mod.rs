@@ -449,7 +449,7 @@ fn train_routers(
         .map_err(baseline_error)?,
     ));
 
-    // Every bandit-feedback learner sees as many outcomes as BaRP did on this split.
+    // Every bandit-feedback learner gets as many outcomes as BaRP observed on this split.
     let bandit_interactions = pulls
         .get("barp")
         .map_or(config.bandit_interactions, |&barp_pulls| {

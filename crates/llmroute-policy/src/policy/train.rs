@@ -1,9 +1,9 @@
 //! REINFORCE training of the BaRP policy from bandit feedback.
 //!
-//! Each step draws a batch of prompts, a preference per sample from Dirichlet(α, α) on the
-//! 1-simplex (for two weights that is `w_quality ~ Beta(α, α)`; α = 1 is `U[0, 1]`, the
-//! default α = ½ puts more weight near both ends), samples one model per sample from the
-//! current policy, and observes that model's outcome only. The loss per batch is
+//! Each step draws a batch of prompts and a preference per sample from Dirichlet(α, α) on the
+//! 1-simplex. For two weights that is `w_quality ~ Beta(α, α)`: α = 1 is `U[0, 1]`, and the
+//! default α = ½ puts more weight near both ends. It samples one model per sample from the
+//! current policy and observes that model's outcome only. The loss per batch is
 //!
 //! `L(θ) = 1/B · Σᵢ [ −(rᵢ − V(xᵢ, wᵢ)) · log π_θ(aᵢ | xᵢ, wᵢ) − β · H(π_θ(· | xᵢ, wᵢ)) ]
 //!        + 1/B · Σᵢ ½ (V(xᵢ, wᵢ) − rᵢ)²`
@@ -28,8 +28,7 @@ use crate::reward::Reward;
 pub struct TrainConfig {
     /// Seed of every random choice (initial weights, prompts, preferences, actions).
     pub seed: u64,
-    /// Gradient steps; replaced by the count that `interactions_per_prompt` gives when that
-    /// is set.
+    /// Gradient steps, unless `interactions_per_prompt` is set: then that sets the count.
     pub steps: usize,
     /// Sets `steps` from the size of the training set: `⌈prompts · n / batch_size⌉` steps,
     /// so each training prompt is drawn `n` times on average whatever the data set's size.
@@ -60,10 +59,10 @@ pub struct TrainConfig {
     #[serde(default)]
     pub normalize_advantages: bool,
     /// Concentration α of the Dirichlet(α, α) that preferences are drawn from. α = 1 is the
-    /// uniform distribution of `w_quality` on [0, 1]; α < 1 puts more preferences near
+    /// uniform distribution of `w_quality` on [0, 1]. α < 1 puts more preferences near
     /// "quality only" and "cost only", where the best model can change within a narrow range
-    /// of `w_quality` (on paretobandit, gemini-2.5-pro is worth its price only above about
-    /// 0.99).
+    /// of `w_quality`: on paretobandit, gemini-2.5-pro is worth its price only above about
+    /// 0.99.
     #[serde(default = "default_concentration")]
     pub preference_concentration: f32,
 }
@@ -89,16 +88,18 @@ impl Default for TrainConfig {
             // validation splits of llmrouter-9llm and paretobandit-k3 (means of seeds 7, 8, 9).
             learning_rate_end: Some(1e-4),
             normalize_advantages: false,
-            // Dirichlet(½, ½), the arcsine distribution of w_quality. On the validation splits
-            // of the three data sets (examples/tune_barp.rs, 200 draws per prompt; held-out
-            // prompts and held-out tasks of each), it raised the mean reward over the sweep on
-            // five of the six splits compared with the uniform Dirichlet(1, 1), and matched it
-            // on the sixth. α = 0.3 did not do better than ½.
+            // Dirichlet(½, ½), the arcsine distribution of w_quality. We compared it with the
+            // uniform Dirichlet(1, 1) on the held-out prompts and held-out tasks of the three
+            // data sets (examples/tune_barp.rs, 200 draws per prompt). It raised the mean reward
+            // over the sweep on five of those six splits and matched it on the sixth. α = 0.3
+            // did not do better than ½.
             preference_concentration: 0.5,
         }
     }
 }
 
+/// Concentration of a configuration written before the field existed: those runs drew
+/// preferences from U[0, 1].
 fn default_concentration() -> f32 {
     1.0
 }
@@ -116,8 +117,8 @@ impl TrainConfig {
         self.steps * self.batch_size
     }
 
-    /// Returns this configuration with `steps` set for a training set of `prompts` prompts when
-    /// `interactions_per_prompt` is set; otherwise unchanged.
+    /// Returns this configuration with `steps` set for a training set of `prompts` prompts.
+    /// Without `interactions_per_prompt` it is returned unchanged.
     pub fn for_prompts(&self, prompts: usize) -> Self {
         let mut resolved = self.clone();
         if let Some(per_prompt) = self.interactions_per_prompt {
@@ -204,14 +205,11 @@ pub fn train(
     let tail_start = config.steps - config.steps.div_ceil(10);
     let (mut tail_reward, mut tail_entropy, mut tail_samples) = (0.0f64, 0.0f64, 0usize);
 
+    let preferences = PreferenceDistribution::new(config.preference_concentration);
+
     progress.set_length(config.steps as u64);
     for step in 0..config.steps {
-        let batch = sample_batch(
-            environment,
-            config.batch_size,
-            config.preference_concentration,
-            &mut rng,
-        );
+        let batch = sample_batch(environment, config.batch_size, &preferences, &mut rng);
         let pass = network.forward(batch.embeddings.view(), &batch.w_quality);
 
         let actions: Vec<usize> = pass
@@ -265,25 +263,45 @@ struct Batch {
     w_quality: Vec<f32>,
 }
 
+/// Distribution of the training preferences' `w_quality`: Dirichlet(α, α) on the 1-simplex.
+enum PreferenceDistribution {
+    /// α = 1, drawn as `U[0, 1]`, the random stream of runs made before α existed.
+    Uniform,
+    Beta(rand_distr::Beta<f32>),
+}
+
+impl PreferenceDistribution {
+    fn new(concentration: f32) -> Self {
+        if concentration == 1.0 {
+            return Self::Uniform;
+        }
+        match rand_distr::Beta::new(concentration, concentration) {
+            Ok(beta) => Self::Beta(beta),
+            Err(_) => {
+                panic!("invalid preference_concentration {concentration}: use a positive number")
+            }
+        }
+    }
+
+    fn sample(&self, rng: &mut impl Rng) -> f32 {
+        match self {
+            Self::Uniform => rng.random::<f32>(),
+            Self::Beta(beta) => beta.sample(rng),
+        }
+    }
+}
+
 fn sample_batch(
     environment: &ReplayEnvironment,
     size: usize,
-    concentration: f32,
+    preferences: &PreferenceDistribution,
     rng: &mut impl Rng,
 ) -> Batch {
     let prompts: Vec<usize> = (0..size)
         .map(|_| rng.random_range(0..environment.num_prompts()))
         .collect();
     let embeddings = environment.contexts().select(Axis(0), &prompts);
-    // Dirichlet(1, 1) on the 1-simplex is the uniform distribution of w_quality on [0, 1];
-    // Dirichlet(α, α) is w_quality ~ Beta(α, α).
-    let w_quality = if concentration == 1.0 {
-        (0..size).map(|_| rng.random::<f32>()).collect()
-    } else {
-        let beta = rand_distr::Beta::new(concentration, concentration)
-            .expect("preference_concentration is positive");
-        (0..size).map(|_| beta.sample(rng)).collect()
-    };
+    let w_quality = (0..size).map(|_| preferences.sample(rng)).collect();
     Batch {
         prompts,
         embeddings,
@@ -688,7 +706,8 @@ mod tests {
         let environment = ReplayEnvironment::new(embeddings.view(), quality.view(), cost.view());
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         let share_at_ends = |concentration: f32, rng: &mut ChaCha8Rng| {
-            let batch = sample_batch(&environment, 20_000, concentration, rng);
+            let preferences = PreferenceDistribution::new(concentration);
+            let batch = sample_batch(&environment, 20_000, &preferences, rng);
             assert!(batch.w_quality.iter().all(|w| (0.0..=1.0).contains(w)));
             let ends = batch
                 .w_quality
