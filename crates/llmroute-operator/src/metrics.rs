@@ -27,6 +27,13 @@ pub struct SkipLabels {
     pub reason: String,
 }
 
+/// Labels of the webhook's connection counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    /// `established`, `tls_failed` or `tls_timeout`.
+    pub result: String,
+}
+
 /// Metrics of one operator process.
 pub struct Metrics {
     registry: Registry,
@@ -46,6 +53,11 @@ pub struct Metrics {
     pub injection_skips: Family<SkipLabels, Counter>,
     /// Time to handle one admission review, in seconds.
     pub webhook_duration: Histogram,
+    /// TCP connections the webhook accepted, by the result of their TLS handshake. The API
+    /// server reuses idle connections, so a new one means its pool had none free.
+    pub webhook_connections: Family<ConnectionLabels, Counter>,
+    /// Time of each TLS handshake of the webhook, in seconds.
+    pub webhook_tls_handshake: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -107,8 +119,23 @@ impl Default for Metrics {
             "Time to handle one admission review",
             webhook_duration.clone(),
         );
+        let webhook_connections = Family::<ConnectionLabels, Counter>::default();
+        registry.register(
+            "webhook_connections",
+            "TCP connections the injection webhook accepted, by the result of the TLS handshake",
+            webhook_connections.clone(),
+        );
+        // 50 µs to about 1.6 s.
+        let webhook_tls_handshake = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "webhook_tls_handshake_seconds",
+            "Time of the injection webhook's TLS handshakes",
+            webhook_tls_handshake.clone(),
+        );
         Self {
             registry,
+            webhook_connections,
+            webhook_tls_handshake,
             injections,
             injection_skips,
             webhook_duration,
@@ -142,6 +169,19 @@ impl Metrics {
             .inc();
         self.webhook_duration
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Counts one connection of the webhook by the result of its TLS handshake, and the
+    /// handshake's duration when it completed.
+    pub fn observe_connection(&self, result: &str, handshake: Option<std::time::Duration>) {
+        self.webhook_connections
+            .get_or_create(&ConnectionLabels {
+                result: result.to_string(),
+            })
+            .inc();
+        if let Some(handshake) = handshake {
+            self.webhook_tls_handshake.observe(handshake.as_secs_f64());
+        }
     }
 
     /// Counts one skipped pod.

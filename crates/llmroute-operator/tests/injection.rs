@@ -428,6 +428,24 @@ async fn deployment_pods_are_injected_once_and_skips_are_visible() {
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
+    // The API server reached the webhook over TLS: at least one handshake completed, and the
+    // handshake histogram counted each established connection.
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let established = sample("llmroute_operator_webhook_connections_total{result=\"established\"}");
+    assert!(
+        established >= 1.0,
+        "no TLS connection counted in\n{metrics}"
+    );
+    assert_eq!(
+        sample("llmroute_operator_webhook_tls_handshake_seconds_count"),
+        established,
+        "one handshake time per established connection"
+    );
     setup.finish().await;
 }
 

@@ -318,13 +318,20 @@ pub async fn serve(
                 let acceptor = acceptor.clone();
                 let webhook = webhook.clone();
                 tokio::spawn(async move {
+                    let metrics = &webhook.metrics;
+                    let started = Instant::now();
                     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => tls,
+                        Ok(Ok(tls)) => {
+                            metrics.observe_connection("established", Some(started.elapsed()));
+                            tls
+                        }
                         Ok(Err(error)) => {
+                            metrics.observe_connection("tls_failed", None);
                             tracing::warn!(peer = %peer, error = %error, "TLS handshake failed");
                             return;
                         }
                         Err(_) => {
+                            metrics.observe_connection("tls_timeout", None);
                             tracing::warn!(peer = %peer, "TLS handshake timed out after 10 s");
                             return;
                         }
