@@ -16,6 +16,9 @@
 //! - the API server's view, from its histogram
 //!   `apiserver_admission_webhook_admission_duration_seconds` for this webhook (bucket deltas
 //!   again; the API server's buckets are 5, 25, 100 ms and wider);
+//! - with `--apiserver-spans FILE`, the API server's own trace span of each webhook call,
+//!   exact: `scripts/bench-webhook --trace` makes kube-apiserver send its traces to a receiver
+//!   on 127.0.0.1 that writes the spans to FILE;
 //! - the client-side time of each create (exact), the burst's wall time and pods per second;
 //! - optionally, the same burst in a second namespace that the webhook does not select, as a
 //!   baseline of create latency without the webhook;
@@ -32,9 +35,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -57,7 +60,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 const USAGE: &str = "usage: webhook_bench [--pods N] [--concurrency C | --deployment] \
-[--no-baseline] [--operator-log FILE] [--ready-timeout-seconds S]";
+[--no-baseline] [--operator-log FILE] [--apiserver-spans FILE] [--ready-timeout-seconds S]";
 /// SHA-256 of empty input, as the encoder digest, because the webhook never loads the encoder.
 const ENCODER_DIGEST: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 const ROUTE: &str = "chat";
@@ -77,6 +80,8 @@ struct Options {
     deployment: bool,
     baseline: bool,
     operator_log: Option<PathBuf>,
+    /// Spans written by `scripts/bench-webhook.d/otlp-sink` from kube-apiserver's traces.
+    apiserver_spans: Option<PathBuf>,
     ready_timeout: Duration,
 }
 
@@ -88,6 +93,7 @@ fn parse_options() -> Result<Options, String> {
         deployment: false,
         baseline: true,
         operator_log: None,
+        apiserver_spans: None,
         ready_timeout: Duration::from_secs(60),
     };
     while let Some(arg) = args.next() {
@@ -104,6 +110,9 @@ fn parse_options() -> Result<Options, String> {
             "--deployment" => options.deployment = true,
             "--operator-log" => {
                 options.operator_log = Some(PathBuf::from(value("--operator-log")?));
+            }
+            "--apiserver-spans" => {
+                options.apiserver_spans = Some(PathBuf::from(value("--apiserver-spans")?));
             }
             "--ready-timeout-seconds" => {
                 let text = value("--ready-timeout-seconds")?;
@@ -712,13 +721,18 @@ struct Burst {
     wall: Duration,
 }
 
+/// Nearest-rank percentile `q` of `sorted`, or zero when it is empty.
+fn nearest_rank(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
 impl Burst {
     fn percentile(&self, q: f64) -> Duration {
-        if self.latencies.is_empty() {
-            return Duration::ZERO;
-        }
-        let rank = (q * self.latencies.len() as f64).ceil() as usize;
-        self.latencies[rank.clamp(1, self.latencies.len()) - 1]
+        nearest_rank(&self.latencies, q)
     }
 
     fn pods_per_second(&self) -> f64 {
@@ -928,6 +942,105 @@ impl Check {
     }
 }
 
+// --- the API server's trace spans ------------------------------------------------------------
+
+/// Exact durations of kube-apiserver's spans "Call mutating webhook" of this webhook for pod
+/// creates, read from the file that `scripts/bench-webhook.d/otlp-sink` writes. The span starts
+/// in `callAttrMutatingHook` (k8s.io/apiserver v0.37.2) after the review objects are built, and
+/// ends when the patch is applied. The API server's histogram also counts the building of the
+/// review objects, which the span leaves out.
+#[derive(Debug, Default)]
+struct Spans {
+    /// Span start to end, sorted.
+    total: Vec<Duration>,
+    /// Span start to its event "Request completed" (the review encoded and sent over HTTPS,
+    /// the webhook's response received and decoded), sorted.
+    round_trip: Vec<Duration>,
+}
+
+impl Spans {
+    /// Reads the spans of this webhook for CREATE that started at or after `since`.
+    fn read(path: &Path, since: SystemTime) -> BenchResult<Self> {
+        let since = since.duration_since(UNIX_EPOCH)?.as_nanos();
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| format!("cannot read the span file {}: {error}", path.display()))?;
+        let mut spans = Spans::default();
+        for (number, line) in text.lines().enumerate() {
+            let fields: Vec<&str> = line.split('\t').collect();
+            let [start, end, completed, webhook, operation] = fields[..] else {
+                return Err(format!(
+                    "{}:{}: expected 5 tab-separated fields, found {:?}",
+                    path.display(),
+                    number + 1,
+                    line
+                )
+                .into());
+            };
+            if webhook != WEBHOOK_NAME || operation != "CREATE" {
+                continue;
+            }
+            let nanos = |field: &str| {
+                field.parse::<u128>().map_err(|_| {
+                    format!(
+                        "{}:{}: {field:?} is not a time in nanoseconds",
+                        path.display(),
+                        number + 1
+                    )
+                })
+            };
+            let (start, end, completed) = (nanos(start)?, nanos(end)?, nanos(completed)?);
+            if start < since {
+                continue;
+            }
+            let between = |from: u128, to: u128| {
+                Duration::from_nanos(u64::try_from(to.saturating_sub(from)).unwrap_or(u64::MAX))
+            };
+            spans.total.push(between(start, end));
+            if completed != 0 {
+                spans.round_trip.push(between(start, completed));
+            }
+        }
+        spans.total.sort();
+        spans.round_trip.sort();
+        Ok(spans)
+    }
+
+    /// Waits until the file contains `expected` spans since `since`, or 20 s have passed: the API
+    /// server's exporter sends a batch every 5 s, or sooner when 512 spans are queued.
+    async fn wait_for(path: &Path, since: SystemTime, expected: usize) -> BenchResult<Self> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let spans = Spans::read(path, since)?;
+            if spans.total.len() >= expected || Instant::now() >= deadline {
+                if spans.total.len() < expected {
+                    eprintln!(
+                        "warning: {} of {expected} webhook spans arrived in {}; the API \
+                         server's exporter may have dropped the rest",
+                        spans.total.len(),
+                        path.display()
+                    );
+                }
+                return Ok(spans);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    fn summary(sorted: &[Duration]) -> String {
+        if sorted.is_empty() {
+            return "–".into();
+        }
+        let mean = sorted.iter().sum::<Duration>().as_secs_f64() / sorted.len() as f64;
+        format!(
+            "{} / {} / {} / {}",
+            format_ms(mean),
+            format_ms(nearest_rank(sorted, 0.50).as_secs_f64()),
+            format_ms(nearest_rank(sorted, 0.99).as_secs_f64()),
+            format_ms(sorted.last().copied().unwrap_or_default().as_secs_f64())
+        )
+    }
+}
+
 // --- the report ---------------------------------------------------------------------------
 
 struct Report {
@@ -943,9 +1056,12 @@ struct Report {
     burst: Burst,
     operator: HistogramDelta,
     outcomes: BTreeMap<String, f64>,
+    connections: BTreeMap<String, f64>,
+    handshakes: HistogramDelta,
     apiserver: HistogramDelta,
     apiserver_calls: BTreeMap<String, f64>,
     fail_open: f64,
+    spans: Option<Spans>,
     check: Check,
 }
 
@@ -1016,6 +1132,14 @@ impl Report {
                 format_counts(&self.outcomes),
             ),
             (
+                "webhook's TCP connections by TLS handshake result".into(),
+                format_counts(&self.connections),
+            ),
+            (
+                "webhook's TLS handshake time: mean (exact)".into(),
+                self.handshakes.mean().map_or("–".into(), format_ms),
+            ),
+            (
                 format!("API server's webhook admission duration ({WEBHOOK_NAME}): calls"),
                 format!("{:.0}", self.apiserver.count),
             ),
@@ -1031,6 +1155,40 @@ impl Report {
                 "API server's view: p99 (bucket upper bound)".into(),
                 format_bucket(apiserver_p99),
             ),
+        ]);
+        if let Some(spans) = &self.spans {
+            let p99 = nearest_rank(&spans.total, 0.99).as_secs_f64();
+            rows.extend([
+                (
+                    "API server's span of each call (tracing): spans".into(),
+                    spans.total.len().to_string(),
+                ),
+                (
+                    "API server's span: mean / p50 / p99 / max (exact)".into(),
+                    Spans::summary(&spans.total),
+                ),
+                (
+                    "API server's span up to \"Request completed\": mean / p50 / p99 / max (exact)"
+                        .into(),
+                    Spans::summary(&spans.round_trip),
+                ),
+                (
+                    format!(
+                        "target p99 ≤ {} (API server's span, exact)",
+                        format_ms(TARGET_P99_SECONDS)
+                    ),
+                    if spans.total.is_empty() {
+                        "no spans"
+                    } else if p99 <= TARGET_P99_SECONDS {
+                        "met"
+                    } else {
+                        "missed"
+                    }
+                    .into(),
+                ),
+            ]);
+        }
+        rows.extend([
             (
                 "API server's webhook requests by code".into(),
                 format_counts(&self.apiserver_calls),
@@ -1207,6 +1365,7 @@ async fn measure(setup: &Setup, load: &Client, options: &Options) -> BenchResult
 
     let operator_before = setup.scrape_operator().await?;
     let apiserver_before = scrape_apiserver(load).await?;
+    let burst_started = SystemTime::now();
     let burst = if options.deployment {
         eprintln!(
             "burst: applying a Deployment of {} replicas in {}",
@@ -1236,6 +1395,19 @@ async fn measure(setup: &Setup, load: &Client, options: &Options) -> BenchResult
     } else {
         check_pods(load, &setup.namespace, options.pods).await?
     };
+    let apiserver = HistogramDelta::between(
+        &apiserver_before,
+        &apiserver_after,
+        "apiserver_admission_webhook_admission_duration_seconds",
+        this_webhook,
+    );
+    let spans = match &options.apiserver_spans {
+        Some(path) => {
+            let expected = apiserver.count.round() as usize;
+            Some(Spans::wait_for(path, burst_started, expected).await?)
+        }
+        None => None,
+    };
     Ok(Report {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         machine: machine_description(),
@@ -1260,12 +1432,20 @@ async fn measure(setup: &Setup, load: &Client, options: &Options) -> BenchResult
             "outcome",
             everything,
         ),
-        apiserver: HistogramDelta::between(
-            &apiserver_before,
-            &apiserver_after,
-            "apiserver_admission_webhook_admission_duration_seconds",
-            this_webhook,
+        connections: counter_deltas(
+            &operator_before,
+            &operator_after,
+            "llmroute_operator_webhook_connections_total",
+            "result",
+            everything,
         ),
+        handshakes: HistogramDelta::between(
+            &operator_before,
+            &operator_after,
+            "llmroute_operator_webhook_tls_handshake_seconds",
+            everything,
+        ),
+        apiserver,
         apiserver_calls: counter_deltas(
             &apiserver_before,
             &apiserver_after,
@@ -1275,6 +1455,7 @@ async fn measure(setup: &Setup, load: &Client, options: &Options) -> BenchResult
         ),
         fail_open: apiserver_after.sum("apiserver_admission_webhook_fail_open_count", this_webhook)
             - apiserver_before.sum("apiserver_admission_webhook_fail_open_count", this_webhook),
+        spans,
         check,
     })
 }
