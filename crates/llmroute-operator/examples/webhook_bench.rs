@@ -965,7 +965,12 @@ impl Spans {
         let text = std::fs::read_to_string(path)
             .map_err(|error| format!("cannot read the span file {}: {error}", path.display()))?;
         let mut spans = Spans::default();
-        for (number, line) in text.lines().enumerate() {
+        for (number, line) in text.split_inclusive('\n').enumerate() {
+            // The receiver may be writing a batch while this reads, so a last line without its
+            // newline is incomplete: the next read sees it whole.
+            let Some(line) = line.strip_suffix('\n') else {
+                break;
+            };
             let fields: Vec<&str> = line.split('\t').collect();
             let [start, end, completed, webhook, operation] = fields[..] else {
                 return Err(format!(
