@@ -3,6 +3,7 @@
 //! skips into Events and counts.
 
 pub mod certs;
+pub mod connection;
 pub mod inject;
 
 use std::collections::{BTreeMap, HashSet};
@@ -33,6 +34,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::serving::ClusterBackend;
+use connection::{ConnectionClock, ConnectionTimeouts, Verdict, Watched};
 use inject::{
     ALREADY_INJECTED, Decision, INJECTION_LABEL, InjectionSettings, ROUTE_ANNOTATION,
     SKIPPED_ANNOTATION,
@@ -261,19 +263,31 @@ fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> 
     response
 }
 
-async fn handle(webhook: Arc<Webhook>, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    webhook: Arc<Webhook>,
+    request: Request<Incoming>,
+    body_timeout: Duration,
+) -> Response<Full<Bytes>> {
     if request.method() != Method::POST || request.uri().path() != PATH {
         return respond(
             StatusCode::NOT_FOUND,
             json!({"error": format!("no endpoint {} {}; the webhook serves POST {PATH}", request.method(), request.uri().path())}).to_string(),
         );
     }
-    let body = match Limited::new(request.into_body(), MAX_REVIEW_BYTES)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(error) => {
+    let body = Limited::new(request.into_body(), MAX_REVIEW_BYTES).collect();
+    let body = match tokio::time::timeout(body_timeout, body).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Err(_) => {
+            tracing::warn!(
+                timeout_seconds = body_timeout.as_secs_f64(),
+                "timed out reading an AdmissionReview body"
+            );
+            return respond(
+                StatusCode::REQUEST_TIMEOUT,
+                json!({"error": format!("the review's body did not arrive within {} s", body_timeout.as_secs_f64())}).to_string(),
+            );
+        }
+        Ok(Err(error)) => {
             tracing::warn!(error = %error, "failed to read an AdmissionReview");
             return respond(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -285,11 +299,30 @@ async fn handle(webhook: Arc<Webhook>, request: Request<Incoming>) -> Response<F
     respond(StatusCode::OK, answer.to_string())
 }
 
-/// Serves the webhook over TLS on `listener` until `shutdown` completes.
+/// Serves the webhook over TLS on `listener` until `shutdown` completes, with the default
+/// [`ConnectionTimeouts`].
 pub async fn serve(
     listener: TcpListener,
     resolver: Arc<certs::CertResolver>,
     webhook: Arc<Webhook>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    serve_with(
+        listener,
+        resolver,
+        webhook,
+        ConnectionTimeouts::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves the webhook over TLS on `listener` until `shutdown` completes.
+pub async fn serve_with(
+    listener: TcpListener,
+    resolver: Arc<certs::CertResolver>,
+    webhook: Arc<Webhook>,
+    timeouts: ConnectionTimeouts,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let address: SocketAddr = listener.local_addr()?;
@@ -336,17 +369,7 @@ pub async fn serve(
                             return;
                         }
                     };
-                    let service = service_fn(move |request| {
-                        let webhook = webhook.clone();
-                        async move { Ok::<_, Infallible>(handle(webhook, request).await) }
-                    });
-                    let connection = http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(10))
-                        .serve_connection(TokioIo::new(tls), service);
-                    if let Err(e) = connection.await {
-                        tracing::debug!(peer = %peer, error = %e, "webhook connection ended with an error");
-                    }
+                    serve_connection(tls, peer, webhook, timeouts).await;
                 });
             }
             () = &mut shutdown => break,
@@ -354,6 +377,70 @@ pub async fn serve(
     }
     tracing::info!(address = %address, "injection webhook stopped");
     Ok(())
+}
+
+/// Serves HTTP/1.1 on one TLS connection until the client closes it or a timeout of
+/// `timeouts` ends it.
+async fn serve_connection(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    peer: SocketAddr,
+    webhook: Arc<Webhook>,
+    timeouts: ConnectionTimeouts,
+) {
+    let clock = Arc::new(ConnectionClock::new(Instant::now()));
+    let service = {
+        let clock = clock.clone();
+        service_fn(move |request| {
+            let webhook = webhook.clone();
+            let clock = clock.clone();
+            async move {
+                clock.on_request();
+                let response = handle(webhook, request, timeouts.body_read).await;
+                clock.on_response(Instant::now());
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    // No header_read_timeout here: hyper's would also close idle keep-alive connections, and
+    // the clock times a request's head from its first byte instead.
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .serve_connection(TokioIo::new(Watched::new(tls, clock.clone())), service);
+    tokio::pin!(connection);
+    let mut checks = tokio::time::interval(timeouts.check_interval());
+    checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(peer = %peer, error = %e, "webhook connection ended with an error");
+                }
+                return;
+            }
+            _ = checks.tick() => match clock.check(Instant::now(), &timeouts) {
+                Verdict::Open => {}
+                Verdict::HeadTimedOut => {
+                    tracing::warn!(
+                        peer = %peer,
+                        timeout_seconds = timeouts.header_read.as_secs_f64(),
+                        "closing a webhook connection: request head not complete in time"
+                    );
+                    return;
+                }
+                Verdict::IdleTimedOut if !shutting_down => {
+                    tracing::debug!(
+                        peer = %peer,
+                        idle_seconds = timeouts.idle.as_secs_f64(),
+                        "closing an idle webhook connection"
+                    );
+                    connection.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                }
+                Verdict::IdleTimedOut => {}
+            },
+        }
+    }
 }
 
 /// Watches pods the webhook decided on (label `llmroute.dev/injection`), publishes an Event on
@@ -505,6 +592,181 @@ pub const COUNTS_MANAGER: &str = "llmroute-operator-injection";
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Starts a webhook server on 127.0.0.1 with `timeouts`, and returns a TLS connector that
+    /// trusts its CA.
+    async fn tls_server(
+        timeouts: ConnectionTimeouts,
+        folder: &std::path::Path,
+    ) -> (SocketAddr, tokio_rustls::TlsConnector, watch::Sender<bool>) {
+        let set = certs::generate(&["127.0.0.1".to_string()], &certs::Lifetimes::default())
+            .expect("certificates");
+        let resolver = Arc::new(certs::CertResolver::default());
+        resolver.set(certs::certified_key(&set.cert_pem, &set.key_pem).expect("key"));
+        let metrics = Arc::new(Metrics::default());
+        let store = llmroute_control::Store::open(folder).expect("store");
+        let webhook = Arc::new(Webhook {
+            settings: InjectionSettings::default(),
+            backend: Arc::new(ClusterBackend::new(store, metrics.clone())),
+            metrics,
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let (stop, mut stopped) = watch::channel(false);
+        tokio::spawn(serve_with(
+            listener,
+            resolver,
+            webhook,
+            timeouts,
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        ));
+
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(set.ca_pem.as_bytes()).expect("CA PEM"))
+            .expect("CA");
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        (
+            address,
+            tokio_rustls::TlsConnector::from(Arc::new(config)),
+            stop,
+        )
+    }
+
+    async fn connect(
+        address: SocketAddr,
+        connector: &tokio_rustls::TlsConnector,
+    ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+        let tcp = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
+        connector.connect(name, tcp).await.expect("TLS handshake")
+    }
+
+    /// Sends a GET of an unknown path and reads the 404 response; `None` when the server
+    /// closed the connection.
+    async fn get_not_found(
+        stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    ) -> Option<String> {
+        let request = b"GET /missing HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n";
+        stream.write_all(request).await.ok()?;
+        let mut response = Vec::new();
+        let mut buffer = [0u8; 4096];
+        loop {
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+                .await
+                .expect("the server responds or closes within 5 s")
+                .ok()?;
+            if read == 0 {
+                return None;
+            }
+            response.extend_from_slice(&buffer[..read]);
+            let text = String::from_utf8_lossy(&response).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|line| line.strip_prefix("content-length: "))
+                    .and_then(|value| value.trim().parse::<usize>().ok())
+                    .expect("a content-length header");
+                if body.len() >= length {
+                    return Some(head.lines().next().unwrap_or_default().to_string());
+                }
+            }
+        }
+    }
+
+    /// Reads until the server closes the connection, for at most 5 s; true when it closed.
+    async fn closed_by_server(
+        stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    ) -> bool {
+        let mut buffer = [0u8; 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn short_timeouts() -> ConnectionTimeouts {
+        ConnectionTimeouts {
+            header_read: Duration::from_millis(200),
+            body_read: Duration::from_millis(200),
+            // Long enough that a slow test machine does not close the idle connection first.
+            idle: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test]
+    async fn idle_keep_alive_connection_is_reused() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let (address, connector, _stop) = tls_server(short_timeouts(), folder.path()).await;
+        let mut stream = connect(address, &connector).await;
+        let first = get_not_found(&mut stream).await;
+        assert_eq!(first.as_deref(), Some("HTTP/1.1 404 Not Found"));
+        // Idle for four header timeouts, which hyper's own header timeout would have ended.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let second = get_not_found(&mut stream).await;
+        assert_eq!(second.as_deref(), Some("HTTP/1.1 404 Not Found"));
+    }
+
+    #[tokio::test]
+    async fn stalled_request_head_closes_connection() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let (address, connector, _stop) = tls_server(short_timeouts(), folder.path()).await;
+        let mut stream = connect(address, &connector).await;
+        stream
+            .write_all(b"POST /inject HTTP/1.1\r\n")
+            .await
+            .expect("partial head sent");
+        assert!(closed_by_server(&mut stream).await);
+    }
+
+    #[tokio::test]
+    async fn stalled_request_body_gets_request_timeout() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let (address, connector, _stop) = tls_server(short_timeouts(), folder.path()).await;
+        let mut stream = connect(address, &connector).await;
+        let head = b"POST /inject HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 100\r\n\r\n{";
+        stream.write_all(head).await.expect("head sent");
+        let mut buffer = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+            .await
+            .expect("a response within 5 s")
+            .expect("a readable response");
+        let response = String::from_utf8_lossy(&buffer[..read]).to_string();
+        assert!(
+            response.starts_with("HTTP/1.1 408 Request Timeout"),
+            "{response}"
+        );
+    }
+
+    #[tokio::test]
+    async fn abandoned_connection_closes_after_idle_timeout() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let timeouts = ConnectionTimeouts {
+            idle: Duration::from_millis(300),
+            ..short_timeouts()
+        };
+        let (address, connector, _stop) = tls_server(timeouts, folder.path()).await;
+        let mut stream = connect(address, &connector).await;
+        let first = get_not_found(&mut stream).await;
+        assert_eq!(first.as_deref(), Some("HTTP/1.1 404 Not Found"));
+        assert!(closed_by_server(&mut stream).await);
+    }
 
     #[test]
     fn configuration_scopes_the_webhook() {
