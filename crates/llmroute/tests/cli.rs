@@ -111,6 +111,21 @@ fn training_rejects_zero_settings_by_name() {
 }
 
 #[test]
+fn training_rejects_negative_tau_by_name() {
+    for args in [["--tau", "-1"].as_slice(), ["--tau=-1"].as_slice()] {
+        let mut command = vec!["train", "--dataset", "paretobandit-k3"];
+        command.extend_from_slice(args);
+        let output = llmroute(&command);
+        assert!(!output.status.success(), "{args:?} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("invalid --tau -1: the cost scale must be a positive number of USD"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn eval_rows_repeat_for_seed() {
     let first = tempfile::tempdir().unwrap();
     let second = tempfile::tempdir().unwrap();
@@ -268,7 +283,7 @@ fn policies_names_missing_state_folder() {
 }
 
 #[test]
-fn quickstart_rejects_zero_requests() {
+fn quickstart_rejects_zero_settings_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let output = llmroute(&[
         "quickstart",
@@ -280,7 +295,20 @@ fn quickstart_rejects_zero_requests() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("--requests and --concurrency must be at least 1"),
+        stderr.contains("invalid --requests 0: send at least 1 request"),
+        "{stderr}"
+    );
+    let output = llmroute(&[
+        "quickstart",
+        "--out",
+        path_arg(dir.path()),
+        "--concurrency",
+        "0",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("invalid --concurrency 0: use at least 1 worker"),
         "{stderr}"
     );
 }

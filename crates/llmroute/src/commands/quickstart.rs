@@ -402,8 +402,11 @@ fn plot(stats: &Stats, total: usize, path: &Path) -> Result<()> {
 }
 
 pub fn run(workspace: &Workspace, args: &QuickstartArgs) -> Result<()> {
-    if args.requests == 0 || args.concurrency == 0 {
-        bail!("--requests and --concurrency must be at least 1");
+    if args.requests == 0 {
+        bail!("invalid --requests 0: send at least 1 request");
+    }
+    if args.concurrency == 0 {
+        bail!("invalid --concurrency 0: use at least 1 worker");
     }
     let dataset = crate::workspace::load_dataset(&args.dataset, None)?;
     let assets = workspace.assets()?;
@@ -488,7 +491,7 @@ pub fn run(workspace: &Workspace, args: &QuickstartArgs) -> Result<()> {
     })?;
     println!("  control plane on http://{control_address} with its learning loop");
 
-    let (_sidecar, line) = spawn(
+    let (sidecar_child, line) = spawn(
         "sidecar",
         &[
             "sidecar".into(),
@@ -518,6 +521,9 @@ pub fn run(workspace: &Workspace, args: &QuickstartArgs) -> Result<()> {
         })
         .collect();
     let result = runtime.block_on(drive(args, plan, sidecar, tau, stats.clone(), &store));
+    // Stop the sidecar before the control plane: on SIGTERM it sends the events it still holds,
+    // which a stopped control plane would refuse.
+    drop(sidecar_child);
     let _ = stop.send(true);
     runtime.shutdown_timeout(Duration::from_secs(5));
     result?;
@@ -609,8 +615,9 @@ fn sweep(
 }
 
 /// Compares the promoted policy with a policy trained offline, with full simulation, on as
-/// many training prompts as the promoted policy had training events: the offline trainer may
-/// call any model on those prompts as often as it likes. Both are measured on the test split.
+/// many training prompts as the promoted policy had training events, at most the whole training
+/// split: the offline trainer may call any model on those prompts as often as it likes. Both
+/// are measured on the test split.
 fn offline_comparison(
     workspace: &Workspace,
     dataset: &RoutingDataset,
@@ -630,8 +637,9 @@ fn offline_comparison(
     let events = promoted
         .training
         .as_ref()
-        .map_or(0, |t| t.training_events as usize)
-        .clamp(1, order.len());
+        .map_or(0, |t| t.training_events as usize);
+    // A prompt may come back in several events, so the events can outnumber the prompts.
+    let prompts = events.clamp(1, order.len());
     let bytes = std::fs::read(store.policy_path(&promoted.sha256))?;
     let model = llmroute_policy::onnx::decode(&bytes)?;
     let metadata = read_metadata(&model)?;
@@ -647,7 +655,7 @@ fn offline_comparison(
         .collect::<Result<_>>()?;
     let embeddings = workspace.embed_dataset(dataset)?;
 
-    let rows: Vec<usize> = order[..events].to_vec();
+    let rows: Vec<usize> = order[..prompts].to_vec();
     let pick = |matrix: &Array2<f32>| matrix.select(Axis(0), &rows);
     let (train_embeddings, train_quality, train_cost) = (
         pick(&embeddings.train),
@@ -696,7 +704,11 @@ fn offline_comparison(
     let _ = writeln!(
         text,
         "{:<44} {:>8.4} {:>8.4} {:>11.2e}",
-        format!("offline, full simulation on {events} prompts"),
+        if prompts < events {
+            format!("offline, full simulation on all {prompts} prompts")
+        } else {
+            format!("offline, full simulation on {prompts} prompts")
+        },
         full.0,
         full.1,
         full.2
