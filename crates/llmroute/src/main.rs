@@ -43,7 +43,8 @@ enum Command {
     Standalone(commands::standalone::StandaloneArgs),
     /// Print the CustomResourceDefinitions of LLMRoute and LLMPolicy.
     Crd,
-    /// Print every manifest a cluster needs to run the operator, for `kubectl apply -f -`.
+    /// Print every manifest a cluster needs to run the operator, for
+    /// `kubectl apply --server-side -f -`.
     Install(commands::install::InstallArgs),
     /// Run the Kubernetes operator: the LLMRoute controller and the control API for sidecars.
     Operator(Box<commands::operator::OperatorArgs>),
@@ -91,10 +92,26 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_message(&error));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Joins an error and its causes with ": ", leaving out a cause whose text the message
+/// already contains: many error types print their source in their own message.
+fn error_message(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.is_empty() {
+            message = text;
+        } else if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message
 }
 
 /// Logs to stderr; `RUST_LOG` overrides the default level (`info` for llmroute, `warn` for
@@ -115,5 +132,20 @@ fn init_logging(file: Option<std::fs::File>) {
             .with_writer(std::io::stderr)
             .with_ansi(std::io::stderr().is_terminal())
             .init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_message_drops_repeated_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let error = anyhow::Error::new(io).context("failed to read a.onnx: no such file");
+        assert_eq!(error_message(&error), "failed to read a.onnx: no such file");
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+        let error = anyhow::Error::new(io).context("failed to read b.onnx");
+        assert_eq!(error_message(&error), "failed to read b.onnx: no such file");
     }
 }

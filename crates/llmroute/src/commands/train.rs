@@ -49,7 +49,8 @@ pub struct HyperArgs {
     #[arg(long, default_value_t = TrainConfig::default().batch_size)]
     pub batch_size: usize,
     /// Cost scale τ in USD per call [default: the 95th percentile of training costs].
-    #[arg(long)]
+    /// Negative numbers parse, so that `--tau -1` gets the validation's message.
+    #[arg(long, allow_negative_numbers = true)]
     pub tau: Option<f32>,
     /// Keep at most this many prompts per split, evenly spaced (for quick runs and tests).
     #[arg(long)]
