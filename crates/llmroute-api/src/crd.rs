@@ -461,7 +461,8 @@ pub struct LlmPolicyStatus {
     /// The off-policy gate's estimates against the parent version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub off_policy: Option<GateFigures>,
-    /// Live figures over the requests the version decided.
+    /// Live figures over the requests the version decided in the last canary step it took part
+    /// in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<LiveFigures>,
 }

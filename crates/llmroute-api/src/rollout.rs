@@ -411,11 +411,12 @@ pub struct GateFigures {
     pub passed: bool,
 }
 
-/// Live figures of one policy version over the events it decided.
+/// Live figures of one policy version over the events it decided during the last canary step
+/// it took part in, as a candidate or as the stable arm. They are not totals over its life.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LiveFigures {
-    /// Routed requests the version decided.
+    /// Routed requests the version decided in that canary step.
     pub requests: u64,
     /// Of those, requests with quality feedback.
     pub with_feedback: u64,

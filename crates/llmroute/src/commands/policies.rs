@@ -89,6 +89,9 @@ pub fn run(args: &PoliciesArgs) -> Result<()> {
         );
     }
     print!("{}", history_table(&records));
+    println!(
+        "(REQUESTS to COST/REQ are of the last canary step each version took part in, not totals)"
+    );
     let state = store.rollout_state(&args.route)?;
     if let Some(canary) = &state.canary {
         println!(
