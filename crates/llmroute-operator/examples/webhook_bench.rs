@@ -8,7 +8,8 @@
 //! created until one comes back injected, check that injection works before anything is
 //! measured. Then it creates N annotated pods at once, at most C requests in flight, or with
 //! `--deployment` applies one Deployment of N replicas whose pods kube-controller-manager
-//! creates at its own pace, as a scale-up in a cluster does, and reports:
+//! creates at its own pace, as a scale-up in a cluster does, or with `--pause-seconds S` creates
+//! them one at a time with a pause of S s before each, as sporadic traffic does, and reports:
 //!
 //! - the webhook's own handling time, from the operator's histogram
 //!   `llmroute_operator_webhook_duration_seconds`. Its p50 and p99 come from bucket deltas, so
@@ -59,8 +60,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-const USAGE: &str = "usage: webhook_bench [--pods N] [--concurrency C | --deployment] \
-[--no-baseline] [--operator-log FILE] [--apiserver-spans FILE] [--ready-timeout-seconds S]";
+const USAGE: &str = "usage: webhook_bench [--pods N] [--concurrency C | --deployment | \
+--pause-seconds S] [--no-baseline] [--operator-log FILE] [--apiserver-spans FILE] [--ready-timeout-seconds S]";
 /// SHA-256 of empty input, as the encoder digest, because the webhook never loads the encoder.
 const ENCODER_DIGEST: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 const ROUTE: &str = "chat";
@@ -78,6 +79,8 @@ struct Options {
     concurrency: usize,
     /// Pods come from one Deployment of `pods` replicas rather than from direct creates.
     deployment: bool,
+    /// Creates one pod at a time with this pause between creates, as sporadic traffic does.
+    pause: Option<Duration>,
     baseline: bool,
     operator_log: Option<PathBuf>,
     /// Spans written by `scripts/bench-webhook.d/otlp-sink` from kube-apiserver's traces.
@@ -91,6 +94,7 @@ fn parse_options() -> Result<Options, String> {
         pods: 1000,
         concurrency: 64,
         deployment: false,
+        pause: None,
         baseline: true,
         operator_log: None,
         apiserver_spans: None,
@@ -108,6 +112,11 @@ fn parse_options() -> Result<Options, String> {
             }
             "--no-baseline" => options.baseline = false,
             "--deployment" => options.deployment = true,
+            "--pause-seconds" => {
+                let text = value("--pause-seconds")?;
+                let seconds = parse_count("--pause-seconds", &text)?;
+                options.pause = Some(Duration::from_secs(seconds as u64));
+            }
             "--operator-log" => {
                 options.operator_log = Some(PathBuf::from(value("--operator-log")?));
             }
@@ -123,7 +132,18 @@ fn parse_options() -> Result<Options, String> {
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
     }
-    if options.deployment && std::env::args().any(|arg| arg == "--concurrency") {
+    let given = |name: &str| std::env::args().any(|arg| arg == name);
+    if options.pause.is_some() && (options.deployment || given("--concurrency")) {
+        return Err(format!(
+            "--pause-seconds creates one pod at a time, so drop --deployment and --concurrency; \
+             {USAGE}"
+        ));
+    }
+    if options.pause.is_some() {
+        options.concurrency = 1;
+        options.baseline = false;
+    }
+    if options.deployment && given("--concurrency") {
         return Err(format!(
             "--concurrency sets direct creates; with --deployment the controller manager \
              creates the pods, so drop one of them; {USAGE}"
@@ -759,14 +779,23 @@ impl Burst {
 }
 
 /// Creates pods `bench-00000`… in `namespace`, all issued at once with at most `concurrency`
-/// in flight, and times each create.
-async fn burst(client: &Client, namespace: &str, pods: usize, concurrency: usize) -> Burst {
+/// in flight, or with `pause` before each create after the first, and times each create.
+async fn burst(
+    client: &Client,
+    namespace: &str,
+    pods: usize,
+    concurrency: usize,
+    pause: Option<Duration>,
+) -> Burst {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let started = Instant::now();
     let results: Vec<Result<Duration, String>> = futures::stream::iter(0..pods)
         .map(|index| {
             let api = api.clone();
             async move {
+                if let Some(pause) = pause.filter(|_| index > 0) {
+                    tokio::time::sleep(pause).await;
+                }
                 let name = pod_name(index);
                 let pod = annotated_pod(&name);
                 let sent = Instant::now();
@@ -1055,6 +1084,7 @@ struct Report {
     options_pods: usize,
     concurrency: usize,
     deployment: bool,
+    pause: Option<Duration>,
     load_before: String,
     load_after: String,
     baseline: Option<Burst>,
@@ -1086,6 +1116,11 @@ impl Report {
                     format!(
                         "set by kube-controller-manager (one Deployment of {} replicas)",
                         self.options_pods
+                    )
+                } else if let Some(pause) = self.pause {
+                    format!(
+                        "1, with a pause of {} s before each create",
+                        pause.as_secs()
                     )
                 } else {
                     self.concurrency.to_string()
@@ -1353,7 +1388,7 @@ async fn measure(setup: &Setup, load: &Client, options: &Options) -> BenchResult
             "baseline: creating {} pods in {namespace}, which the webhook does not select",
             options.pods
         );
-        let baseline = burst(load, &namespace, options.pods, options.concurrency).await;
+        let baseline = burst(load, &namespace, options.pods, options.concurrency, None).await;
         delete_namespace(load, &namespace).await;
         // The namespace controller deletes the pods, and waiting keeps that work out of the burst.
         let namespaces: Api<Namespace> = Api::all(load.clone());
@@ -1385,7 +1420,14 @@ async fn measure(setup: &Setup, load: &Client, options: &Options) -> BenchResult
             "burst: creating {} pods in {}, at most {} in flight",
             options.pods, setup.namespace, options.concurrency
         );
-        burst(load, &setup.namespace, options.pods, options.concurrency).await
+        burst(
+            load,
+            &setup.namespace,
+            options.pods,
+            options.concurrency,
+            options.pause,
+        )
+        .await
     };
     let operator_after = setup.scrape_operator().await?;
     let apiserver_after = scrape_apiserver(load).await?;
@@ -1420,6 +1462,7 @@ async fn measure(setup: &Setup, load: &Client, options: &Options) -> BenchResult
         options_pods: options.pods,
         concurrency: options.concurrency,
         deployment: options.deployment,
+        pause: options.pause,
         load_before,
         load_after,
         baseline,
