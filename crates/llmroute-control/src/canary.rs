@@ -230,6 +230,9 @@ pub fn analyse_step(
         return analysis;
     }
     let within_tolerance = reward_difference.is_none_or(|d| d >= -settings.reward_tolerance);
+    // A candidate may trail the stable policy by up to the tolerance and still pass, so the
+    // message states it.
+    let numbers = format!("{numbers}, reward tolerance {}", settings.reward_tolerance);
     if within_tolerance {
         analysis.verdict = Verdict::Advance;
         analysis.message = format!("canary step {label} passed: {numbers}");
@@ -431,6 +434,12 @@ mod tests {
         let analysis = analyse_step(0, &settings(), &candidate, &stable);
         assert_eq!(analysis.verdict, Verdict::Advance, "{}", analysis.message);
         assert!(analysis.message.starts_with("canary step 1 passed: reward"));
+        let tolerance = format!("reward tolerance {}", settings().reward_tolerance);
+        assert!(
+            analysis.message.ends_with(&tolerance),
+            "{}",
+            analysis.message
+        );
     }
 
     #[test]
