@@ -608,13 +608,18 @@ impl LearningLoop {
             })
             .collect();
         let version = next_version(&records);
-        let tau = spec
-            .cost_scale_usd
-            .unwrap_or_else(|| default_cost_scale(&models));
+        let (tau, tau_source) = match spec.cost_scale_usd {
+            Some(tau) => (tau, "the route's costScaleUsd"),
+            // Trained versions calibrate τ from observed costs instead, so theirs differs.
+            None => (
+                default_cost_scale(&models),
+                "1,000 tokens at the dearest model's price, until costs are observed",
+            ),
+        };
         let (network, metadata) = pricing_prior(&models, &version, encoder, EMBEDDING_DIM, tau);
         let bytes = to_onnx_bytes(&network, &metadata);
         let message = format!(
-            "published the pricing prior {version} for {} models (τ = ${tau:.3e}) because {reason}",
+            "published the pricing prior {version} for {} models (τ = ${tau:.3e}, {tau_source}) because {reason}",
             models.len()
         );
         self.host.publish_version(

@@ -124,6 +124,12 @@ fn better_candidate_is_promoted() {
 
     learning.tick();
     assert_eq!(reasons(&plane), ["PricingPriorPublished"]);
+    // The message says where the prior's τ comes from: here the route pins it.
+    let published = &plane.store().timeline("world", 100).unwrap()[0].message;
+    assert!(
+        published.contains("(τ = $4.000e-3, the route's costScaleUsd)"),
+        "{published}"
+    );
     let config = plane.subscribe("world").unwrap().borrow().clone();
     assert_eq!(config.stable.as_ref().unwrap().version, "v1");
     assert_eq!(record(&plane, "v1").phase, PolicyPhase::Stable);
