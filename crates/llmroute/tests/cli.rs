@@ -111,6 +111,20 @@ fn training_rejects_zero_settings_by_name() {
 }
 
 #[test]
+fn decide_rejects_missing_policy_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.onnx");
+    let output = llmroute(&["decide", "--policy", path_arg(&missing), "--prompt", "hi"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("policy file {} not found", missing.display())),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("loaded ONNX Runtime"), "{stderr}");
+}
+
+#[test]
 fn training_rejects_negative_tau_by_name() {
     for args in [["--tau", "-1"].as_slice(), ["--tau=-1"].as_slice()] {
         let mut command = vec!["train", "--dataset", "paretobandit-k3"];

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use llmroute_api::Preference;
 use llmroute_policy::policy::OnnxPolicy;
 use serde_json::json;
@@ -25,6 +25,13 @@ pub struct DecideArgs {
 
 pub fn run(workspace: &Workspace, args: &DecideArgs) -> Result<()> {
     let preference = Preference::parse(&args.preference)?;
+    // Checked before ONNX Runtime loads, so that a wrong path fails at once.
+    if !args.policy.is_file() {
+        bail!(
+            "policy file {} not found; pass the policy.onnx that `llmroute train --out DIR` writes",
+            args.policy.display()
+        );
+    }
     let environment = workspace.onnx_runtime()?;
     let mut policy = OnnxPolicy::load(&args.policy, &environment)?;
     let mut encoder = workspace.encoder(1)?;
