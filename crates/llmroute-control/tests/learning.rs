@@ -124,7 +124,7 @@ fn better_candidate_is_promoted() {
 
     learning.tick();
     assert_eq!(reasons(&plane), ["PricingPriorPublished"]);
-    // The message says where the prior's τ comes from: here the route pins it.
+    // The message names the source of the prior's τ, here the route's pinned value.
     let published = &plane.store().timeline("world", 100).unwrap()[0].message;
     assert!(
         published.contains("(τ = $4.000e-3, the route's costScaleUsd)"),

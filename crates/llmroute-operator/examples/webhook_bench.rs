@@ -132,8 +132,8 @@ fn parse_options() -> Result<Options, String> {
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
     }
-    let given = |name: &str| std::env::args().any(|arg| arg == name);
-    if options.pause.is_some() && (options.deployment || given("--concurrency")) {
+    let flag_given = |name: &str| std::env::args().any(|arg| arg == name);
+    if options.pause.is_some() && (options.deployment || flag_given("--concurrency")) {
         return Err(format!(
             "--pause-seconds creates one pod at a time, so drop --deployment and --concurrency; \
              {USAGE}"
@@ -143,7 +143,7 @@ fn parse_options() -> Result<Options, String> {
         options.concurrency = 1;
         options.baseline = false;
     }
-    if options.deployment && given("--concurrency") {
+    if options.deployment && flag_given("--concurrency") {
         return Err(format!(
             "--concurrency sets direct creates; with --deployment the controller manager \
              creates the pods, so drop one of them; {USAGE}"
@@ -995,8 +995,8 @@ impl Spans {
             .map_err(|error| format!("cannot read the span file {}: {error}", path.display()))?;
         let mut spans = Spans::default();
         for (number, line) in text.split_inclusive('\n').enumerate() {
-            // The receiver may be writing a batch while this reads, so a last line without its
-            // newline is incomplete: the next read sees it whole.
+            // The receiver may be writing a batch during this read, so a last line without its
+            // newline is incomplete. The next read gets it whole.
             let Some(line) = line.strip_suffix('\n') else {
                 break;
             };

@@ -299,32 +299,22 @@ fn policies_names_missing_state_folder() {
 #[test]
 fn quickstart_rejects_zero_settings_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let output = llmroute(&[
-        "quickstart",
-        "--out",
-        path_arg(dir.path()),
-        "--requests",
-        "0",
-    ]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("invalid --requests 0: send at least 1 request"),
-        "{stderr}"
-    );
-    let output = llmroute(&[
-        "quickstart",
-        "--out",
-        path_arg(dir.path()),
-        "--concurrency",
-        "0",
-    ]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("invalid --concurrency 0: use at least 1 worker"),
-        "{stderr}"
-    );
+    let cases = [
+        (
+            "--requests",
+            "invalid --requests 0: send at least 1 request",
+        ),
+        (
+            "--concurrency",
+            "invalid --concurrency 0: use at least 1 worker",
+        ),
+    ];
+    for (flag, message) in cases {
+        let output = llmroute(&["quickstart", "--out", path_arg(dir.path()), flag, "0"]);
+        assert!(!output.status.success(), "{flag} 0 was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(message), "{stderr}");
+    }
 }
 
 #[test]
