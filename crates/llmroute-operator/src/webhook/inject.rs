@@ -38,6 +38,10 @@ pub const SIDECAR_NAME: &str = "llmroute-sidecar";
 pub const TOKEN_VOLUME: &str = "llmroute-token";
 /// Where the sidecar reads its token for the control API.
 pub const TOKEN_PATH: &str = "/var/run/secrets/llmroute.dev/serviceaccount";
+/// Maximum total size of a pod's annotation keys and values, in bytes, that the API server
+/// accepts (`TotalAnnotationSizeLimitB` in k8s.io/apimachinery `pkg/api/validation/objectmeta.go`).
+/// A patch that goes over it makes the pod's creation fail.
+const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
 
 /// How the operator injects, from its flags (and later from the route).
 #[derive(Debug, Clone, PartialEq)]
@@ -87,6 +91,12 @@ pub enum SkipReason {
     RouteNotFound,
     /// An llmroute annotation has a value that cannot be used.
     InvalidAnnotation,
+    /// The route's sidecar settings would make the API server reject the pod.
+    InvalidRoute,
+    /// The pod cannot take the sidecar: it has no app container, it already has a container
+    /// or volume of the sidecar's name that llmroute did not inject, or its annotations leave
+    /// no room for the injection record.
+    InvalidPod,
 }
 
 impl SkipReason {
@@ -97,6 +107,8 @@ impl SkipReason {
             Self::OptedOut => "OptedOut",
             Self::RouteNotFound => "RouteNotFound",
             Self::InvalidAnnotation => "InvalidAnnotation",
+            Self::InvalidRoute => "InvalidRoute",
+            Self::InvalidPod => "InvalidPod",
         }
     }
 }
@@ -143,7 +155,10 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
             other => {
                 return skip(
                     SkipReason::InvalidAnnotation,
-                    format!("{INJECT_ANNOTATION} is {other:?}; use \"true\" or \"false\""),
+                    format!(
+                        "{INJECT_ANNOTATION} is {}; use \"true\" or \"false\"",
+                        quoted(other)
+                    ),
                 );
             }
         }
@@ -151,7 +166,10 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
     if !llmroute_api::crd::is_dns_subdomain(route_name) {
         return skip(
             SkipReason::InvalidAnnotation,
-            format!("{ROUTE_ANNOTATION} is {route_name:?}, which is not a route name"),
+            format!(
+                "{ROUTE_ANNOTATION} is {}, which is not a route name (a DNS subdomain such as chat)",
+                quoted(route_name)
+            ),
         );
     }
     let spec = pod.spec.clone().unwrap_or_default();
@@ -160,6 +178,9 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
             SkipReason::HostNetwork,
             "the pod uses the host network, where 127.0.0.1 is shared with the node; the sidecar needs the pod's own loopback".into(),
         );
+    }
+    if let Err(message) = check_pod_spec(&spec, annotations.contains_key(INJECTED_ANNOTATION)) {
+        return skip(SkipReason::InvalidPod, message);
     }
     let Some(route) = route else {
         let namespace = pod.metadata.namespace.clone().unwrap_or_default();
@@ -172,7 +193,7 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
     };
     let overrides = match Overrides::read(&annotations, route, settings) {
         Ok(overrides) => overrides,
-        Err(message) => return skip(SkipReason::InvalidAnnotation, message),
+        Err((reason, message)) => return skip(reason, message),
     };
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let container = sidecar_container(route, &namespace, route_name, &overrides, settings);
@@ -192,8 +213,21 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
         } else {
             &[(INJECTION_LABEL, "injected")]
         };
-        let patch = set_metadata(pod, &[(SKIPPED_ANNOTATION, note.as_str())], label);
+        let note = fitting_note(pod, &note, ALREADY_INJECTED);
+        let annotation: &[(&str, &str)] = match &note {
+            Some(note) => &[(SKIPPED_ANNOTATION, note.as_str())],
+            None => &[],
+        };
+        let patch = set_metadata(pod, annotation, label);
         return Decision::AlreadyInjected { patch };
+    }
+    if !annotation_fits(pod, INJECTED_ANNOTATION, &record) {
+        return skip(
+            SkipReason::InvalidPod,
+            format!(
+                "the pod's annotations leave no room for {INJECTED_ANNOTATION} within the API server's limit of {MAX_ANNOTATIONS_BYTES} bytes; shorten or remove other annotations"
+            ),
+        );
     }
     Decision::Inject {
         patch: inject_patch(pod, container, &record, settings),
@@ -210,11 +244,13 @@ struct Overrides {
 }
 
 impl Overrides {
+    /// Reads the settings, or returns the skip reason and message when they are invalid or
+    /// would make the API server reject the pod.
     fn read(
         annotations: &BTreeMap<String, String>,
         route: &LlmRoute,
         settings: &InjectionSettings,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, (SkipReason, String)> {
         let sidecar = route.spec.sidecar.clone().unwrap_or_default();
         let image = sidecar.image.unwrap_or_else(|| settings.image.clone());
         let cpu = sidecar
@@ -222,40 +258,164 @@ impl Overrides {
             .unwrap_or_else(|| settings.cpu_request.clone());
         let memory = sidecar
             .memory_request
+            .clone()
             .unwrap_or_else(|| settings.memory_request.clone());
-        let memory_limit = sidecar
-            .memory_limit
-            .unwrap_or_else(|| settings.memory_limit.clone());
         let get =
             |key: &str, default: &str, valid: fn(&str) -> bool, format: &str| match annotations
                 .get(key)
             {
                 None => Ok(default.to_string()),
                 Some(value) if valid(value) => Ok(value.clone()),
-                Some(value) => Err(format!("{key} is {value:?}; expected {format}")),
+                Some(value) => Err((
+                    SkipReason::InvalidAnnotation,
+                    format!("{key} is {}; expected {format}", quoted(value)),
+                )),
             };
-        Ok(Self {
+        let overrides = Self {
             image: get(
                 IMAGE_ANNOTATION,
                 &image,
-                |v| !v.is_empty() && !v.contains(char::is_whitespace),
-                "an image reference such as llmroute:0.1.0",
+                is_image_reference,
+                "an image reference such as llmroute:0.1.0, at most 512 characters of letters, digits and ._-/:@",
             )?,
             cpu: get(
                 CPU_ANNOTATION,
                 &cpu,
-                is_quantity,
+                |v| is_quantity(v) && quantity_value(v).is_some(),
                 "a CPU quantity such as 100m or 1",
             )?,
             memory: get(
                 MEMORY_ANNOTATION,
                 &memory,
-                is_quantity,
+                |v| is_quantity(v) && quantity_value(v).is_some(),
                 "a memory quantity such as 256Mi",
             )?,
-            memory_limit,
+            memory_limit: sidecar
+                .memory_limit
+                .clone()
+                .unwrap_or_else(|| settings.memory_limit.clone()),
+        };
+        overrides.fit_memory_limit(annotations, sidecar.memory_limit.is_some())
+    }
+
+    /// Keeps the memory request within the memory limit, which the API server requires. A
+    /// limit from the operator's flags is raised to the request. A limit that the route sets
+    /// is kept, and the pod is skipped.
+    fn fit_memory_limit(
+        mut self,
+        annotations: &BTreeMap<String, String>,
+        route_sets_limit: bool,
+    ) -> Result<Self, (SkipReason, String)> {
+        let (Some(request), Some(limit)) = (
+            quantity_value(&self.memory),
+            quantity_value(&self.memory_limit),
+        ) else {
+            return Ok(self);
+        };
+        if request <= limit {
+            return Ok(self);
+        }
+        if !route_sets_limit {
+            self.memory_limit = self.memory.clone();
+            return Ok(self);
+        }
+        let (request, limit) = (&self.memory, &self.memory_limit);
+        Err(if annotations.contains_key(MEMORY_ANNOTATION) {
+            (
+                SkipReason::InvalidAnnotation,
+                format!(
+                    "{MEMORY_ANNOTATION} is {request:?}, more than the route's sidecar memoryLimit {limit:?}; lower the annotation or raise spec.sidecar.memoryLimit"
+                ),
+            )
+        } else {
+            (
+                SkipReason::InvalidRoute,
+                format!(
+                    "the route's sidecar memoryRequest {request:?} is more than its memoryLimit {limit:?}; raise spec.sidecar.memoryLimit or lower spec.sidecar.memoryRequest"
+                ),
+            )
         })
     }
+}
+
+/// Returns whether `value` can be an image reference such as `registry:5000/llmroute:0.1.0` or
+/// `llmroute@sha256:<hex>`: at most 512 characters, all of them characters that references use.
+fn is_image_reference(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 512
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
+}
+
+/// Parses a quantity that [`is_quantity`] accepts into base units (bytes or cores). `None`
+/// for other text and for values too large for an `f64`.
+fn quantity_value(quantity: &str) -> Option<f64> {
+    let end = quantity
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(quantity.len());
+    let (number, suffix) = quantity.split_at(end);
+    let scale = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        _ => return None,
+    };
+    let value = number.parse::<f64>().ok()? * scale;
+    value.is_finite().then_some(value)
+}
+
+/// Formats a value from the pod for a message: quoted, and cut after 64 characters, so that a
+/// skip note stays small however long the value is.
+fn quoted(value: &str) -> String {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        None => format!("{value:?}"),
+        Some((end, _)) => format!("{:?}... ({} bytes in all)", &value[..end], value.len()),
+    }
+}
+
+/// Checks that the pod can take the sidecar. `injected_before` is whether the pod carries the
+/// annotation of an earlier injection, whose container and volume a new injection replaces.
+fn check_pod_spec(
+    spec: &k8s_openapi::api::core::v1::PodSpec,
+    injected_before: bool,
+) -> Result<(), String> {
+    if spec.containers.iter().all(|c| c.name == SIDECAR_NAME) {
+        return Err(format!(
+            "the pod has no app container besides {SIDECAR_NAME:?}, so the sidecar has nothing to serve"
+        ));
+    }
+    if injected_before {
+        return Ok(());
+    }
+    if has_sidecar(spec) {
+        return Err(format!(
+            "the pod already has a container named {SIDECAR_NAME:?} and no {INJECTED_ANNOTATION} annotation, so llmroute did not inject it; rename that container"
+        ));
+    }
+    if spec
+        .volumes
+        .iter()
+        .flatten()
+        .any(|volume| volume.name == TOKEN_VOLUME)
+    {
+        return Err(format!(
+            "the pod already has a volume named {TOKEN_VOLUME:?} and no {INJECTED_ANNOTATION} annotation, so llmroute did not add it; rename that volume"
+        ));
+    }
+    Ok(())
 }
 
 fn sidecar_container(
@@ -366,11 +526,35 @@ fn set_metadata(pod: &Pod, annotations: &[(&str, &str)], labels: &[(&str, &str)]
 /// annotation `<Reason>: <message>` becomes the Event it publishes once the pod exists.
 fn record_skip(pod: &Pod, reason: SkipReason, message: &str) -> Vec<Value> {
     let note = format!("{}: {message}", reason.as_str());
-    set_metadata(
-        pod,
-        &[(SKIPPED_ANNOTATION, note.as_str())],
-        &[(INJECTION_LABEL, "skipped")],
-    )
+    let note = fitting_note(pod, &note, reason.as_str());
+    let annotation: &[(&str, &str)] = match &note {
+        Some(note) => &[(SKIPPED_ANNOTATION, note.as_str())],
+        None => &[],
+    };
+    set_metadata(pod, annotation, &[(INJECTION_LABEL, "skipped")])
+}
+
+/// Returns the skip note that fits in the pod's annotations: `note`, else `<reason>: ` with a
+/// short message, else `None` when the annotations are full.
+fn fitting_note(pod: &Pod, note: &str, reason: &str) -> Option<String> {
+    let short = format!("{reason}: the message did not fit in the pod's annotations");
+    [note.to_string(), short]
+        .into_iter()
+        .find(|note| annotation_fits(pod, SKIPPED_ANNOTATION, note))
+}
+
+/// Returns whether setting annotation `key` to `value` keeps the pod's annotations within
+/// [`MAX_ANNOTATIONS_BYTES`].
+fn annotation_fits(pod: &Pod, key: &str, value: &str) -> bool {
+    let others: usize = pod
+        .metadata
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(existing, _)| existing.as_str() != key)
+        .map(|(existing, value)| existing.len() + value.len())
+        .sum();
+    others + key.len() + value.len() <= MAX_ANNOTATIONS_BYTES
 }
 
 fn inject_patch(
@@ -473,6 +657,14 @@ fn inject_patch(
                 patch.push(json!({"op": "add", "path": format!("/spec/containers/{at}/env/-"), "value": value}));
             }
         }
+    }
+    // A skip note copied from another pod would become a skip Event on an injected pod.
+    let annotations = pod.metadata.annotations.as_ref();
+    if annotations.is_some_and(|map| map.contains_key(SKIPPED_ANNOTATION)) {
+        patch.push(json!({
+            "op": "remove",
+            "path": format!("/metadata/annotations/{}", pointer(SKIPPED_ANNOTATION)),
+        }));
     }
     patch.extend(set_metadata(
         pod,
@@ -759,6 +951,414 @@ mod tests {
             decide(&pod, None, &InjectionSettings::default()),
             Decision::NotRequested
         );
+    }
+
+    /// Applies a decision's patch to the pod's JSON as the API server received it, which the
+    /// typed `Pod` may not reproduce (absent and null fields, for one).
+    fn apply_raw(raw: &Value, decision: &Decision) -> Result<Value, String> {
+        let patch = match decision {
+            Decision::Inject { patch, .. }
+            | Decision::Skip { patch, .. }
+            | Decision::AlreadyInjected { patch } => patch.clone(),
+            Decision::NotRequested => return Ok(raw.clone()),
+        };
+        let patch: json_patch::Patch =
+            serde_json::from_value(Value::Array(patch)).map_err(|e| e.to_string())?;
+        let mut value = raw.clone();
+        json_patch::patch(&mut value, &patch).map_err(|e| format!("{e}: {patch:?}"))?;
+        Ok(value)
+    }
+
+    fn annotation_bytes(pod: &Pod) -> usize {
+        pod.metadata
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(key, value)| key.len() + value.len())
+            .sum()
+    }
+
+    /// Checks what the API server's validation would reject in a patched pod.
+    fn assert_valid_pod(label: &str, pod: &Pod) {
+        let spec = pod.spec.clone().unwrap_or_default();
+        assert!(!spec.containers.is_empty(), "{label}: no containers");
+
+        let mut names: Vec<&str> = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .map(|c| c.name.as_str())
+            .collect();
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count, "{label}: duplicate container names");
+
+        let mut volumes: Vec<&str> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        let count = volumes.len();
+        volumes.sort_unstable();
+        volumes.dedup();
+        assert_eq!(volumes.len(), count, "{label}: duplicate volume names");
+
+        assert!(
+            annotation_bytes(pod) <= MAX_ANNOTATIONS_BYTES,
+            "{label}: annotations over the API server's limit"
+        );
+
+        for container in spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+        {
+            let Some(resources) = &container.resources else {
+                continue;
+            };
+            let memory = |map: &Option<
+                BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+            >| {
+                map.as_ref()
+                    .and_then(|m| m.get("memory"))
+                    .and_then(|q| quantity_value(&q.0))
+            };
+            if let (Some(request), Some(limit)) =
+                (memory(&resources.requests), memory(&resources.limits))
+            {
+                assert!(request <= limit, "{label}: memory request above limit");
+            }
+        }
+    }
+
+    fn sidecar_count(pod: &Pod) -> usize {
+        let spec = pod.spec.clone().unwrap_or_default();
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .filter(|c| c.name == SIDECAR_NAME)
+            .count()
+    }
+
+    #[test]
+    fn patches_apply_to_unusual_pods() {
+        let route_only = |name: &str| json!({ROUTE_ANNOTATION: name});
+        let many: Vec<Value> = (0..300)
+            .map(|i| json!({"name": format!("app-{i}"), "image": "app:1"}))
+            .collect();
+        // Each case: name, pod JSON, whether it is injected (else skipped as InvalidPod).
+        let cases: Vec<(&str, Value, bool)> = vec![
+            (
+                "minimal",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat")},
+                       "spec": {"containers": [{"name": "app"}]}}),
+                true,
+            ),
+            (
+                "empty lists and maps",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat"), "labels": {}},
+                       "spec": {"containers": [{"name": "app", "env": []}],
+                                "initContainers": [], "volumes": []}}),
+                true,
+            ),
+            (
+                "null lists and maps",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat"), "labels": null},
+                       "spec": {"containers": [{"name": "app", "env": null}],
+                                "initContainers": null, "volumes": null}}),
+                true,
+            ),
+            (
+                "base URL from a secret",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat")},
+                "spec": {"containers": [{"name": "app", "env": [
+                    {"name": "OPENAI_BASE_URL", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+                ]}]}}),
+                true,
+            ),
+            (
+                "existing init containers and volumes",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat")},
+                       "spec": {"initContainers": [{"name": "setup"}, {"name": "migrate"}],
+                                "containers": [{"name": "app"}],
+                                "volumes": [{"name": "data", "emptyDir": {}}]}}),
+                true,
+            ),
+            (
+                "annotation keys that need escaping",
+                json!({"metadata": {"generateName": "p-", "annotations": {
+                           "llmroute.dev/route": "chat", "a~b/c": "1", "x/~1": "2"},
+                       "labels": {"a~b/c": "1"}},
+                       "spec": {"containers": [{"name": "app"}]}}),
+                true,
+            ),
+            (
+                "unicode names",
+                json!({"metadata": {"name": "pöd-✓", "annotations": route_only("chat")},
+                       "spec": {"containers": [{"name": "äpp-✓"}, {"name": "~/"}]}}),
+                true,
+            ),
+            (
+                "many containers",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat")},
+                       "spec": {"containers": many}}),
+                true,
+            ),
+            (
+                "no namespace and generateName only",
+                json!({"metadata": {"generateName": "p-", "annotations": route_only("chat")},
+                       "spec": {"containers": [{"name": "app"}]}}),
+                true,
+            ),
+            (
+                "a skip note copied from another pod",
+                json!({"metadata": {"name": "p", "annotations": {
+                           ROUTE_ANNOTATION: "chat", SKIPPED_ANNOTATION: "RouteNotFound: old"},
+                       "labels": {INJECTION_LABEL: "skipped"}},
+                       "spec": {"containers": [{"name": "app"}]}}),
+                true,
+            ),
+            (
+                "no containers",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat")},
+                       "spec": {"containers": []}}),
+                false,
+            ),
+            (
+                "no spec",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat")}}),
+                false,
+            ),
+            (
+                "only a container of the sidecar's name",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat")},
+                       "spec": {"containers": [{"name": SIDECAR_NAME, "image": "mine:1"}]}}),
+                false,
+            ),
+            (
+                "an app container of the sidecar's name",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat")},
+                       "spec": {"containers": [{"name": "app"}, {"name": SIDECAR_NAME, "image": "mine:1"}]}}),
+                false,
+            ),
+            (
+                "an init container of the sidecar's name",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat")},
+                       "spec": {"initContainers": [{"name": SIDECAR_NAME, "image": "mine:1"}],
+                                "containers": [{"name": "app"}]}}),
+                false,
+            ),
+            (
+                "a volume of the token's name",
+                json!({"metadata": {"name": "p", "annotations": route_only("chat")},
+                       "spec": {"containers": [{"name": "app", "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": "/t"}]}],
+                                "volumes": [{"name": TOKEN_VOLUME, "emptyDir": {}}]}}),
+                false,
+            ),
+        ];
+        for native in [true, false] {
+            let settings = InjectionSettings {
+                native_sidecars: native,
+                ..InjectionSettings::default()
+            };
+            for (name, raw, injected) in &cases {
+                let label = format!("{name} (native {native})");
+                let pod: Pod = serde_json::from_value(raw.clone()).expect(&label);
+                let decision = decide(&pod, Some(&route()), &settings);
+                let patched = apply_raw(raw, &decision)
+                    .unwrap_or_else(|error| panic!("{label}: the patch does not apply: {error}"));
+                let patched: Pod = serde_json::from_value(patched)
+                    .unwrap_or_else(|error| panic!("{label}: not a pod: {error}"));
+                let app_containers = |pod: &Pod| {
+                    pod.spec
+                        .iter()
+                        .flat_map(|spec| spec.containers.iter())
+                        .filter(|c| c.name != SIDECAR_NAME)
+                        .count()
+                };
+                assert_eq!(
+                    app_containers(&patched),
+                    app_containers(&pod),
+                    "{label}: app containers kept"
+                );
+                match &decision {
+                    Decision::Inject { .. } if *injected => {
+                        assert_valid_pod(&label, &patched);
+                        assert_eq!(sidecar_count(&patched), 1, "{label}: one sidecar");
+                        let annotations = patched.metadata.annotations.clone().unwrap();
+                        assert!(
+                            !annotations.contains_key(SKIPPED_ANNOTATION),
+                            "{label}: no skip note on an injected pod"
+                        );
+                        assert_eq!(
+                            patched.metadata.labels.clone().unwrap()[INJECTION_LABEL],
+                            "injected",
+                            "{label}"
+                        );
+                        let again = decide(&patched, Some(&route()), &settings);
+                        assert!(
+                            matches!(again, Decision::AlreadyInjected { .. }),
+                            "{label}: second review {again:?}"
+                        );
+                        let twice = apply_raw(&serde_json::to_value(&patched).unwrap(), &again)
+                            .expect("second patch applies");
+                        let twice: Pod = serde_json::from_value(twice).expect("a pod");
+                        assert_eq!(sidecar_count(&twice), 1, "{label}: no second sidecar");
+                    }
+                    Decision::Skip { reason, .. } if !*injected => {
+                        assert_eq!(*reason, SkipReason::InvalidPod, "{label}");
+                        assert_eq!(patched.spec, pod.spec, "{label}: spec unchanged");
+                    }
+                    other => panic!("{label}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_annotation_values_skip_with_short_note() {
+        let settings = InjectionSettings::default();
+        let long = "a".repeat(200 * 1024);
+        let cases = [
+            (ROUTE_ANNOTATION, long.clone()),
+            (ROUTE_ANNOTATION, "other/chat".into()),
+            (ROUTE_ANNOTATION, "../chat".into()),
+            (INJECT_ANNOTATION, long.clone()),
+            (CPU_ANNOTATION, "1".repeat(10 * 1024)),
+            (CPU_ANNOTATION, "-1".into()),
+            (MEMORY_ANNOTATION, "256Mi\"}".into()),
+            (IMAGE_ANNOTATION, long.clone()),
+            (IMAGE_ANNOTATION, "llmroute:1;$(id)".into()),
+            (IMAGE_ANNOTATION, "llmroute:1\u{0}".into()),
+            (IMAGE_ANNOTATION, "\"llmroute\"".into()),
+        ];
+        for (key, value) in cases {
+            let mut annotations = json!({ROUTE_ANNOTATION: "chat"});
+            annotations[key] = json!(value);
+            let pod = pod(annotations, app_spec());
+            let decision = decide(&pod, Some(&route()), &settings);
+            let label = format!("{key} of {} bytes", value.len());
+            let Decision::Skip {
+                reason, message, ..
+            } = &decision
+            else {
+                panic!("{label}: {decision:?}");
+            };
+            assert_eq!(*reason, SkipReason::InvalidAnnotation, "{label}");
+            assert!(message.contains(key), "{label}: {message}");
+            assert!(
+                message.len() < 1024,
+                "{label}: the message quotes at most a prefix"
+            );
+            let skipped = apply(&pod, &decision);
+            assert_valid_pod(&label, &skipped);
+        }
+    }
+
+    #[test]
+    fn memory_request_stays_within_limit() {
+        let settings = InjectionSettings::default();
+        let sidecar_memory = |decision: &Decision, pod: &Pod| {
+            let injected = apply(pod, decision);
+            let sidecar = injected.spec.unwrap().init_containers.unwrap().remove(0);
+            let resources = sidecar.resources.unwrap();
+            (
+                resources.requests.unwrap()["memory"].0.clone(),
+                resources.limits.unwrap()["memory"].0.clone(),
+            )
+        };
+
+        // Above the operator's default limit: the limit follows the request.
+        let pod = pod(
+            json!({ROUTE_ANNOTATION: "chat", MEMORY_ANNOTATION: "1Gi"}),
+            app_spec(),
+        );
+        let decision = decide(&pod, Some(&route()), &settings);
+        assert!(matches!(decision, Decision::Inject { .. }), "{decision:?}");
+        assert_eq!(
+            sidecar_memory(&decision, &pod),
+            ("1Gi".to_string(), "1Gi".to_string())
+        );
+
+        // Within the default limit: both stay.
+        let pod_within = self::pod(
+            json!({ROUTE_ANNOTATION: "chat", MEMORY_ANNOTATION: "0.5Gi"}),
+            app_spec(),
+        );
+        let decision = decide(&pod_within, Some(&route()), &settings);
+        assert_eq!(
+            sidecar_memory(&decision, &pod_within),
+            ("0.5Gi".to_string(), settings.memory_limit.clone())
+        );
+
+        // Above a limit the route sets: the pod's annotation is at fault.
+        let mut limited = route();
+        limited.spec.sidecar = Some(llmroute_api::crd::SidecarSpec {
+            memory_limit: Some("512Mi".into()),
+            ..Default::default()
+        });
+        let decision = decide(&pod, Some(&limited), &settings);
+        let Decision::Skip {
+            reason, message, ..
+        } = &decision
+        else {
+            panic!("{decision:?}");
+        };
+        assert_eq!(*reason, SkipReason::InvalidAnnotation);
+        assert!(message.contains("\"1Gi\""), "{message}");
+        assert!(message.contains("\"512Mi\""), "{message}");
+
+        // The route's own request above its own limit: the route is at fault.
+        let mut contradictory = route();
+        contradictory.spec.sidecar = Some(llmroute_api::crd::SidecarSpec {
+            memory_request: Some("2Gi".into()),
+            memory_limit: Some("1Gi".into()),
+            ..Default::default()
+        });
+        let plain = self::pod(json!({ROUTE_ANNOTATION: "chat"}), app_spec());
+        let decision = decide(&plain, Some(&contradictory), &settings);
+        assert!(
+            matches!(
+                decision,
+                Decision::Skip {
+                    reason: SkipReason::InvalidRoute,
+                    ..
+                }
+            ),
+            "{decision:?}"
+        );
+    }
+
+    #[test]
+    fn full_annotations_leave_no_room() {
+        let settings = InjectionSettings::default();
+        let filler_key = "example.com/filler";
+        let room =
+            MAX_ANNOTATIONS_BYTES - ROUTE_ANNOTATION.len() - "chat".len() - filler_key.len() - 10;
+        let pod = pod(
+            json!({ROUTE_ANNOTATION: "chat", filler_key: "f".repeat(room)}),
+            app_spec(),
+        );
+        let decision = decide(&pod, Some(&route()), &settings);
+        let Decision::Skip { reason, .. } = &decision else {
+            panic!("{decision:?}");
+        };
+        assert_eq!(*reason, SkipReason::InvalidPod);
+        let skipped = apply(&pod, &decision);
+        assert_valid_pod("full annotations", &skipped);
+        assert_eq!(skipped.metadata.labels.unwrap()[INJECTION_LABEL], "skipped");
+
+        // Room for a short skip note only: 100 bytes.
+        let pod = self::pod(
+            json!({ROUTE_ANNOTATION: "chat", filler_key: "f".repeat(room - 90)}),
+            app_spec(),
+        );
+        let skipped = apply(&pod, &decide(&pod, None, &settings));
+        assert_valid_pod("nearly full annotations", &skipped);
+        let note = &skipped.metadata.annotations.unwrap()[SKIPPED_ANNOTATION];
+        assert!(note.starts_with("RouteNotFound: "), "{note}");
     }
 
     #[test]
