@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -23,7 +23,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
 use kube::core::DynamicObject;
-use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview};
+use kube::core::admission::{
+    AdmissionRequest, AdmissionResponse, AdmissionReview, META_API_VERSION_V1, META_KIND,
+};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::watcher::{self, Event, watcher};
@@ -159,30 +161,39 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    /// Responds to one AdmissionReview. A review that cannot be read gets an allowed response
-    /// without a patch, and the error is logged and counted.
+    /// Responds to one AdmissionReview. Every response is an allowed `admission.k8s.io/v1`
+    /// review with the request's uid when the request has one. A review that cannot be read,
+    /// or that is not of a pod CREATE, gets no patch, and the reason is logged and
+    /// counted.
     pub fn review(&self, body: &[u8]) -> Value {
         let started = Instant::now();
-        let review: AdmissionReview<Pod> = match serde_json::from_slice(body) {
+        let value: Value = match serde_json::from_slice(body) {
+            Ok(value) => value,
+            Err(error) => {
+                let message = format!("invalid AdmissionReview: the body is not JSON ({error})");
+                return self.admit_unchanged("", "invalid_review", &message, started);
+            }
+        };
+        let uid = value
+            .pointer("/request/uid")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        if let Err((outcome, message)) = check_review(&value) {
+            return self.admit_unchanged(&uid, outcome, &message, started);
+        }
+        let review: AdmissionReview<Pod> = match serde_json::from_value(value) {
             Ok(review) => review,
             Err(error) => {
-                tracing::warn!(error = %error, "invalid AdmissionReview; responding without a patch");
-                self.metrics.observe_injection("invalid_review", started);
-                return serde_json::to_value(
-                    AdmissionResponse::invalid(error.to_string()).into_review(),
-                )
-                .expect("a review serialises");
+                let message = format!("invalid AdmissionReview of a pod: {error}");
+                return self.admit_unchanged(&uid, "invalid_review", &message, started);
             }
         };
         let request: AdmissionRequest<Pod> = match review.try_into() {
             Ok(request) => request,
             Err(error) => {
-                tracing::warn!(error = %error, "AdmissionReview without a request");
-                self.metrics.observe_injection("invalid_review", started);
-                return serde_json::to_value(
-                    AdmissionResponse::invalid(error.to_string()).into_review(),
-                )
-                .expect("a review serialises");
+                let message = format!("invalid AdmissionReview: {error}");
+                return self.admit_unchanged(&uid, "invalid_review", &message, started);
             }
         };
         let response = AdmissionResponse::from(&request);
@@ -251,6 +262,73 @@ impl Webhook {
         self.metrics.observe_injection(outcome, started);
         serde_json::to_value(response.into_review()).expect("a review serialises")
     }
+
+    /// Logs and counts a review that gets no patch because of `message`, and returns an
+    /// allowed v1 response with `uid`. The webhook only injects, so it never denies a request.
+    fn admit_unchanged(&self, uid: &str, outcome: &str, message: &str, started: Instant) -> Value {
+        tracing::warn!(uid = %uid, outcome = outcome, "{message}; admitting without a patch");
+        self.metrics.observe_injection(outcome, started);
+        let mut response = AdmissionResponse::invalid(message);
+        response.uid = uid.to_string();
+        response.allowed = true;
+        response.result = Default::default();
+        serde_json::to_value(response.into_review()).expect("a review serialises")
+    }
+}
+
+/// Checks that `review` is an `admission.k8s.io/v1` AdmissionReview of a pod CREATE, the only
+/// request the webhook configuration sends. Returns the outcome label and the reason
+/// otherwise.
+fn check_review(review: &Value) -> Result<(), (&'static str, String)> {
+    let text = |pointer: &str| review.pointer(pointer).and_then(Value::as_str);
+    let (api_version, kind) = (text("/apiVersion"), text("/kind"));
+    if api_version != Some(META_API_VERSION_V1) || kind != Some(META_KIND) {
+        return Err((
+            "invalid_review",
+            format!(
+                "invalid AdmissionReview: apiVersion {api_version:?} and kind {kind:?}; the webhook reads {META_API_VERSION_V1} {META_KIND}"
+            ),
+        ));
+    }
+    if !review.get("request").is_some_and(Value::is_object) {
+        return Err((
+            "invalid_review",
+            "invalid AdmissionReview: request is missing or not an object".into(),
+        ));
+    }
+    if text("/request/uid").is_none_or(str::is_empty) {
+        return Err((
+            "invalid_review",
+            "invalid AdmissionReview: request.uid is missing or not a string".into(),
+        ));
+    }
+    let (group, version, resource_kind) = (
+        text("/request/kind/group"),
+        text("/request/kind/version"),
+        text("/request/kind/kind"),
+    );
+    if (group, version, resource_kind) != (Some(""), Some("v1"), Some("Pod")) {
+        return Err((
+            "not_requested",
+            format!(
+                "the review is about group {group:?} version {version:?} kind {resource_kind:?}, not a v1 Pod"
+            ),
+        ));
+    }
+    if let Some(subresource) = text("/request/subResource").filter(|s| !s.is_empty()) {
+        return Err((
+            "not_requested",
+            format!("the review is about the subresource pods/{subresource}, not a pod"),
+        ));
+    }
+    let operation = text("/request/operation");
+    if operation != Some("CREATE") {
+        return Err((
+            "not_requested",
+            format!("the review's operation is {operation:?}; the webhook injects only on CREATE"),
+        ));
+    }
+    Ok(())
 }
 
 fn respond(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -269,6 +347,7 @@ async fn handle(
     body_timeout: Duration,
 ) -> Response<Full<Bytes>> {
     if request.method() != Method::POST || request.uri().path() != PATH {
+        tracing::warn!(method = %request.method(), path = request.uri().path(), "rejected a request for an unknown endpoint with 404");
         return respond(
             StatusCode::NOT_FOUND,
             json!({"error": format!("no endpoint {} {}; the webhook serves POST {PATH}", request.method(), request.uri().path())}).to_string(),
@@ -287,11 +366,21 @@ async fn handle(
                 json!({"error": format!("the review's body did not arrive within {} s", body_timeout.as_secs_f64())}).to_string(),
             );
         }
-        Ok(Err(error)) => {
-            tracing::warn!(error = %error, "failed to read an AdmissionReview");
+        Ok(Err(error)) if error.is::<LengthLimitError>() => {
+            tracing::warn!(
+                limit_bytes = MAX_REVIEW_BYTES,
+                "rejected an AdmissionReview larger than the limit with 413"
+            );
             return respond(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                json!({"error": format!("failed to read the review (limit {MAX_REVIEW_BYTES} bytes): {error}")}).to_string(),
+                json!({"error": format!("the review is larger than the limit of {MAX_REVIEW_BYTES} bytes")}).to_string(),
+            );
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(error = %error, "failed to read an AdmissionReview body");
+            return respond(
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("failed to read the review's body: {error}")}).to_string(),
             );
         }
     };
@@ -413,8 +502,14 @@ async fn serve_connection(
     loop {
         tokio::select! {
             result = connection.as_mut() => {
-                if let Err(e) = result {
-                    tracing::debug!(peer = %peer, error = %e, "webhook connection ended with an error");
+                match result {
+                    Err(e) if e.is_parse() => {
+                        tracing::warn!(peer = %peer, error = %e, "closing a webhook connection: invalid HTTP request");
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = %peer, error = %e, "webhook connection ended with an error");
+                    }
+                    Ok(()) => {}
                 }
                 return;
             }
@@ -766,6 +861,407 @@ mod tests {
         let first = get_not_found(&mut stream).await;
         assert_eq!(first.as_deref(), Some("HTTP/1.1 404 Not Found"));
         assert!(closed_by_server(&mut stream).await);
+    }
+
+    fn test_webhook(folder: &std::path::Path) -> Webhook {
+        let metrics = Arc::new(Metrics::default());
+        let store = llmroute_control::Store::open(folder).expect("store");
+        Webhook {
+            settings: InjectionSettings::default(),
+            backend: Arc::new(ClusterBackend::new(store, metrics.clone())),
+            metrics,
+        }
+    }
+
+    /// Returns a pod that requests a route the backend does not have, so a CREATE gets a skip
+    /// patch.
+    fn pod_json() -> Value {
+        json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "app", "namespace": "shop", "annotations": {ROUTE_ANNOTATION: "missing"}},
+            "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+        })
+    }
+
+    fn pod_review(operation: &str) -> Value {
+        json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "uid-1",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "shop",
+                "operation": operation,
+                "userInfo": {"username": "alice"},
+                "object": pod_json(),
+                "oldObject": null,
+                "dryRun": false,
+            },
+        })
+    }
+
+    #[test]
+    fn review_always_allows_with_v1_and_uid() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let webhook = test_webhook(folder.path());
+        // The review with the field at `pointer` set, or added when missing.
+        let with = |pointer: &str, value: Value| {
+            let mut review = pod_review("CREATE");
+            let (parent, field) = pointer.rsplit_once('/').expect("a JSON pointer");
+            review
+                .pointer_mut(parent)
+                .and_then(Value::as_object_mut)
+                .expect(parent)
+                .insert(field.to_string(), value);
+            review.to_string().into_bytes()
+        };
+        let without = |field: &str| {
+            let mut review = pod_review("CREATE");
+            review["request"]
+                .as_object_mut()
+                .expect("request")
+                .remove(field);
+            review.to_string().into_bytes()
+        };
+        let deployment = json!({
+            "apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": "app", "annotations": {ROUTE_ANNOTATION: "missing"}},
+            "spec": {"template": {"spec": {"containers": [{"name": "app"}]}}},
+        });
+        // Each case: name, body, expected response uid, whether a patch is expected.
+        let cases: Vec<(&str, Vec<u8>, &str, bool)> = vec![
+            (
+                "create",
+                pod_review("CREATE").to_string().into_bytes(),
+                "uid-1",
+                true,
+            ),
+            (
+                "dry run",
+                with("/request/dryRun", json!(true)),
+                "uid-1",
+                true,
+            ),
+            (
+                "no namespace anywhere",
+                {
+                    let mut review = pod_review("CREATE");
+                    review["request"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("namespace");
+                    review["request"]["object"]["metadata"]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("namespace");
+                    review.to_string().into_bytes()
+                },
+                "uid-1",
+                true,
+            ),
+            (
+                "update",
+                pod_review("UPDATE").to_string().into_bytes(),
+                "uid-1",
+                false,
+            ),
+            (
+                "delete",
+                with("/request/operation", json!("DELETE")),
+                "uid-1",
+                false,
+            ),
+            (
+                "connect",
+                with("/request/operation", json!("CONNECT")),
+                "uid-1",
+                false,
+            ),
+            (
+                "unknown operation",
+                with("/request/operation", json!("PATCH")),
+                "uid-1",
+                false,
+            ),
+            (
+                "null object",
+                with("/request/object", Value::Null),
+                "uid-1",
+                false,
+            ),
+            (
+                "deployment",
+                {
+                    let mut review = pod_review("CREATE");
+                    review["request"]["kind"] =
+                        json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+                    review["request"]["object"] = deployment.clone();
+                    review.to_string().into_bytes()
+                },
+                "uid-1",
+                false,
+            ),
+            (
+                "subresource",
+                with("/request/subResource", json!("ephemeralcontainers")),
+                "uid-1",
+                false,
+            ),
+            (
+                "v1beta1",
+                with("/apiVersion", json!("admission.k8s.io/v1beta1")),
+                "uid-1",
+                false,
+            ),
+            ("wrong kind", with("/kind", json!("Pod")), "uid-1", false),
+            ("uid missing", without("uid"), "", false),
+            (
+                "uid not a string",
+                with("/request/uid", json!(42)),
+                "",
+                false,
+            ),
+            ("uid empty", with("/request/uid", json!("")), "", false),
+            ("userInfo missing", without("userInfo"), "uid-1", false),
+            (
+                "object not a pod",
+                with("/request/object/spec/containers", json!("app")),
+                "uid-1",
+                false,
+            ),
+            (
+                "request missing",
+                json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"})
+                    .to_string()
+                    .into_bytes(),
+                "",
+                false,
+            ),
+            ("request null", with("/request", Value::Null), "", false),
+            ("invalid JSON", b"{\"apiVersion\": ".to_vec(), "", false),
+            ("empty body", Vec::new(), "", false),
+            ("JSON array", b"[1, 2]".to_vec(), "", false),
+            ("JSON null", b"null".to_vec(), "", false),
+            (
+                "deeply nested JSON",
+                [vec![b'['; 100_000], vec![b']'; 100_000]].concat(),
+                "",
+                false,
+            ),
+        ];
+        for (name, body, uid, patched) in cases {
+            let answer = webhook.review(&body);
+            assert_eq!(
+                answer["apiVersion"], "admission.k8s.io/v1",
+                "{name}: {answer}"
+            );
+            assert_eq!(answer["kind"], "AdmissionReview", "{name}: {answer}");
+            let response = &answer["response"];
+            assert_eq!(response["uid"], uid, "{name}: {answer}");
+            assert_eq!(response["allowed"], true, "{name}: {answer}");
+            assert_eq!(response.get("patch").is_some(), patched, "{name}: {answer}");
+            assert_eq!(
+                response.get("patchType").is_some(),
+                patched,
+                "{name}: {answer}"
+            );
+        }
+    }
+
+    /// Sends `request` and reads one response; returns its status line and body, or `None` when
+    /// the server closed the connection first.
+    async fn exchange(
+        stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        request: &[u8],
+    ) -> Option<(String, String)> {
+        stream.write_all(request).await.ok()?;
+        read_response(stream).await
+    }
+
+    async fn read_response(
+        stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    ) -> Option<(String, String)> {
+        let mut response = Vec::new();
+        let mut buffer = [0u8; 4096];
+        loop {
+            if let Some(end) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&response[..end]).to_string();
+                let length = head
+                    .lines()
+                    .find_map(|line| {
+                        line.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(str::to_string)
+                    })
+                    .and_then(|value| value.trim().parse::<usize>().ok())
+                    .expect("a content-length header");
+                if response.len() >= end + 4 + length {
+                    let body =
+                        String::from_utf8_lossy(&response[end + 4..end + 4 + length]).to_string();
+                    let status = head.lines().next().unwrap_or_default().to_string();
+                    return Some((status, body));
+                }
+            }
+            // A bound against a hung test, long enough for 200 concurrent handshakes on a slow machine.
+            let read = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buffer))
+                .await
+                .expect("the server responds or closes within 60 s")
+                .ok()?;
+            if read == 0 {
+                return None;
+            }
+            response.extend_from_slice(&buffer[..read]);
+        }
+    }
+
+    fn post(path: &str, body: &[u8]) -> Vec<u8> {
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        request
+    }
+
+    #[tokio::test]
+    async fn review_path_with_query_is_served() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let (address, connector, _stop) = tls_server(short_timeouts(), folder.path()).await;
+        let mut stream = connect(address, &connector).await;
+        let body = pod_review("CREATE").to_string();
+        let (status, answer) = exchange(&mut stream, &post("/inject?timeout=3s", body.as_bytes()))
+            .await
+            .expect("a response");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let answer: Value = serde_json::from_str(&answer).expect("JSON");
+        assert_eq!(answer["response"]["uid"], "uid-1");
+        let (status, _) = exchange(&mut stream, &post("/inject/", body.as_bytes()))
+            .await
+            .expect("a response");
+        assert_eq!(status, "HTTP/1.1 404 Not Found");
+    }
+
+    #[tokio::test]
+    async fn review_body_limit_is_exact() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let (address, connector, _stop) = tls_server(short_timeouts(), folder.path()).await;
+        let review = pod_review("CREATE").to_string();
+        // JSON allows trailing whitespace, so padding keeps the review readable.
+        let mut at_limit = review.into_bytes();
+        at_limit.resize(MAX_REVIEW_BYTES, b' ');
+        let mut stream = connect(address, &connector).await;
+        let (status, answer) = exchange(&mut stream, &post(PATH, &at_limit))
+            .await
+            .expect("a response");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+        let answer: Value = serde_json::from_str(&answer).expect("JSON");
+        assert!(answer["response"].get("patch").is_some(), "{answer}");
+
+        let mut over = at_limit;
+        over.push(b' ');
+        let mut stream = connect(address, &connector).await;
+        let (status, _) = exchange(&mut stream, &post(PATH, &over))
+            .await
+            .expect("a response");
+        assert_eq!(status, "HTTP/1.1 413 Payload Too Large");
+    }
+
+    #[tokio::test]
+    async fn malformed_chunked_body_gets_bad_request() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let (address, connector, _stop) = tls_server(short_timeouts(), folder.path()).await;
+        let mut stream = connect(address, &connector).await;
+        let request = b"POST /inject HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n";
+        let (status, body) = exchange(&mut stream, request).await.expect("a response");
+        assert_eq!(status, "HTTP/1.1 400 Bad Request", "{body}");
+
+        let body = pod_review("CREATE").to_string();
+        let mut request =
+            b"POST /inject HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n"
+                .to_vec();
+        for chunk in body.as_bytes().chunks(100) {
+            request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            request.extend_from_slice(chunk);
+            request.extend_from_slice(b"\r\n");
+        }
+        request.extend_from_slice(b"0\r\n\r\n");
+        let mut stream = connect(address, &connector).await;
+        let (status, _) = exchange(&mut stream, &request).await.expect("a response");
+        assert_eq!(status, "HTTP/1.1 200 OK", "a valid chunked body is read");
+    }
+
+    #[tokio::test]
+    async fn server_survives_hostile_clients() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let (address, connector, _stop) = tls_server(short_timeouts(), folder.path()).await;
+
+        // Bytes that are not a TLS ClientHello.
+        let mut raw = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+        raw.write_all(b"GET / HTTP/1.1\r\n\r\n\x00\xff\x16\x03\x01\x00\x00")
+            .await
+            .expect("garbage sent");
+        // A client that connects and never sends anything, left open during the rest.
+        let _silent = tokio::net::TcpStream::connect(address)
+            .await
+            .expect("connect");
+
+        // A request line that is not HTTP, after a good handshake.
+        let mut stream = connect(address, &connector).await;
+        stream
+            .write_all(b"\x00\x01 not http\r\n\r\n")
+            .await
+            .expect("sent");
+        let answer = read_response(&mut stream).await;
+        assert!(
+            answer
+                .as_ref()
+                .is_none_or(|(status, _)| status.starts_with("HTTP/1.1 4")),
+            "{answer:?}"
+        );
+
+        // HTTP/1.0, and two pipelined requests on one connection.
+        let body = pod_review("CREATE").to_string();
+        let mut stream = connect(address, &connector).await;
+        let mut old = post(PATH, body.as_bytes());
+        old.splice(
+            0.."POST /inject HTTP/1.1".len(),
+            b"POST /inject HTTP/1.0".iter().copied(),
+        );
+        let (status, _) = exchange(&mut stream, &old).await.expect("a response");
+        assert_eq!(status, "HTTP/1.0 200 OK");
+        let mut stream = connect(address, &connector).await;
+        let mut pipelined = post(PATH, body.as_bytes());
+        pipelined.extend(post("/inject?timeout=3s", body.as_bytes()));
+        let first = exchange(&mut stream, &pipelined)
+            .await
+            .expect("first response");
+        let second = read_response(&mut stream).await.expect("second response");
+        assert_eq!(first.0, "HTTP/1.1 200 OK");
+        assert_eq!(second.0, "HTTP/1.1 200 OK");
+
+        // Many connections at once, each with one review.
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            let connector = connector.clone();
+            let request = post(PATH, body.as_bytes());
+            tasks.spawn(async move {
+                let mut stream = connect(address, &connector).await;
+                exchange(&mut stream, &request)
+                    .await
+                    .map(|(status, _)| status)
+            });
+        }
+        let mut served = 0;
+        while let Some(status) = tasks.join_next().await {
+            assert_eq!(status.expect("task").as_deref(), Some("HTTP/1.1 200 OK"));
+            served += 1;
+        }
+        assert_eq!(served, 200);
     }
 
     #[test]
