@@ -36,7 +36,7 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 use crate::serving::ClusterBackend;
-use connection::{ConnectionClock, ConnectionTimeouts, Verdict, Watched};
+use connection::{ConnectionClock, ConnectionLimits, Verdict, Watched};
 use inject::{
     ALREADY_INJECTED, Decision, INJECTION_LABEL, InjectionSettings, ROUTE_ANNOTATION,
     SKIPPED_ANNOTATION,
@@ -204,6 +204,7 @@ impl Webhook {
         let namespace = request
             .namespace
             .clone()
+            .filter(|namespace| !namespace.is_empty())
             .or_else(|| pod.namespace())
             .unwrap_or_default();
         let mut pod = pod.clone();
@@ -353,6 +354,22 @@ async fn handle(
             json!({"error": format!("no endpoint {} {}; the webhook serves POST {PATH}", request.method(), request.uri().path())}).to_string(),
         );
     }
+    let declared_length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if let Some(length) = declared_length.filter(|&length| length > MAX_REVIEW_BYTES as u64) {
+        tracing::warn!(
+            content_length = length,
+            limit_bytes = MAX_REVIEW_BYTES,
+            "rejected an AdmissionReview larger than the limit with 413 before reading it"
+        );
+        return respond(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": format!("the review is larger than the limit of {MAX_REVIEW_BYTES} bytes")}).to_string(),
+        );
+    }
     let body = Limited::new(request.into_body(), MAX_REVIEW_BYTES).collect();
     let body = match tokio::time::timeout(body_timeout, body).await {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -389,7 +406,7 @@ async fn handle(
 }
 
 /// Serves the webhook over TLS on `listener` until `shutdown` completes, with the default
-/// [`ConnectionTimeouts`].
+/// [`ConnectionLimits`].
 pub async fn serve(
     listener: TcpListener,
     resolver: Arc<certs::CertResolver>,
@@ -400,7 +417,7 @@ pub async fn serve(
         listener,
         resolver,
         webhook,
-        ConnectionTimeouts::default(),
+        ConnectionLimits::default(),
         shutdown,
     )
     .await
@@ -411,7 +428,7 @@ pub async fn serve_with(
     listener: TcpListener,
     resolver: Arc<certs::CertResolver>,
     webhook: Arc<Webhook>,
-    timeouts: ConnectionTimeouts,
+    limits: ConnectionLimits,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     let address: SocketAddr = listener.local_addr()?;
@@ -424,9 +441,27 @@ pub async fn serve_with(
     .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    tracing::info!(address = %address, path = PATH, "injection webhook listening (TLS)");
+    tracing::info!(address = %address, path = PATH, max_open = limits.max_open, "injection webhook listening (TLS)");
     tokio::pin!(shutdown);
+    let open = Arc::new(tokio::sync::Semaphore::new(limits.max_open));
+    let mut at_cap = false;
     loop {
+        if open.available_permits() == 0 && !at_cap {
+            tracing::warn!(
+                max_open = limits.max_open,
+                "webhook connections at their cap; new connections wait in the listen backlog"
+            );
+        } else if open.available_permits() > 0 && at_cap {
+            tracing::info!(
+                max_open = limits.max_open,
+                "webhook connections below their cap again"
+            );
+        }
+        at_cap = open.available_permits() == 0;
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -440,9 +475,11 @@ pub async fn serve_with(
                 let acceptor = acceptor.clone();
                 let webhook = webhook.clone();
                 tokio::spawn(async move {
+                    // Held until the connection closes.
+                    let _permit = permit;
                     let metrics = &webhook.metrics;
                     let started = Instant::now();
-                    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream)).await {
+                    let tls = match tokio::time::timeout(limits.tls_handshake, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             metrics.observe_connection("established", Some(started.elapsed()));
                             tls
@@ -454,11 +491,11 @@ pub async fn serve_with(
                         }
                         Err(_) => {
                             metrics.observe_connection("tls_timeout", None);
-                            tracing::warn!(peer = %peer, "TLS handshake timed out after 10 s");
+                            tracing::warn!(peer = %peer, timeout_seconds = limits.tls_handshake.as_secs_f64(), "TLS handshake timed out");
                             return;
                         }
                     };
-                    serve_connection(tls, peer, webhook, timeouts).await;
+                    serve_connection(tls, peer, webhook, limits).await;
                 });
             }
             () = &mut shutdown => break,
@@ -474,7 +511,7 @@ async fn serve_connection(
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     peer: SocketAddr,
     webhook: Arc<Webhook>,
-    timeouts: ConnectionTimeouts,
+    timeouts: ConnectionLimits,
 ) {
     let clock = Arc::new(ConnectionClock::new(Instant::now()));
     let service = {
@@ -692,7 +729,7 @@ mod tests {
     /// Starts a webhook server on 127.0.0.1 with `timeouts`, and returns a TLS connector that
     /// trusts its CA.
     async fn tls_server(
-        timeouts: ConnectionTimeouts,
+        timeouts: ConnectionLimits,
         folder: &std::path::Path,
     ) -> (SocketAddr, tokio_rustls::TlsConnector, watch::Sender<bool>) {
         let set = certs::generate(&["127.0.0.1".to_string()], &certs::Lifetimes::default())
@@ -796,12 +833,13 @@ mod tests {
         }
     }
 
-    fn short_timeouts() -> ConnectionTimeouts {
-        ConnectionTimeouts {
+    fn short_timeouts() -> ConnectionLimits {
+        ConnectionLimits {
             header_read: Duration::from_millis(200),
             body_read: Duration::from_millis(200),
             // Long enough that a slow test machine does not close the idle connection first.
             idle: Duration::from_secs(10),
+            ..ConnectionLimits::default()
         }
     }
 
@@ -852,7 +890,7 @@ mod tests {
     #[tokio::test]
     async fn abandoned_connection_closes_after_idle_timeout() {
         let folder = tempfile::tempdir().expect("temporary folder");
-        let timeouts = ConnectionTimeouts {
+        let timeouts = ConnectionLimits {
             idle: Duration::from_millis(300),
             ..short_timeouts()
         };
@@ -1160,13 +1198,91 @@ mod tests {
         let answer: Value = serde_json::from_str(&answer).expect("JSON");
         assert!(answer["response"].get("patch").is_some(), "{answer}");
 
+        // Chunked, so that the server finds the size by reading: a Content-Length over the
+        // limit is rejected from the head alone.
         let mut over = at_limit;
         over.push(b' ');
+        let mut request = format!(
+            "POST {PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        .into_bytes();
+        request.extend_from_slice(format!("{:x}\r\n", over.len()).as_bytes());
+        request.extend_from_slice(&over);
+        request.extend_from_slice(b"\r\n0\r\n\r\n");
         let mut stream = connect(address, &connector).await;
-        let (status, _) = exchange(&mut stream, &post(PATH, &over))
+        let (status, _) = exchange(&mut stream, &request).await.expect("a response");
+        assert_eq!(status, "HTTP/1.1 413 Payload Too Large");
+    }
+
+    #[tokio::test]
+    async fn declared_oversize_body_rejected_unread() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let (address, connector, _stop) = tls_server(short_timeouts(), folder.path()).await;
+        let mut stream = connect(address, &connector).await;
+        // The head announces one byte over the limit, and no body follows. Reading it would
+        // end in the body timeout's 408.
+        let head = format!(
+            "POST {PATH} HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            MAX_REVIEW_BYTES + 1
+        );
+        let (status, body) = exchange(&mut stream, head.as_bytes())
             .await
             .expect("a response");
-        assert_eq!(status, "HTTP/1.1 413 Payload Too Large");
+        assert_eq!(status, "HTTP/1.1 413 Payload Too Large", "{body}");
+    }
+
+    #[tokio::test]
+    async fn connections_over_cap_wait_for_one_to_close() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let limits = ConnectionLimits {
+            max_open: 1,
+            ..short_timeouts()
+        };
+        let (address, connector, _stop) = tls_server(limits, folder.path()).await;
+        let mut first = connect(address, &connector).await;
+        let body = pod_review("CREATE").to_string();
+        let (status, _) = exchange(&mut first, &post(PATH, body.as_bytes()))
+            .await
+            .expect("a response");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+
+        // The kernel completes the TCP connect from the listen backlog, but the server does not
+        // accept it, so the TLS handshake waits while the first connection is open.
+        let second = tokio::spawn({
+            let connector = connector.clone();
+            async move { connect(address, &connector).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !second.is_finished(),
+            "a second connection was accepted over the cap of 1"
+        );
+
+        drop(first);
+        let mut second = tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("the second connection is accepted once the first closes")
+            .expect("the connect task");
+        let (status, _) = exchange(&mut second, &post(PATH, body.as_bytes()))
+            .await
+            .expect("a response");
+        assert_eq!(status, "HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn empty_request_namespace_uses_pods() {
+        let folder = tempfile::tempdir().expect("temporary folder");
+        let webhook = test_webhook(folder.path());
+        let mut review = pod_review("CREATE");
+        review["request"]["namespace"] = json!("");
+        let answer = webhook.review(review.to_string().as_bytes());
+        let patch: Vec<u8> =
+            serde_json::from_value(answer["response"]["patch"].clone()).expect("a patch as bytes");
+        let patch = String::from_utf8(patch).expect("UTF-8");
+        assert!(
+            patch.contains("LLMRoute shop/missing does not exist"),
+            "the skip note names the pod's namespace: {patch}"
+        );
     }
 
     #[tokio::test]
