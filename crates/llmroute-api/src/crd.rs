@@ -729,18 +729,38 @@ fn is_version_name(name: &str) -> bool {
             .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
 }
 
-/// A Kubernetes resource quantity: a decimal number with an optional unit suffix.
+/// A Kubernetes resource quantity: a decimal number with an optional unit suffix, small enough
+/// for an `f64`.
 pub fn is_quantity(value: &str) -> bool {
-    let digits_end = value
+    quantity_value(value).is_some()
+}
+
+/// Parses a resource quantity such as `256Mi` or `100m` into base units (bytes or cores).
+/// Returns `None` for other text and for values too large for an `f64`.
+pub fn quantity_value(quantity: &str) -> Option<f64> {
+    let digits_end = quantity
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(value.len());
-    let (number, suffix) = value.split_at(digits_end);
-    !number.is_empty()
-        && number.parse::<f64>().is_ok()
-        && [
-            "", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
-        ]
-        .contains(&suffix)
+        .unwrap_or(quantity.len());
+    let (number, suffix) = quantity.split_at(digits_end);
+    let scale = match suffix {
+        "" => 1.0,
+        "m" => 1e-3,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "P" => 1e15,
+        "E" => 1e18,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        "Pi" => 1024f64.powi(5),
+        "Ei" => 1024f64.powi(6),
+        _ => return None,
+    };
+    let value = number.parse::<f64>().ok()? * scale;
+    value.is_finite().then_some(value)
 }
 
 /// A Kubernetes object name (RFC 1123 subdomain).
@@ -813,6 +833,18 @@ pub fn definitions_yaml() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quantity_values_in_base_units() {
+        assert_eq!(quantity_value("256Mi"), Some(256.0 * 1024.0 * 1024.0));
+        assert_eq!(quantity_value("100m"), Some(0.1));
+        assert_eq!(quantity_value("1.5G"), Some(1.5e9));
+        assert_eq!(quantity_value("2"), Some(2.0));
+        assert_eq!(quantity_value("Mi"), None);
+        assert_eq!(quantity_value("1Qi"), None);
+        assert_eq!(quantity_value(&"9".repeat(400)), None, "beyond f64");
+        assert!(!is_quantity(&"9".repeat(400)));
+    }
 
     fn spec() -> LlmRouteSpec {
         serde_json::from_value(serde_json::json!({

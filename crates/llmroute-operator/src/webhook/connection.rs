@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct ConnectionLimits {
     /// Time from a connection's accept until its TLS handshake is complete.
     pub tls_handshake: Duration,
-    /// Connections open at once. At the cap the server stops accepting, so new connections
+    /// Maximum number of connections open at once. At the cap the server stops accepting, so new connections
     /// wait in the listen backlog until one closes.
     pub max_open: usize,
     /// Time from a request's first byte until its head is complete.

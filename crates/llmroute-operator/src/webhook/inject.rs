@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Container, Pod};
-use llmroute_api::crd::{LlmRoute, is_quantity};
+use llmroute_api::crd::{LlmRoute, is_quantity, quantity_value};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -281,13 +281,13 @@ impl Overrides {
             cpu: get(
                 CPU_ANNOTATION,
                 &cpu,
-                |v| is_quantity(v) && quantity_value(v).is_some(),
+                is_quantity,
                 "a CPU quantity such as 100m or 1",
             )?,
             memory: get(
                 MEMORY_ANNOTATION,
                 &memory,
-                |v| is_quantity(v) && quantity_value(v).is_some(),
+                is_quantity,
                 "a memory quantity such as 256Mi",
             )?,
             memory_limit: sidecar
@@ -346,34 +346,6 @@ fn is_image_reference(value: &str) -> bool {
         && value
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-/:@".contains(&b))
-}
-
-/// Parses a quantity that [`is_quantity`] accepts into base units (bytes or cores). `None`
-/// for other text and for values too large for an `f64`.
-fn quantity_value(quantity: &str) -> Option<f64> {
-    let end = quantity
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(quantity.len());
-    let (number, suffix) = quantity.split_at(end);
-    let scale = match suffix {
-        "" => 1.0,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "P" => 1e15,
-        "E" => 1e18,
-        "Ki" => 1024.0,
-        "Mi" => 1024f64.powi(2),
-        "Gi" => 1024f64.powi(3),
-        "Ti" => 1024f64.powi(4),
-        "Pi" => 1024f64.powi(5),
-        "Ei" => 1024f64.powi(6),
-        _ => return None,
-    };
-    let value = number.parse::<f64>().ok()? * scale;
-    value.is_finite().then_some(value)
 }
 
 /// Formats a value from the pod for a message: quoted, and cut after 64 characters, so that a
@@ -978,32 +950,28 @@ mod tests {
             .sum()
     }
 
+    fn all_distinct<'a>(names: impl Iterator<Item = &'a str>) -> bool {
+        let mut seen = std::collections::HashSet::new();
+        names.into_iter().all(|name| seen.insert(name))
+    }
+
     /// Checks what the API server's validation would reject in a patched pod.
     fn assert_valid_pod(label: &str, pod: &Pod) {
         let spec = pod.spec.clone().unwrap_or_default();
         assert!(!spec.containers.is_empty(), "{label}: no containers");
 
-        let mut names: Vec<&str> = spec
+        let containers = spec
             .containers
             .iter()
             .chain(spec.init_containers.iter().flatten())
-            .map(|c| c.name.as_str())
-            .collect();
-        let count = names.len();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), count, "{label}: duplicate container names");
+            .map(|c| c.name.as_str());
+        assert!(
+            all_distinct(containers),
+            "{label}: duplicate container names"
+        );
 
-        let mut volumes: Vec<&str> = spec
-            .volumes
-            .iter()
-            .flatten()
-            .map(|v| v.name.as_str())
-            .collect();
-        let count = volumes.len();
-        volumes.sort_unstable();
-        volumes.dedup();
-        assert_eq!(volumes.len(), count, "{label}: duplicate volume names");
+        let volumes = spec.volumes.iter().flatten().map(|v| v.name.as_str());
+        assert!(all_distinct(volumes), "{label}: duplicate volume names");
 
         assert!(
             annotation_bytes(pod) <= MAX_ANNOTATIONS_BYTES,

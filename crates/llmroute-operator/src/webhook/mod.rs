@@ -726,23 +726,17 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Starts a webhook server on 127.0.0.1 with `timeouts`, and returns a TLS connector that
+    /// Starts a webhook server on 127.0.0.1 with `limits`, and returns a TLS connector that
     /// trusts its CA.
     async fn tls_server(
-        timeouts: ConnectionLimits,
+        limits: ConnectionLimits,
         folder: &std::path::Path,
     ) -> (SocketAddr, tokio_rustls::TlsConnector, watch::Sender<bool>) {
         let set = certs::generate(&["127.0.0.1".to_string()], &certs::Lifetimes::default())
             .expect("certificates");
         let resolver = Arc::new(certs::CertResolver::default());
         resolver.set(certs::certified_key(&set.cert_pem, &set.key_pem).expect("key"));
-        let metrics = Arc::new(Metrics::default());
-        let store = llmroute_control::Store::open(folder).expect("store");
-        let webhook = Arc::new(Webhook {
-            settings: InjectionSettings::default(),
-            backend: Arc::new(ClusterBackend::new(store, metrics.clone())),
-            metrics,
-        });
+        let webhook = Arc::new(test_webhook(folder));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let (stop, mut stopped) = watch::channel(false);
@@ -750,7 +744,7 @@ mod tests {
             listener,
             resolver,
             webhook,
-            timeouts,
+            limits,
             async move {
                 let _ = stopped.wait_for(|stop| *stop).await;
             },
@@ -1108,7 +1102,7 @@ mod tests {
         }
     }
 
-    /// Sends `request` and reads one response; returns its status line and body, or `None` when
+    /// Sends `request` and reads one response. Returns its status line and body, or `None` when
     /// the server closed the connection first.
     async fn exchange(
         stream: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
