@@ -4,13 +4,14 @@
 use indicatif::ProgressBar;
 use llmroute_policy::assets::{Assets, default_cache_dir};
 use llmroute_policy::bandit::ReplayEnvironment;
+use llmroute_policy::policy::network::PREFERENCE_INPUTS;
 use llmroute_policy::policy::{
     InferenceError, OnnxPolicy, PolicyMetadata, TrainConfig, from_onnx, metadata::POLICY_FORMAT,
     to_onnx_bytes, train,
 };
 use llmroute_policy::reward::Reward;
 use llmroute_policy::runtime::init_onnx_runtime;
-use ndarray::Array2;
+use ndarray::{Array2, s};
 use ort::environment::Environment;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -68,7 +69,9 @@ fn onnx_policy_matches_rust_forward_pass() {
 
     let mut rng = ChaCha8Rng::seed_from_u64(2);
     let embeddings = unit_rows(32, 384, &mut rng);
-    let w_quality: Vec<f32> = (0..32).map(|i| (i % 11) as f32 / 10.0).collect();
+    // The sweep's points, and points near both ends where the log-odds input is steep.
+    let mut w_quality: Vec<f32> = (0..22).map(|i| (i % 11) as f32 / 10.0).collect();
+    w_quality.extend([0.0, 1e-5, 1e-4, 0.001, 0.01, 0.5, 0.99, 0.999, 0.9999, 1.0]);
     let expected = network.probabilities(embeddings.view(), &w_quality);
     let actual = policy
         .probabilities_batch(embeddings.view(), &w_quality)
@@ -91,6 +94,56 @@ fn onnx_policy_matches_rust_forward_pass() {
             );
         }
     }
+}
+
+/// A policy written before the log-odds input existed has a `[2 × preference_dim]`
+/// `pref_weight` and no log-odds nodes. It must still load and match the Rust forward pass.
+#[test]
+fn policy_without_log_odds_input_still_runs() {
+    let environment = environment();
+    let (mut network, metadata) = trained_policy();
+    assert_eq!(network.pref_weight.nrows(), PREFERENCE_INPUTS);
+    // Large log-odds weights first, so that dropping them changes the probabilities.
+    network.pref_weight.row_mut(2).fill(3.0);
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let embeddings = unit_rows(16, 384, &mut rng);
+    let w_quality: Vec<f32> = (0..16).map(|i| i as f32 / 15.0).collect();
+    let with_log_odds = network.probabilities(embeddings.view(), &w_quality);
+
+    network.pref_weight = network.pref_weight.slice(s![..2, ..]).to_owned();
+    let expected = network.probabilities(embeddings.view(), &w_quality);
+    let changed = (&with_log_odds - &expected)
+        .mapv(f32::abs)
+        .fold(0.0f32, |m, &v| m.max(v));
+    assert!(changed > 1e-3, "the log-odds input made no difference");
+
+    let bytes = to_onnx_bytes(&network, &metadata);
+    let restored = from_onnx(&llmroute_policy::onnx::decode(&bytes).expect("decodes"))
+        .expect("weights read back");
+    assert_eq!(restored.pref_weight, network.pref_weight);
+    let mut policy = OnnxPolicy::from_bytes(&bytes, &environment, "memory").expect("policy loads");
+    let actual = policy
+        .probabilities_batch(embeddings.view(), &w_quality)
+        .expect("batch runs");
+    let worst = (&expected - &actual)
+        .mapv(f32::abs)
+        .fold(0.0f32, |m, &v| m.max(v));
+    assert!(worst <= 1e-5, "ONNX Runtime and Rust differ by {worst}");
+}
+
+/// A `pref_weight` with neither 2 nor 3 rows is an error naming the initializer.
+#[test]
+fn preference_weight_of_wrong_height_is_rejected() {
+    let (mut network, metadata) = trained_policy();
+    let extra = network.pref_weight.row(0).to_owned();
+    network
+        .pref_weight
+        .push_row(extra.view())
+        .expect("same width");
+    let bytes = to_onnx_bytes(&network, &metadata);
+    let error = from_onnx(&llmroute_policy::onnx::decode(&bytes).expect("decodes"))
+        .expect_err("4 preference inputs rejected");
+    assert!(error.to_string().contains("pref_weight"), "{error}");
 }
 
 #[test]

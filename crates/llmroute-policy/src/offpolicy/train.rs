@@ -355,6 +355,7 @@ mod tests {
     use super::*;
     use crate::offpolicy::synthetic;
     use crate::policy::adam::{gradient_slices, parameter_slices};
+    use crate::policy::network::PREFERENCE_INPUTS;
     use crate::policy::prior::{PricedModel, pricing_prior};
 
     fn small_network(rng: &mut ChaCha8Rng) -> PolicyNetwork {
@@ -476,7 +477,10 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 2 * 3 + 3 + 8 * 6 + 6 + 6 * 3 + 3 + 6 + 1);
+        assert_eq!(
+            checked,
+            PREFERENCE_INPUTS * 3 + 3 + 8 * 6 + 6 + 6 * 3 + 3 + 6 + 1
+        );
     }
 
     fn small_config() -> OffPolicyConfig {

@@ -1,13 +1,18 @@
 //! Writes a trained policy as an ONNX graph and reads its weights back.
 //!
 //! The graph computes exactly [`PolicyNetwork::forward`] without the value head:
-//! `probabilities = softmax(relu([embedding; tanh(preference · W_p + b_p)] · W_1 + b_1) · W_2 + b_2)`.
+//! `probabilities = softmax(relu([embedding; tanh(p(preference) · W_p + b_p)] · W_1 + b_1) · W_2 + b_2)`,
+//! with `p(w) = [w; ℓ(w)]` and the log-odds
+//! `ℓ(w) = (ln max(w_quality, ε) − ln max(w_cost, ε)) / s` of [`super::network::log_odds`] (policies written
+//! before `ℓ` existed have `p(w) = w`).
 //! The batch dimension is symbolic, so one file serves single decisions and batches.
 
 use ndarray::{Array1, Array2};
 
 use super::metadata::{POLICY_FORMAT, PolicyMetadata, keys, tensors};
-use super::network::{NetworkShape, PolicyNetwork};
+use super::network::{
+    LOG_ODDS_FLOOR, LOG_ODDS_SCALE, NetworkShape, PREFERENCE_INPUTS, PolicyNetwork,
+};
 use crate::onnx::{self, Dim, FLOAT, GraphBuilder, attr_int, proto::ModelProto};
 
 /// Initializer names in the exported graph.
@@ -17,6 +22,10 @@ const HIDDEN_WEIGHT: &str = "hidden_weight";
 const HIDDEN_BIAS: &str = "hidden_bias";
 const LOGIT_WEIGHT: &str = "logit_weight";
 const LOGIT_BIAS: &str = "logit_bias";
+/// Constants of the log-odds: the floor ε, and the `[2 × 1]` matrix `(1/s, −1/s)` that turns
+/// `(ln w_quality, ln w_cost)` into `ℓ`.
+const LOG_ODDS_FLOOR_NAME: &str = "log_odds_floor";
+const LOG_ODDS_WEIGHT: &str = "log_odds_weight";
 
 /// A policy file that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -89,8 +98,23 @@ pub fn to_onnx(network: &PolicyNetwork, metadata: &PolicyMetadata) -> ModelProto
         );
     }
 
-    // φ(w) = tanh(w · W_p + b_p)
-    let pref_linear = graph.node("MatMul", &[&preference, PREF_WEIGHT], vec![]);
+    // p(w) = [w; ℓ(w)], ℓ(w) = (ln max(w_quality, ε) − ln max(w_cost, ε)) / s
+    let pref_inputs = if network.pref_weight.nrows() == PREFERENCE_INPUTS {
+        graph.initializer_f32(LOG_ODDS_FLOOR_NAME, &[1], &[LOG_ODDS_FLOOR]);
+        graph.initializer_f32(
+            LOG_ODDS_WEIGHT,
+            &[2, 1],
+            &[1.0 / LOG_ODDS_SCALE, -1.0 / LOG_ODDS_SCALE],
+        );
+        let floored = graph.node("Max", &[&preference, LOG_ODDS_FLOOR_NAME], vec![]);
+        let logs = graph.node("Log", &[&floored], vec![]);
+        let odds = graph.node("MatMul", &[&logs, LOG_ODDS_WEIGHT], vec![]);
+        graph.node("Concat", &[&preference, &odds], vec![attr_int("axis", 1)])
+    } else {
+        preference.clone()
+    };
+    // φ(w) = tanh(p(w) · W_p + b_p)
+    let pref_linear = graph.node("MatMul", &[&pref_inputs, PREF_WEIGHT], vec![]);
     let pref_shifted = graph.node("Add", &[&pref_linear, PREF_BIAS], vec![]);
     let pref_features = graph.node("Tanh", &[&pref_shifted], vec![]);
 
@@ -263,7 +287,14 @@ pub fn from_onnx(model: &ModelProto) -> Result<PolicyNetwork, PolicyFileError> {
         hidden_dim,
         num_models: metadata.models.len(),
     };
-    if pref_weight.nrows() != 2 || hidden_weight.nrows() != shape.head_input_dim() {
+    if pref_weight.nrows() != 2 && pref_weight.nrows() != PREFERENCE_INPUTS {
+        return Err(PolicyFileError::WrongShape {
+            name: PREF_WEIGHT,
+            found: vec![pref_weight.nrows() as i64, preference_dim as i64],
+            expected: vec![PREFERENCE_INPUTS, preference_dim],
+        });
+    }
+    if hidden_weight.nrows() != shape.head_input_dim() {
         return Err(PolicyFileError::WrongShape {
             name: HIDDEN_WEIGHT,
             found: vec![hidden_weight.nrows() as i64, hidden_dim as i64],

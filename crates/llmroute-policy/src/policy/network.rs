@@ -1,6 +1,8 @@
 //! The BaRP policy network `π_θ(a | x, w)` with its forward and backward passes.
 //!
-//! - preference encoder `φ(w) = tanh(w · W_p + b_p)`, `w = (w_quality, w_cost)` → 16 features;
+//! - preference encoder `φ(w) = tanh(p(w) · W_p + b_p)` → 16 features, on the preference
+//!   inputs `p(w) = (w_quality, w_cost, ℓ(w))` of [`preference_inputs`], where `ℓ` is the scaled
+//!   log-odds of the two weights;
 //! - decision head `g([h(x); φ(w)])`: `z = relu([h; φ] · W_1 + b_1) · W_2 + b_2`, one logit per
 //!   model, and `π = softmax(z)`;
 //! - a value head `V(x, w) = u · v + b_v` on the hidden features `u`, used only as the
@@ -12,6 +14,47 @@ use ndarray::{Array1, Array2, ArrayView2, Axis, s};
 use rand::Rng;
 use rand_distr::{Distribution, Uniform};
 use serde::{Deserialize, Serialize};
+
+/// Preference inputs of a new network: `w_quality`, `w_cost` and the log-odds `ℓ(w)`.
+/// Policies written before the log-odds existed have 2 (no `ℓ`); [`PolicyNetwork::forward`]
+/// and the ONNX writer follow the row count of `pref_weight`, so both kinds keep working.
+pub const PREFERENCE_INPUTS: usize = 3;
+/// Floor ε of each weight before its logarithm, so that `w_quality = 0` and `= 1` have a finite
+/// log-odds: `ℓ` spans `±ln(1/ε) / s ≈ ±2.3`.
+pub const LOG_ODDS_FLOOR: f32 = 1e-4;
+/// Divisor `s` of the log-odds, which keeps `ℓ` in the range of the other two inputs' weights.
+pub const LOG_ODDS_SCALE: f32 = 4.0;
+
+/// Scaled log-odds of a preference (dimensionless):
+///
+/// `ℓ(w) = (ln max(w_quality, ε) − ln max(w_cost, ε)) / s`
+///
+/// The model with the best reward `w_q · q − w_c · c̃` depends on `w` only through the ratio
+/// `w_q / w_c`, and where it changes is spread evenly in `ℓ` but squeezed near both ends of
+/// `w_quality`: on paretobandit, gemini-2.5-pro becomes worth its price at about
+/// `w_quality = 0.985` (`ℓ ≈ 1.05`) and mistral-large at 0.03 to 0.3 (`ℓ ≈ −0.9` to −0.2),
+/// while `w_quality = 1` is at `ℓ ≈ 2.3`. On the validation splits of `examples/tune_barp.rs`
+/// this input raised the mean reward over the sweep on paretobandit-k3 and -k4 and left
+/// llmrouter-9llm's unchanged (`docs/benchmarks.md`).
+pub fn log_odds(w_quality: f32) -> f32 {
+    let quality = w_quality.max(LOG_ODDS_FLOOR);
+    let cost = (1.0 - w_quality).max(LOG_ODDS_FLOOR);
+    (quality.ln() - cost.ln()) / LOG_ODDS_SCALE
+}
+
+/// `[batch × inputs]` preference inputs `p(w)`: `(w_quality, w_cost)` and, with 3 inputs,
+/// `ℓ(w)`.
+pub fn preference_inputs(w_quality: &[f32], inputs: usize) -> Array2<f32> {
+    assert!(
+        inputs == 2 || inputs == PREFERENCE_INPUTS,
+        "2 or {PREFERENCE_INPUTS} preference inputs"
+    );
+    Array2::from_shape_fn((w_quality.len(), inputs), |(i, j)| match j {
+        0 => w_quality[i],
+        1 => 1.0 - w_quality[i],
+        _ => log_odds(w_quality[i]),
+    })
+}
 
 /// Sizes of the policy network.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,7 +79,7 @@ impl NetworkShape {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PolicyNetwork {
     pub shape: NetworkShape,
-    /// `[2 × preference_dim]`
+    /// `[inputs × preference_dim]`, `inputs` 3 (or 2 in policies written before `ℓ(w)`).
     pub pref_weight: Array2<f32>,
     pub pref_bias: Array1<f32>,
     /// `[(embedding_dim + preference_dim) × hidden_dim]`
@@ -53,7 +96,7 @@ pub struct PolicyNetwork {
 /// Intermediate values of one forward pass, kept for the backward pass.
 #[derive(Debug, Clone)]
 pub struct ForwardPass {
-    /// `[batch × 2]` preference inputs.
+    /// `[batch × inputs]` preference inputs `p(w)`.
     pub preferences: Array2<f32>,
     /// `[batch × preference_dim]` φ(w).
     pub pref_features: Array2<f32>,
@@ -90,7 +133,7 @@ impl PolicyNetwork {
             let uniform = Uniform::new_inclusive(-limit, limit).expect("finite range");
             Array2::from_shape_fn((rows, cols), |_| uniform.sample(rng))
         };
-        let pref_weight = glorot(2, shape.preference_dim);
+        let pref_weight = glorot(PREFERENCE_INPUTS, shape.preference_dim);
         let hidden_weight = glorot(shape.head_input_dim(), shape.hidden_dim);
         // Small output weights start the policy near uniform, so early sampling explores.
         let logit_weight = glorot(shape.hidden_dim, shape.num_models) * 0.1;
@@ -118,13 +161,7 @@ impl PolicyNetwork {
             "embedding dimension"
         );
 
-        let preferences = Array2::from_shape_fn((batch, 2), |(i, j)| {
-            if j == 0 {
-                w_quality[i]
-            } else {
-                1.0 - w_quality[i]
-            }
-        });
+        let preferences = preference_inputs(w_quality, self.pref_weight.nrows());
         let pref_features = (preferences.dot(&self.pref_weight) + &self.pref_bias).mapv(f32::tanh);
 
         let mut head_input = Array2::zeros((batch, self.shape.head_input_dim()));
@@ -233,4 +270,34 @@ pub fn argmax(values: &[f32]) -> usize {
         }
     }
     best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_odds_is_antisymmetric_bounded_and_increasing() {
+        let end = (1.0f32 / LOG_ODDS_FLOOR).ln() / LOG_ODDS_SCALE;
+        assert_eq!(log_odds(0.5), 0.0);
+        assert!((log_odds(1.0) - end).abs() < 1e-6, "{}", log_odds(1.0));
+        assert!((log_odds(0.0) + end).abs() < 1e-6, "{}", log_odds(0.0));
+        // w_quality = 0.985, where gemini-2.5-pro becomes worth its price on paretobandit.
+        assert!((log_odds(0.985) - (0.985f32 / 0.015).ln() / 4.0).abs() < 1e-5);
+        let grid: Vec<f32> = (0..=1000).map(|i| i as f32 / 1000.0).collect();
+        for pair in grid.windows(2) {
+            assert!(log_odds(pair[1]) > log_odds(pair[0]), "at {pair:?}");
+            assert!((log_odds(pair[0]) + log_odds(1.0 - pair[0])).abs() < 1e-4);
+        }
+    }
+
+    #[test]
+    fn preference_inputs_follow_the_weight_height() {
+        let inputs = preference_inputs(&[0.0, 0.25, 1.0], PREFERENCE_INPUTS);
+        assert_eq!(inputs.shape(), &[3, 3]);
+        assert_eq!(inputs.row(1).to_vec(), vec![0.25, 0.75, log_odds(0.25)]);
+        let legacy = preference_inputs(&[0.0, 0.25, 1.0], 2);
+        assert_eq!(legacy.shape(), &[3, 2]);
+        assert_eq!(legacy.row(2).to_vec(), vec![1.0, 0.0]);
+    }
 }

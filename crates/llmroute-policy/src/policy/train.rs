@@ -416,6 +416,7 @@ pub fn reinforce_gradients_with(
 mod tests {
     use super::*;
     use crate::policy::adam::{gradient_slices, parameter_slices};
+    use crate::policy::network::PREFERENCE_INPUTS;
     use ndarray::Array2;
 
     fn small_network(rng: &mut ChaCha8Rng) -> PolicyNetwork {
@@ -511,7 +512,10 @@ mod tests {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 2 * 3 + 3 + 8 * 6 + 6 + 6 * 3 + 3 + 6 + 1);
+        assert_eq!(
+            checked,
+            PREFERENCE_INPUTS * 3 + 3 + 8 * 6 + 6 + 6 * 3 + 3 + 6 + 1
+        );
     }
 
     /// Logit-bias gradients of the policy term alone (β = 0), the value head excluded.
@@ -677,6 +681,58 @@ mod tests {
             crate::policy::argmax(cost_first.row(1).as_slice().unwrap()),
             2,
             "cluster B at w=0"
+        );
+    }
+
+    /// Trains on a bandit whose best model changes next to "quality only", as on paretobandit,
+    /// and returns the expensive model's share of 20 prompts at `w = 1` and at `w = 0.95`. The
+    /// expensive model is better by 0.01 but costs 0.0145 USD more, so with τ = 0.022 USD it
+    /// is worth its price only for `w_quality > 0.659 / 0.669 ≈ 0.985`.
+    fn switch_near_quality_only() -> Vec<f32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let n = 200;
+        let embeddings = Array2::from_shape_fn((n, 8), |_| rng.random_range(-1.0..1.0));
+        let quality = Array2::from_shape_fn((n, 2), |(_, k)| [0.92, 0.93][k]);
+        let cost = Array2::from_shape_fn((n, 2), |(_, k)| [0.0005, 0.015][k]);
+
+        let mut environment =
+            ReplayEnvironment::new(embeddings.view(), quality.view(), cost.view());
+        let config = TrainConfig {
+            steps: 3000,
+            batch_size: 32,
+            hidden_dim: 32,
+            ..TrainConfig::default()
+        };
+        let (network, _) = train(
+            &mut environment,
+            Reward::new(0.022),
+            &config,
+            None,
+            &ProgressBar::hidden(),
+        );
+
+        let rows = embeddings.slice(ndarray::s![0..20, ..]);
+        let expensive_share = |w_quality: f32| {
+            let probabilities = network.probabilities(rows, &[w_quality; 20]);
+            let expensive = probabilities
+                .rows()
+                .into_iter()
+                .filter(|row| crate::policy::argmax(row.as_slice().unwrap()) == 1)
+                .count();
+            expensive as f32 / 20.0
+        };
+        vec![expensive_share(1.0), expensive_share(0.95)]
+    }
+
+    /// Needs the log-odds input `ℓ(w)`: the same training from a network without it (2
+    /// preference inputs) chose the cheap model at `w = 1` for all 20 prompts.
+    #[test]
+    fn training_resolves_a_switch_next_to_quality_only() {
+        let shares = switch_near_quality_only();
+        assert_eq!(
+            shares,
+            vec![1.0, 0.0],
+            "expensive model's share at w = 1 and 0.95"
         );
     }
 
