@@ -151,6 +151,9 @@ pub struct EvalReport {
     /// Cost scale τ in USD per call.
     pub tau_usd: f32,
     pub config: EvalConfig,
+    /// BaRP's training settings, when the caller trained BaRP and says how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub barp: Option<crate::policy::TrainConfig>,
     pub splits: Vec<SplitInfo>,
     pub rows: Vec<EvalRow>,
 }
@@ -334,6 +337,7 @@ pub fn evaluate(
         costs_are_estimates: dataset.cost_source.is_estimate(),
         tau_usd: tau,
         config: config.clone(),
+        barp: None,
         splits,
         rows,
     })

@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::{EvalError, EvalReport, EvalRow};
+use crate::policy::TrainConfig;
 
 /// Sweep points shown in the terminal tables.
 const TEXT_POINTS: [f32; 3] = [0.0, 0.5, 1.0];
@@ -352,10 +353,16 @@ fn write_hyperparameters(out: &mut String, report: &EvalReport) {
     let _ = writeln!(out, "\n## Hyper-parameters\n");
     let _ = writeln!(
         out,
-        "Set before any test result was seen; none was tuned on test data.\n"
+        "The baselines' settings were set before any test result was seen. BaRP's were compared \
+         on validation splits carved out of the training split (`examples/tune_barp.rs`) and kept \
+         only where they raised the mean validation reward over the sweep; earlier test results \
+         were known when choosing what to compare. None was tuned on test data.\n"
     );
     let _ = writeln!(out, "| router | setting |");
     let _ = writeln!(out, "|---|---|");
+    if let Some(barp) = &report.barp {
+        let _ = writeln!(out, "| barp | {} |", describe_barp(barp));
+    }
     let barp_trained = report
         .splits
         .iter()
@@ -393,6 +400,41 @@ fn write_hyperparameters(out: &mut String, report: &EvalReport) {
         out,
         "| oracle | per prompt argmax of the actual reward, ties to the cheaper model |"
     );
+}
+
+/// Describes BaRP's training settings in one row of the hyper-parameter table.
+fn describe_barp(config: &TrainConfig) -> String {
+    let length = match config.interactions_per_prompt {
+        Some(per_prompt) => format!(
+            "{per_prompt} draws per training prompt (⌈prompts · {per_prompt} / {}⌉ steps)",
+            config.batch_size
+        ),
+        None => format!("{} steps", config.steps),
+    };
+    let learning_rate = match config.learning_rate_end {
+        Some(end) => format!(
+            "Adam lr {} with cosine decay to {end}",
+            config.learning_rate
+        ),
+        None => format!("Adam lr {}", config.learning_rate),
+    };
+    format!(
+        "REINFORCE with a learned value baseline, {length}, batch {}, {learning_rate}, \
+         weight decay {}, entropy bonus {} → {}, w_q ~ Beta({a}, {a}), preference encoder \
+         (w_q, w_c, ℓ(w)) → {} tanh, hidden {} ReLU{}",
+        config.batch_size,
+        config.weight_decay,
+        config.entropy_start,
+        config.entropy_end,
+        config.preference_dim,
+        config.hidden_dim,
+        if config.normalize_advantages {
+            ", advantages normalised per batch"
+        } else {
+            ""
+        },
+        a = config.preference_concentration,
+    )
 }
 
 fn write_summary(out: &mut String, report: &EvalReport) {

@@ -314,6 +314,34 @@ fn summary_compares_with_targets() {
 }
 
 #[test]
+fn report_states_barp_settings_when_given() {
+    let mut report = tiny_report(CostSource::Recorded);
+    assert!(!render_markdown(&report).contains("| barp | REINFORCE"));
+    report.barp = Some(crate::policy::TrainConfig {
+        interactions_per_prompt: Some(200),
+        ..Default::default()
+    });
+    let markdown = render_markdown(&report);
+    let line = markdown
+        .lines()
+        .find(|line| line.starts_with("| barp | REINFORCE"))
+        .expect("a barp row in the hyper-parameter table");
+    for part in [
+        "200 draws per training prompt (⌈prompts · 200 / 64⌉ steps)",
+        "Adam lr 0.001 with cosine decay to 0.0001",
+        "weight decay 0.1",
+        "entropy bonus 0.05 → 0.005",
+        "w_q ~ Beta(0.5, 0.5)",
+        "(w_q, w_c, ℓ(w)) → 16 tanh, hidden 128 ReLU |",
+    ] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+    let json = report.to_json();
+    let back: EvalReport = serde_json::from_str(&json).expect("JSON reads back");
+    assert_eq!(back, report);
+}
+
+#[test]
 fn runs_without_barp() {
     let (dataset, train, test) = tiny_dataset(CostSource::Recorded);
     let report = evaluate(&dataset, train.view(), test.view(), &tiny_config(), None).unwrap();

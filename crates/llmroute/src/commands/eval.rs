@@ -56,13 +56,14 @@ pub fn run(workspace: &Workspace, args: &EvalArgs) -> Result<()> {
         Ok::<Box<dyn Router>, TrainerError>(Box::new(BarpRouter { network }))
     };
 
-    let report = eval::evaluate(
+    let mut report = eval::evaluate(
         &dataset,
         embeddings.train.view(),
         embeddings.test.view(),
         &config,
         Some(&mut barp),
     )?;
+    report.barp = Some(barp_config.clone());
 
     println!("{}", eval::render_text(&report));
     let written = eval::write_outputs(&report, &args.out)?;
