@@ -68,6 +68,22 @@ fn candidates() -> Vec<(&'static str, TrainConfig)> {
             },
         ),
         (
+            "200 per prompt, alpha 0.5, hidden 64",
+            TrainConfig {
+                interactions_per_prompt: Some(200),
+                hidden_dim: 64,
+                ..base.clone()
+            },
+        ),
+        (
+            "200 per prompt, alpha 0.5, hidden 32",
+            TrainConfig {
+                interactions_per_prompt: Some(200),
+                hidden_dim: 32,
+                ..base.clone()
+            },
+        ),
+        (
             "300 per prompt, alpha 0.5",
             TrainConfig {
                 interactions_per_prompt: Some(300),
