@@ -84,6 +84,14 @@ fn candidates() -> Vec<(&'static str, TrainConfig)> {
             },
         ),
         (
+            "200 per prompt, alpha 0.5, weight decay 0.3",
+            TrainConfig {
+                interactions_per_prompt: Some(200),
+                weight_decay: 0.3,
+                ..base.clone()
+            },
+        ),
+        (
             "300 per prompt, alpha 0.5",
             TrainConfig {
                 interactions_per_prompt: Some(300),
