@@ -146,6 +146,35 @@ fn preference_weight_of_wrong_height_is_rejected() {
     assert!(error.to_string().contains("pref_weight"), "{error}");
 }
 
+/// Weight shapes whose element count is negative or overflows are errors, not panics.
+#[test]
+fn weight_shapes_that_overflow_are_rejected() {
+    let (network, metadata) = trained_policy();
+    let bytes = to_onnx_bytes(&network, &metadata);
+    let cases: [(&[i64], usize); 4] = [
+        (&[1 << 32, 1 << 32], 0),
+        (&[-1, -384], 384),
+        (&[i64::MAX, 2], 0),
+        (&[384], 384),
+    ];
+    for (dims, values) in cases {
+        let mut model = llmroute_policy::onnx::decode(&bytes).expect("decodes");
+        let graph = model.graph.as_mut().expect("graph");
+        let weight = graph
+            .initializer
+            .iter_mut()
+            .find(|t| t.name == "hidden_weight")
+            .expect("hidden_weight initializer");
+        weight.dims = dims.to_vec();
+        weight.raw_data = vec![0; values * 4];
+        let error = from_onnx(&model).expect_err("shape rejected");
+        assert!(
+            error.to_string().contains("hidden_weight"),
+            "{dims:?}: {error}"
+        );
+    }
+}
+
 #[test]
 fn onnx_policy_weights_round_trip() {
     let (network, metadata) = trained_policy();

@@ -250,20 +250,22 @@ pub fn from_onnx(model: &ModelProto) -> Result<PolicyNetwork, PolicyFileError> {
                   expected: Option<[usize; 2]>|
      -> Result<Array2<f32>, PolicyFileError> {
         let (dims, values) = tensor(name)?;
-        let shape_ok = dims.len() == 2
-            && (dims[0] as usize) * (dims[1] as usize) == values.len()
-            && expected.is_none_or(|e| dims[0] as usize == e[0] && dims[1] as usize == e[1]);
-        if !shape_ok {
+        // Negative dimensions fail the conversion, and a product past usize fails the
+        // multiplication, so a crafted file cannot pass with a wrapped element count.
+        let shape = match dims.as_slice() {
+            [rows, cols] => usize::try_from(*rows).ok().zip(usize::try_from(*cols).ok()),
+            _ => None,
+        }
+        .filter(|&(rows, cols)| rows.checked_mul(cols) == Some(values.len()))
+        .filter(|&(rows, cols)| expected.is_none_or(|e| rows == e[0] && cols == e[1]));
+        let Some((rows, cols)) = shape else {
             return Err(PolicyFileError::WrongShape {
                 name,
                 found: dims,
                 expected: expected.map(|e| e.to_vec()).unwrap_or_default(),
             });
-        }
-        Ok(
-            Array2::from_shape_vec((dims[0] as usize, dims[1] as usize), values)
-                .expect("checked shape"),
-        )
+        };
+        Ok(Array2::from_shape_vec((rows, cols), values).expect("checked shape"))
     };
     let vector = |name: &'static str, expected: usize| -> Result<Array1<f32>, PolicyFileError> {
         let (dims, values) = tensor(name)?;
