@@ -17,17 +17,15 @@
 
 use std::collections::BTreeMap;
 
+mod common;
+
+use common::{Embedder, training_reward};
 use indicatif::ProgressBar;
-use llmroute_policy::assets::{Assets, default_cache_dir};
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::baselines::Router;
 use llmroute_policy::data::{self, Split};
-use llmroute_policy::embedding_cache::embed_cached;
-use llmroute_policy::encoder::Encoder;
 use llmroute_policy::policy::train::DEFAULT_INTERACTIONS_PER_PROMPT;
 use llmroute_policy::policy::{BarpRouter, TrainConfig, train};
-use llmroute_policy::reward::{Reward, calibrate_tau};
-use llmroute_policy::runtime::init_onnx_runtime;
 
 /// Groups a split's prompt indices by task name.
 fn rows_by_task(split: &Split) -> BTreeMap<String, Vec<usize>> {
@@ -87,23 +85,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let dataset = data::load(&name)?;
-    let cache = default_cache_dir()?;
-    let assets = Assets::locate(&cache)?;
-    init_onnx_runtime(&assets.onnx_runtime)?;
-    let mut encoder = Encoder::load(&assets, 2)?;
-    let mut embed = |suffix: &str, split: &Split| {
-        embed_cached(
-            &mut encoder,
-            &cache.join("embeddings"),
-            &format!("{name}-{suffix}"),
-            &split.prompts,
-            &ProgressBar::hidden(),
-        )
-    };
-    let train_embeddings = embed("train", &dataset.train)?;
-    let test_embeddings = embed("test", &dataset.test)?;
-    let reward =
-        Reward::new(calibrate_tau(dataset.train.cost.iter().copied(), 0.95).ok_or("no cost")?);
+    let mut embedder = Embedder::load()?;
+    let train_embeddings = embedder.embed(&dataset, "train", &dataset.train)?;
+    let test_embeddings = embedder.embed(&dataset, "test", &dataset.test)?;
+    let reward = training_reward(&dataset)?;
 
     let mut choices: Vec<Vec<usize>> = Vec::new();
     for seed in 7..7 + seeds {

@@ -13,17 +13,16 @@
 //! prints quality at w_quality = 1 and the mean reward over the sweep
 //! w_quality ∈ {0, 0.1, …, 1}, then the mean and standard deviation over the seeds.
 
+mod common;
+
+use common::{Embedder, training_reward};
 use indicatif::ProgressBar;
-use llmroute_policy::assets::{Assets, default_cache_dir};
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::baselines::Router;
 use llmroute_policy::data::{self, Split};
-use llmroute_policy::embedding_cache::embed_cached;
-use llmroute_policy::encoder::Encoder;
 use llmroute_policy::eval::W_GRID;
 use llmroute_policy::policy::{BarpRouter, TrainConfig, train};
-use llmroute_policy::reward::{Reward, calibrate_tau};
-use llmroute_policy::runtime::init_onnx_runtime;
+use llmroute_policy::reward::Reward;
 use ndarray::{Array2, Axis};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -304,19 +303,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let dataset = data::load(&name)?;
-    let cache = default_cache_dir()?;
-    let assets = Assets::locate(&cache)?;
-    init_onnx_runtime(&assets.onnx_runtime)?;
-    let mut encoder = Encoder::load(&assets, 2)?;
-    let embeddings = embed_cached(
-        &mut encoder,
-        &cache.join("embeddings"),
-        &format!("{name}-train"),
-        &dataset.train.prompts,
-        &ProgressBar::hidden(),
-    )?;
-    let reward =
-        Reward::new(calibrate_tau(dataset.train.cost.iter().copied(), 0.95).ok_or("no cost")?);
+    let embeddings = Embedder::load()?.embed(&dataset, "train", &dataset.train)?;
+    let reward = training_reward(&dataset)?;
 
     let mut order: Vec<usize> = (0..dataset.train.len()).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(99));
