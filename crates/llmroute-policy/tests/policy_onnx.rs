@@ -31,6 +31,11 @@ fn unit_rows(rows: usize, dim: usize, rng: &mut ChaCha8Rng) -> Array2<f32> {
     matrix
 }
 
+/// Returns the largest absolute difference between two matrices of the same shape.
+fn max_abs_difference(left: &Array2<f32>, right: &Array2<f32>) -> f32 {
+    (left - right).fold(0.0f32, |max, &value| max.max(value.abs()))
+}
+
 fn trained_policy() -> (llmroute_policy::policy::PolicyNetwork, PolicyMetadata) {
     let mut rng = ChaCha8Rng::seed_from_u64(1);
     let embeddings = unit_rows(64, 384, &mut rng);
@@ -76,9 +81,7 @@ fn onnx_policy_matches_rust_forward_pass() {
     let actual = policy
         .probabilities_batch(embeddings.view(), &w_quality)
         .expect("batch runs");
-    let worst = (&expected - &actual)
-        .mapv(f32::abs)
-        .fold(0.0f32, |m, &v| m.max(v));
+    let worst = max_abs_difference(&expected, &actual);
     println!("worst absolute difference, batch of 32: {worst:e}");
     assert!(worst <= 1e-5, "ONNX Runtime and Rust differ by {worst}");
 
@@ -112,9 +115,7 @@ fn policy_without_log_odds_input_still_runs() {
 
     network.pref_weight = network.pref_weight.slice(s![..2, ..]).to_owned();
     let expected = network.probabilities(embeddings.view(), &w_quality);
-    let changed = (&with_log_odds - &expected)
-        .mapv(f32::abs)
-        .fold(0.0f32, |m, &v| m.max(v));
+    let changed = max_abs_difference(&with_log_odds, &expected);
     assert!(changed > 1e-3, "the log-odds input made no difference");
 
     let bytes = to_onnx_bytes(&network, &metadata);
@@ -125,15 +126,13 @@ fn policy_without_log_odds_input_still_runs() {
     let actual = policy
         .probabilities_batch(embeddings.view(), &w_quality)
         .expect("batch runs");
-    let worst = (&expected - &actual)
-        .mapv(f32::abs)
-        .fold(0.0f32, |m, &v| m.max(v));
+    let worst = max_abs_difference(&expected, &actual);
     assert!(worst <= 1e-5, "ONNX Runtime and Rust differ by {worst}");
 }
 
 /// A `pref_weight` with neither 2 nor 3 rows is an error naming the initializer.
 #[test]
-fn preference_weight_of_wrong_height_is_rejected() {
+fn wrong_preference_weight_height_rejected() {
     let (mut network, metadata) = trained_policy();
     let extra = network.pref_weight.row(0).to_owned();
     network

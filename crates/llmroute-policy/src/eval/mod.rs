@@ -151,7 +151,7 @@ pub struct EvalReport {
     /// Cost scale τ in USD per call.
     pub tau_usd: f32,
     pub config: EvalConfig,
-    /// BaRP's training settings, when the caller trained BaRP and says how.
+    /// BaRP's training settings, when the caller trained BaRP and passed them in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub barp: Option<crate::policy::TrainConfig>,
     pub splits: Vec<SplitInfo>,

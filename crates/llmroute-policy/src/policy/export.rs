@@ -22,8 +22,8 @@ const HIDDEN_WEIGHT: &str = "hidden_weight";
 const HIDDEN_BIAS: &str = "hidden_bias";
 const LOGIT_WEIGHT: &str = "logit_weight";
 const LOGIT_BIAS: &str = "logit_bias";
-/// Constants of the log-odds: the floor ε, and the `[2 × 1]` matrix `(1/s, −1/s)` that turns
-/// `(ln w_quality, ln w_cost)` into `ℓ`.
+/// Initializer names of the log-odds constants: the floor ε, and the `[2 × 1]` matrix
+/// `(1/s, −1/s)` that turns `(ln w_quality, ln w_cost)` into `ℓ`.
 const LOG_ODDS_FLOOR_NAME: &str = "log_odds_floor";
 const LOG_ODDS_WEIGHT: &str = "log_odds_weight";
 

@@ -16,13 +16,14 @@ use rand_distr::{Distribution, Uniform};
 use serde::{Deserialize, Serialize};
 
 /// Preference inputs of a new network: `w_quality`, `w_cost` and the log-odds `ℓ(w)`.
-/// Policies written before the log-odds existed have 2 (no `ℓ`); [`PolicyNetwork::forward`]
+/// Policies written before the log-odds existed have 2 inputs. [`PolicyNetwork::forward`]
 /// and the ONNX writer follow the row count of `pref_weight`, so both kinds keep working.
 pub const PREFERENCE_INPUTS: usize = 3;
 /// Floor ε of each weight before its logarithm, so that `w_quality = 0` and `= 1` have a finite
 /// log-odds: `ℓ` spans `±ln(1/ε) / s ≈ ±2.3`.
 pub const LOG_ODDS_FLOOR: f32 = 1e-4;
-/// Divisor `s` of the log-odds, which keeps `ℓ` in the range of the other two inputs' weights.
+/// Divisor `s` of the log-odds, so that `ℓ` stays within ±2.3, near the [0, 1] range of the
+/// other two inputs.
 pub const LOG_ODDS_SCALE: f32 = 4.0;
 
 /// Scaled log-odds of a preference (dimensionless):
@@ -30,8 +31,8 @@ pub const LOG_ODDS_SCALE: f32 = 4.0;
 /// `ℓ(w) = (ln max(w_quality, ε) − ln max(w_cost, ε)) / s`
 ///
 /// The model with the best reward `w_q · q − w_c · c̃` depends on `w` only through the ratio
-/// `w_q / w_c`, and where it changes is spread evenly in `ℓ` but squeezed near both ends of
-/// `w_quality`: on paretobandit, gemini-2.5-pro becomes worth its price at about
+/// `w_q / w_c`. The points where it changes are squeezed near both ends of `w_quality` and
+/// spread out in `ℓ`. On paretobandit, gemini-2.5-pro becomes worth its price at about
 /// `w_quality = 0.985` (`ℓ ≈ 1.05`) and mistral-large at 0.03 to 0.3 (`ℓ ≈ −0.9` to −0.2),
 /// while `w_quality = 1` is at `ℓ ≈ 2.3`. On the validation splits of `examples/tune_barp.rs`
 /// this input raised the mean reward over the sweep on paretobandit-k3 and -k4 and left
@@ -42,8 +43,8 @@ pub fn log_odds(w_quality: f32) -> f32 {
     (quality.ln() - cost.ln()) / LOG_ODDS_SCALE
 }
 
-/// `[batch × inputs]` preference inputs `p(w)`: `(w_quality, w_cost)` and, with 3 inputs,
-/// `ℓ(w)`.
+/// Builds the `[batch × inputs]` preference inputs `p(w)`: `(w_quality, w_cost)` and, with 3
+/// inputs, `ℓ(w)`.
 pub fn preference_inputs(w_quality: &[f32], inputs: usize) -> Array2<f32> {
     assert!(
         inputs == 2 || inputs == PREFERENCE_INPUTS,

@@ -727,7 +727,7 @@ mod tests {
     /// Needs the log-odds input `ℓ(w)`: the same training from a network without it (2
     /// preference inputs) chose the cheap model at `w = 1` for all 20 prompts.
     #[test]
-    fn training_resolves_a_switch_next_to_quality_only() {
+    fn training_learns_switch_near_quality_only() {
         let shares = switch_near_quality_only();
         assert_eq!(
             shares,
