@@ -67,11 +67,8 @@ pub fn init_onnx_runtime(library: &Path) -> Result<Environment, RuntimeError> {
         })?;
     // Checked before anything is loaded, so the error does not depend on what this process
     // loaded earlier.
-    if !starts_with_elf_magic(&path) {
-        return Err(RuntimeError::NotALibrary {
-            path,
-            detail: "the file does not start with the ELF header".to_string(),
-        });
+    if let Err(detail) = check_elf_file(&path) {
+        return Err(RuntimeError::NotALibrary { path, detail });
     }
 
     // A poisoned lock only means another thread panicked while holding it: the stored value
@@ -122,13 +119,83 @@ fn load_error(path: &Path, error: ort::LoadDynamicError) -> RuntimeError {
     }
 }
 
-fn starts_with_elf_magic(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut file| file.read_exact(&mut magic))
-        .is_ok_and(|()| &magic == ELF_MAGIC)
+/// Checks that `path` is a complete 64-bit little-endian ELF file before it is loaded.
+///
+/// The dynamic loader maps every loadable segment of a library straight from the file. A
+/// truncated library keeps its ELF header, so the loader accepts it, and the process then dies
+/// of SIGBUS when it touches a page past the end of the file. Reading the program and section
+/// header tables and checking that each loadable segment and the section header table lie
+/// within the file turns that crash into an error.
+fn check_elf_file(path: &Path) -> Result<(), String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path).map_err(|error| error.to_string())?;
+    let size = file.metadata().map_err(|error| error.to_string())?.len();
+    let mut header = [0u8; ELF64_HEADER_LEN];
+    let read = file.read(&mut header).map_err(|error| error.to_string())?;
+    if read < ELF_MAGIC.len() || &header[..ELF_MAGIC.len()] != ELF_MAGIC {
+        return Err("the file does not start with the ELF header".to_string());
+    }
+    if read < ELF64_HEADER_LEN || header[4] != ELFCLASS64 || header[5] != ELFDATA2LSB {
+        return Err("not a 64-bit little-endian ELF file".to_string());
+    }
+    let u16_at =
+        |offset: usize| u64::from(u16::from_le_bytes([header[offset], header[offset + 1]]));
+    let u64_at =
+        |offset: usize| u64::from_le_bytes(header[offset..offset + 8].try_into().expect("8 bytes"));
+    let truncated = |what: &str, end: Option<u64>| {
+        format!(
+            "the file is truncated: it has {size} bytes, but its {what} ends at byte {}",
+            end.map_or_else(|| "past 2^64".to_string(), |end| end.to_string())
+        )
+    };
+
+    // Section header table: e_shoff (0x28), e_shentsize (0x3a), e_shnum (0x3c).
+    let section_end = u64_at(0x28).checked_add(u16_at(0x3a) * u16_at(0x3c));
+    if section_end.is_none_or(|end| end > size) {
+        return Err(truncated("section header table", section_end));
+    }
+    // Program header table: e_phoff (0x20), e_phentsize (0x36), e_phnum (0x38).
+    let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    let table_end = phoff.checked_add(phentsize * phnum);
+    if table_end.is_none_or(|end| end > size) {
+        return Err(truncated("program header table", table_end));
+    }
+    if phnum > 0 && phentsize < ELF64_PROGRAM_HEADER_LEN {
+        return Err(format!("invalid program header size {phentsize}"));
+    }
+    let mut table = vec![0u8; (phentsize * phnum) as usize];
+    file.seek(SeekFrom::Start(phoff))
+        .and_then(|_| file.read_exact(&mut table))
+        .map_err(|error| error.to_string())?;
+    for entry in table.chunks_exact(phentsize as usize) {
+        // p_type (0x0), p_offset (0x8), p_filesz (0x20)
+        let p_type = u32::from_le_bytes(entry[0..4].try_into().expect("4 bytes"));
+        if p_type != PT_LOAD {
+            continue;
+        }
+        let offset = u64::from_le_bytes(entry[0x8..0x10].try_into().expect("8 bytes"));
+        let file_size = u64::from_le_bytes(entry[0x20..0x28].try_into().expect("8 bytes"));
+        let end = offset.checked_add(file_size);
+        if end.is_none_or(|end| end > size) {
+            return Err(truncated(
+                &format!("loadable segment at byte {offset}"),
+                end,
+            ));
+        }
+    }
+    Ok(())
 }
+
+/// Length of the ELF64 file header.
+const ELF64_HEADER_LEN: usize = 64;
+/// Length of one ELF64 program header.
+const ELF64_PROGRAM_HEADER_LEN: u64 = 56;
+/// `e_ident[EI_CLASS]` of a 64-bit ELF file.
+const ELFCLASS64: u8 = 2;
+/// `e_ident[EI_DATA]` of a little-endian ELF file.
+const ELFDATA2LSB: u8 = 1;
+/// `p_type` of a loadable segment.
+const PT_LOAD: u32 = 1;
 
 #[cfg(test)]
 mod tests {
@@ -171,5 +238,49 @@ mod tests {
         let error = init_onnx_runtime(&path).unwrap_err();
         assert!(matches!(error, RuntimeError::NotALibrary { .. }), "{error}");
         assert!(error.to_string().contains("libonnxruntime.so"), "{error}");
+    }
+
+    #[test]
+    fn complete_elf_file_passes() {
+        // The test binary itself is a complete 64-bit little-endian ELF file.
+        check_elf_file(Path::new("/proc/self/exe")).unwrap();
+    }
+
+    #[test]
+    fn truncated_library_rejected_before_loading() {
+        let whole = std::fs::read("/proc/self/exe").unwrap();
+        let directory = tempfile::tempdir().unwrap();
+        for length in [100_000, whole.len() / 2, whole.len() - 1] {
+            let path = directory.path().join(format!("libonnxruntime-{length}.so"));
+            std::fs::write(&path, &whole[..length]).unwrap();
+            let error = init_onnx_runtime(&path).unwrap_err();
+            let message = error.to_string();
+            assert!(
+                matches!(error, RuntimeError::NotALibrary { .. }),
+                "{message}"
+            );
+            assert!(message.contains("truncated"), "{message}");
+            assert!(
+                message.contains(&format!("has {length} bytes")),
+                "{message}"
+            );
+            assert!(message.contains("llmroute setup"), "{message}");
+        }
+    }
+
+    #[test]
+    fn thirty_two_bit_elf_is_rejected() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("libonnxruntime.so");
+        let mut header = vec![0u8; 64];
+        header[..4].copy_from_slice(ELF_MAGIC);
+        header[4] = 1; // ELFCLASS32
+        header[5] = ELFDATA2LSB;
+        std::fs::write(&path, &header).unwrap();
+        let message = init_onnx_runtime(&path).unwrap_err().to_string();
+        assert!(
+            message.contains("not a 64-bit little-endian ELF file"),
+            "{message}"
+        );
     }
 }
