@@ -235,3 +235,154 @@ fn malformed_policy_files_are_errors() {
         "{preference}"
     );
 }
+
+/// Edits a copy of an encoded policy and returns the new file's bytes.
+fn edited(
+    bytes: &[u8],
+    edit: impl FnOnce(&mut llmroute_policy::onnx::proto::ModelProto),
+) -> Vec<u8> {
+    let mut model = llmroute_policy::onnx::decode(bytes).expect("decodes");
+    edit(&mut model);
+    llmroute_policy::onnx::encode(&model)
+}
+
+/// Sets metadata `key` of `model` to `value`.
+fn set_metadata(model: &mut llmroute_policy::onnx::proto::ModelProto, key: &str, value: &str) {
+    let entry = model
+        .metadata_props
+        .iter_mut()
+        .find(|entry| entry.key == key)
+        .expect("metadata key present");
+    entry.value = value.to_string();
+}
+
+/// NaN or infinite weights are rejected at load, naming the initializer: served, they would
+/// make every propensity NaN, and the argmax would quietly pick the first model.
+#[test]
+fn non_finite_weights_are_rejected_at_load() {
+    let environment = environment();
+    let (network, metadata) = trained_policy();
+    let bytes = to_onnx_bytes(&network, &metadata);
+    for (name, value) in [
+        ("logit_bias", f32::NAN),
+        ("hidden_weight", f32::INFINITY),
+        ("pref_bias", f32::NEG_INFINITY),
+    ] {
+        let broken = edited(&bytes, |model| {
+            let tensor = model
+                .graph
+                .as_mut()
+                .expect("graph")
+                .initializer
+                .iter_mut()
+                .find(|t| t.name == name)
+                .expect("initializer present");
+            tensor.raw_data[..4].copy_from_slice(&value.to_le_bytes());
+        });
+        let error = OnnxPolicy::from_bytes(&broken, &environment, "nan.onnx")
+            .expect_err("non-finite weights rejected");
+        let message = error.to_string();
+        assert!(message.contains("nan.onnx"), "{message}");
+        assert!(message.contains(&format!("`{name}`")), "{message}");
+        assert!(message.contains("NaN or infinite"), "{message}");
+        let model = llmroute_policy::onnx::decode(&broken).expect("decodes");
+        assert!(from_onnx(&model).is_err(), "{name}: from_onnx accepted it");
+    }
+}
+
+/// A graph without the `probabilities` output is an error at load, not a panic on a request.
+#[test]
+fn missing_probabilities_output_rejected() {
+    let environment = environment();
+    let (network, metadata) = trained_policy();
+    let bytes = to_onnx_bytes(&network, &metadata);
+    let broken = edited(&bytes, |model| {
+        let graph = model.graph.as_mut().expect("graph");
+        graph.output.retain(|output| output.name != "probabilities");
+    });
+    let message = OnnxPolicy::from_bytes(&broken, &environment, "no-output.onnx")
+        .expect_err("missing output rejected")
+        .to_string();
+    assert!(message.contains("no-output.onnx"), "{message}");
+    assert!(message.contains("no output `probabilities`"), "{message}");
+}
+
+/// Metadata that disagrees with the graph fails the trial decision at load, naming the file.
+#[test]
+fn mismatched_metadata_fails_at_load() {
+    let environment = environment();
+    let (network, metadata) = trained_policy();
+    let bytes = to_onnx_bytes(&network, &metadata);
+    let cases = [
+        ("llmroute.models", r#"["a","b","c"]"#, "llmroute.models"),
+        (
+            "llmroute.models",
+            r#"["a","b","c","d","e"]"#,
+            "llmroute.models",
+        ),
+        ("llmroute.embedding_dim", "100", "embedding"),
+    ];
+    for (key, value, expected) in cases {
+        let broken = edited(&bytes, |model| set_metadata(model, key, value));
+        let message = OnnxPolicy::from_bytes(&broken, &environment, "lying.onnx")
+            .expect_err("metadata mismatch rejected")
+            .to_string();
+        assert!(message.contains("lying.onnx"), "{key}={value}: {message}");
+        assert!(
+            message.contains("trial decision"),
+            "{key}={value}: {message}"
+        );
+        assert!(message.contains(expected), "{key}={value}: {message}");
+    }
+}
+
+/// Blank or repeated model names, a zero embedding size and an empty version are metadata
+/// errors naming the key.
+#[test]
+fn invalid_metadata_values_are_rejected() {
+    let environment = environment();
+    let (network, metadata) = trained_policy();
+    let bytes = to_onnx_bytes(&network, &metadata);
+    let cases = [
+        ("llmroute.models", r#"["a","b","a","d"]"#, "listed twice"),
+        ("llmroute.models", r#"["a","","c","d"]"#, "empty name"),
+        ("llmroute.embedding_dim", "0", "positive integer"),
+        ("llmroute.policy_version", " ", "version is empty"),
+    ];
+    for (key, value, reason) in cases {
+        let broken = edited(&bytes, |model| set_metadata(model, key, value));
+        let error = OnnxPolicy::from_bytes(&broken, &environment, "bad.onnx")
+            .expect_err("invalid metadata rejected");
+        let message = error.to_string();
+        assert!(
+            matches!(error, InferenceError::Malformed { .. }),
+            "{key}={value}: {message}"
+        );
+        assert!(message.contains(key), "{key}={value}: {message}");
+        assert!(message.contains(reason), "{key}={value}: {message}");
+    }
+}
+
+/// A graph whose `probabilities` are not a distribution (here the softmax replaced by a ReLU)
+/// is rejected, because propensities feed the importance weights of off-policy evaluation.
+#[test]
+fn non_propensity_outputs_rejected() {
+    let environment = environment();
+    let (network, metadata) = trained_policy();
+    let bytes = to_onnx_bytes(&network, &metadata);
+    let broken = edited(&bytes, |model| {
+        let graph = model.graph.as_mut().expect("graph");
+        let softmax = graph
+            .node
+            .iter_mut()
+            .find(|node| node.op_type == "Softmax")
+            .expect("softmax node");
+        softmax.op_type = "Relu".to_string();
+        softmax.attribute.clear();
+    });
+    let message = OnnxPolicy::from_bytes(&broken, &environment, "relu.onnx")
+        .expect_err("non-propensities rejected")
+        .to_string();
+    assert!(message.contains("relu.onnx"), "{message}");
+    assert!(message.contains("not propensities"), "{message}");
+}

@@ -48,6 +48,17 @@ pub enum PolicyFileError {
     },
     #[error("the ONNX model has no initializer `{0}`; the file is not a BaRP policy")]
     MissingWeights(&'static str),
+    #[error(
+        "initializer `{name}` holds {count} values that are NaN or infinite; the file is corrupt, or training diverged: retrain the policy"
+    )]
+    NonFiniteWeights { name: String, count: usize },
+    #[error(
+        "the graph has no {kind} `{name}`; a policy written by `llmroute train` has inputs `embedding` and `preference` and output `probabilities`"
+    )]
+    MissingTensor {
+        kind: &'static str,
+        name: &'static str,
+    },
     #[error("initializer `{name}` has shape {found:?}, expected {expected:?}")]
     WrongShape {
         name: &'static str,
@@ -197,13 +208,35 @@ pub fn read_metadata(model: &ModelProto) -> Result<PolicyMetadata, PolicyFileErr
             reason: "the policy names no model".to_string(),
         });
     }
+    // Output column k is models[k]: a blank or repeated name would make two columns one model,
+    // or route to a model no route can name.
+    if let Some(blank) = models.iter().position(|name| name.trim().is_empty()) {
+        return Err(PolicyFileError::InvalidMetadata {
+            key: keys::MODELS,
+            value: models_text,
+            reason: format!("model {blank} has an empty name"),
+        });
+    }
+    if let Some((index, name)) = models
+        .iter()
+        .enumerate()
+        .find(|(index, name)| models[..*index].contains(name))
+    {
+        return Err(PolicyFileError::InvalidMetadata {
+            key: keys::MODELS,
+            value: models_text.clone(),
+            reason: format!("model {name:?} is listed twice (again at position {index})"),
+        });
+    }
     let dim_text = lookup(keys::EMBEDDING_DIM)?;
     let embedding_dim = dim_text
         .parse()
-        .map_err(|e| PolicyFileError::InvalidMetadata {
+        .ok()
+        .filter(|&dim: &usize| dim > 0)
+        .ok_or_else(|| PolicyFileError::InvalidMetadata {
             key: keys::EMBEDDING_DIM,
             value: dim_text.clone(),
-            reason: format!("expected a positive integer ({e})"),
+            reason: "expected a positive integer".to_string(),
         })?;
     let tau_text = lookup(keys::COST_SCALE)?;
     let cost_scale_usd: f32 = tau_text
@@ -215,9 +248,17 @@ pub fn read_metadata(model: &ModelProto) -> Result<PolicyMetadata, PolicyFileErr
             value: tau_text.clone(),
             reason: "expected a positive number of USD".to_string(),
         })?;
+    let version = lookup(keys::VERSION)?;
+    if version.trim().is_empty() {
+        return Err(PolicyFileError::InvalidMetadata {
+            key: keys::VERSION,
+            value: version,
+            reason: "the policy version is empty".to_string(),
+        });
+    }
     Ok(PolicyMetadata {
         format,
-        version: lookup(keys::VERSION)?,
+        version,
         models,
         encoder: lookup(keys::ENCODER)?,
         embedding_dim,
@@ -225,10 +266,60 @@ pub fn read_metadata(model: &ModelProto) -> Result<PolicyMetadata, PolicyFileErr
     })
 }
 
+/// Checks the graph's interface and weights before ONNX Runtime builds a session from it: the
+/// inputs `embedding` and `preference`, the output `probabilities`, and only finite values in
+/// every float initializer. A NaN weight makes every propensity NaN, and an argmax over NaN
+/// silently picks the first model.
+pub fn check_graph(model: &ModelProto) -> Result<(), PolicyFileError> {
+    let graph = model.graph.as_ref().ok_or(PolicyFileError::MissingTensor {
+        kind: "output",
+        name: tensors::PROBABILITIES,
+    })?;
+    for name in [tensors::EMBEDDING, tensors::PREFERENCE] {
+        if !graph.input.iter().any(|input| input.name == name) {
+            return Err(PolicyFileError::MissingTensor {
+                kind: "input",
+                name,
+            });
+        }
+    }
+    if !graph
+        .output
+        .iter()
+        .any(|output| output.name == tensors::PROBABILITIES)
+    {
+        return Err(PolicyFileError::MissingTensor {
+            kind: "output",
+            name: tensors::PROBABILITIES,
+        });
+    }
+    for tensor in &graph.initializer {
+        if tensor.data_type != FLOAT {
+            continue;
+        }
+        let raw = tensor
+            .raw_data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        let count = raw
+            .chain(tensor.float_data.iter().copied())
+            .filter(|value| !value.is_finite())
+            .count();
+        if count > 0 {
+            return Err(PolicyFileError::NonFiniteWeights {
+                name: tensor.name.clone(),
+                count,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Reads the weights of a policy file back into a network, for continued training from a
 /// stable policy. The value head is not exported, so it restarts at zero.
 pub fn from_onnx(model: &ModelProto) -> Result<PolicyNetwork, PolicyFileError> {
     let metadata = read_metadata(model)?;
+    check_graph(model)?;
     let graph = model
         .graph
         .as_ref()

@@ -8,7 +8,7 @@ use ort::session::Session;
 use ort::value::TensorRef;
 use sha2::{Digest, Sha256};
 
-use super::export::{PolicyFileError, read_metadata};
+use super::export::{PolicyFileError, check_graph, read_metadata};
 use super::metadata::{PolicyMetadata, tensors};
 use crate::onnx;
 
@@ -41,7 +41,22 @@ pub enum InferenceError {
     Preference(f32),
     #[error("ONNX Runtime failed to run policy {version}: {detail}")]
     Run { version: String, detail: String },
+    #[error(
+        "policy {version} returned {detail}; its outputs are not propensities, so the file is corrupt or was not written by `llmroute train`"
+    )]
+    NotPropensities { version: String, detail: String },
+    #[error(
+        "policy file {path} failed a trial decision at load: {source}; its graph does not match its metadata (llmroute.models, llmroute.embedding_dim), so retrain it with `llmroute train`"
+    )]
+    TrialDecision {
+        path: String,
+        source: Box<InferenceError>,
+    },
 }
+
+/// Largest distance of a row's propensities from summing to 1 that a decision accepts: far above
+/// the float32 rounding of a softmax over a few models, far below a real fault.
+const PROPENSITY_SUM_TOLERANCE: f32 = 1e-3;
 
 /// A loaded policy version. `ort` sessions run with `&mut self`, so use one per worker thread
 /// or guard it with a lock.
@@ -84,6 +99,7 @@ impl OnnxPolicy {
         // error about policies rather than about graphs.
         let model = onnx::decode(bytes).map_err(|e| malformed(e.into()))?;
         let metadata = read_metadata(&model).map_err(malformed)?;
+        check_graph(&model).map_err(malformed)?;
 
         let session_error = |detail: String| InferenceError::Session {
             path: origin.to_string(),
@@ -96,11 +112,27 @@ impl OnnxPolicy {
             .commit_from_memory(bytes)
             .map_err(|e| session_error(e.to_string()))?;
 
-        Ok(Self {
+        let mut policy = Self {
             session,
             metadata,
             sha256: hex::encode(Sha256::digest(bytes)),
-        })
+        };
+        policy
+            .trial_decision()
+            .map_err(|source| InferenceError::TrialDecision {
+                path: origin.to_string(),
+                source: Box::new(source),
+            })?;
+        Ok(policy)
+    }
+
+    /// Runs the policy once on a zero embedding at three preferences, so that a graph whose
+    /// output does not fit its metadata, or whose outputs are not propensities, fails at load
+    /// rather than on a request.
+    fn trial_decision(&mut self) -> Result<(), InferenceError> {
+        let embeddings = Array2::<f32>::zeros((3, self.metadata.embedding_dim));
+        self.probabilities_batch(embeddings.view(), &[0.0, 0.5, 1.0])
+            .map(drop)
     }
 
     pub fn metadata(&self) -> &PolicyMetadata {
@@ -163,11 +195,53 @@ impl OnnxPolicy {
                 tensors::PREFERENCE => preference_tensor,
             ])
             .map_err(|e| run_error(e.to_string()))?;
-        let (_, values) = outputs[tensors::PROBABILITIES]
+        let output = outputs.get(tensors::PROBABILITIES).ok_or_else(|| {
+            run_error(format!(
+                "the graph has no output `{}`",
+                tensors::PROBABILITIES
+            ))
+        })?;
+        let (shape, values) = output
             .try_extract_tensor::<f32>()
             .map_err(|e| run_error(e.to_string()))?;
         let models = self.metadata.models.len();
-        Array2::from_shape_vec((w_quality.len(), models), values.to_vec())
-            .map_err(|e| run_error(format!("output has an unexpected shape: {e}")))
+        let expected = [w_quality.len() as i64, models as i64];
+        if **shape != expected {
+            return Err(run_error(format!(
+                "output `{}` has shape {:?}, but {} prompts and the {models} models of \
+                 llmroute.models need {expected:?}",
+                tensors::PROBABILITIES,
+                &**shape,
+                w_quality.len(),
+            )));
+        }
+        let probabilities = Array2::from_shape_vec((w_quality.len(), models), values.to_vec())
+            .map_err(|e| run_error(format!("output has an unexpected shape: {e}")))?;
+        check_propensities(&probabilities).map_err(|detail| InferenceError::NotPropensities {
+            version: self.metadata.version.clone(),
+            detail,
+        })?;
+        Ok(probabilities)
     }
+}
+
+/// Checks that every row is a probability distribution: finite values in [0, 1] summing to 1
+/// within [`PROPENSITY_SUM_TOLERANCE`]. The importance weights of off-policy evaluation divide
+/// by these values, so a NaN or a row that does not sum to 1 would corrupt them silently.
+fn check_propensities(probabilities: &Array2<f32>) -> Result<(), String> {
+    for (row, values) in probabilities.rows().into_iter().enumerate() {
+        if let Some(bad) = values
+            .iter()
+            .find(|p| !p.is_finite() || !(0.0..=1.0).contains(*p))
+        {
+            return Err(format!("propensity {bad} for prompt {row}, outside [0, 1]"));
+        }
+        let sum: f32 = values.sum();
+        if (sum - 1.0).abs() > PROPENSITY_SUM_TOLERANCE {
+            return Err(format!(
+                "propensities summing to {sum} for prompt {row}, not 1"
+            ));
+        }
+    }
+    Ok(())
 }
