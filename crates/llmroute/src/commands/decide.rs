@@ -26,6 +26,12 @@ pub struct DecideArgs {
 pub fn run(workspace: &Workspace, args: &DecideArgs) -> Result<()> {
     let preference = Preference::parse(&args.preference)?;
     // Checked before ONNX Runtime loads, so that a wrong path fails at once.
+    if args.policy.is_dir() {
+        bail!(
+            "{} is a folder; pass the policy.onnx file inside it, which `llmroute train --out DIR` writes",
+            args.policy.display()
+        );
+    }
     if !args.policy.is_file() {
         bail!(
             "policy file {} not found; pass the policy.onnx that `llmroute train --out DIR` writes",
@@ -35,6 +41,18 @@ pub fn run(workspace: &Workspace, args: &DecideArgs) -> Result<()> {
     let environment = workspace.onnx_runtime()?;
     let mut policy = OnnxPolicy::load(&args.policy, &environment)?;
     let mut encoder = workspace.encoder(1)?;
+    // The sidecar rejects a policy trained on another encoder's embeddings, so `decide` does too.
+    let trained_with = &policy.metadata().encoder;
+    if trained_with != encoder.digest() {
+        bail!(
+            "policy {} ({}) was trained with encoder {trained_with}, but this machine runs \
+             encoder {}; train the policy here with `llmroute train`, or run `llmroute setup` \
+             to install the encoder the policy was trained with",
+            policy.metadata().version,
+            args.policy.display(),
+            encoder.digest()
+        );
+    }
     let embedding = encoder
         .embed(&args.prompt)
         .context("failed to embed the prompt")?;
