@@ -36,8 +36,30 @@ pub enum EncoderError {
     },
     #[error("invalid tokenizer {path}: {detail}; delete it and run `llmroute setup` again")]
     Tokenizer { path: PathBuf, detail: String },
-    #[error("failed to tokenize the prompt starting {prefix:?}: {detail}")]
-    Tokenize { prefix: String, detail: String },
+    #[error(
+        "failed to tokenize the prompt starting {prefix:?}: {detail}; if {tokenizer} was changed, run `llmroute setup` to restore it"
+    )]
+    Tokenize {
+        prefix: String,
+        detail: String,
+        tokenizer: PathBuf,
+    },
+    #[error(
+        "{path} is not the prompt encoder: it has no {kind} `{name}`; delete it and run `llmroute setup` again"
+    )]
+    Interface {
+        path: PathBuf,
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error(
+        "the encoder {path} returned {count} NaN or infinite values for a batch of {batch} prompts; the file is corrupt: delete it and run `llmroute setup` again"
+    )]
+    NonFinite {
+        path: PathBuf,
+        count: usize,
+        batch: usize,
+    },
     #[error(
         "failed to create an ONNX Runtime session from {path}: {detail}; delete it and run `llmroute setup` again"
     )]
@@ -62,6 +84,9 @@ pub struct Encoder {
     session: Session,
     tokenizer: Tokenizer,
     digest: String,
+    /// `encoder.onnx` and `tokenizer.json`, named in errors.
+    model_path: PathBuf,
+    tokenizer_path: PathBuf,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -103,17 +128,24 @@ impl Encoder {
             .map_err(|error| session_error(error.into()))?
             .commit_from_file(&assets.encoder)
             .map_err(session_error)?;
-        tracing::info!(
-            encoder = %assets.encoder.display(),
-            digest = %digest,
-            threads = threads.max(1),
-            "loaded the prompt encoder"
-        );
-        Ok(Encoder {
+        check_interface(&session, &assets.encoder)?;
+        let mut encoder = Encoder {
             session,
             tokenizer,
             digest,
-        })
+            model_path: assets.encoder.clone(),
+            tokenizer_path: assets.tokenizer.clone(),
+        };
+        // A trial embedding at load, so that corrupt weights fail here rather than on the first
+        // request (the output check in `run` rejects NaN or infinite values).
+        encoder.embed("llmroute")?;
+        tracing::info!(
+            encoder = %assets.encoder.display(),
+            digest = %encoder.digest,
+            threads = threads.max(1),
+            "loaded the prompt encoder"
+        );
+        Ok(encoder)
     }
 
     /// Returns the token ids the model receives for `text`: `[CLS]`, word pieces, `[SEP]`,
@@ -125,6 +157,7 @@ impl Encoder {
             .map_err(|error| EncoderError::Tokenize {
                 prefix: text.chars().take(40).collect(),
                 detail: error.to_string(),
+                tokenizer: self.tokenizer_path.clone(),
             })?;
         Ok(encoding.get_ids().to_vec())
     }
@@ -224,6 +257,14 @@ impl Encoder {
                 expected,
             });
         }
+        let count = embedding.iter().filter(|value| !value.is_finite()).count();
+        if count > 0 {
+            return Err(EncoderError::NonFinite {
+                path: self.model_path.clone(),
+                count,
+                batch,
+            });
+        }
         let values: Vec<f32> = embedding.iter().copied().collect();
         Array2::from_shape_vec((batch, EMBEDDING_DIM), values).map_err(|_| {
             EncoderError::OutputShape {
@@ -232,6 +273,32 @@ impl Encoder {
             }
         })
     }
+}
+
+/// Checks that the session has the encoder's inputs and output, so that another ONNX model in
+/// `encoder.onnx`'s place is named as such rather than failing each run with ONNX Runtime's
+/// message about an input name.
+fn check_interface(session: &Session, path: &Path) -> Result<(), EncoderError> {
+    let has = |outlets: &[ort::value::Outlet], name: &str| {
+        outlets.iter().any(|outlet| outlet.name() == name)
+    };
+    for name in ["input_ids", "attention_mask"] {
+        if !has(session.inputs(), name) {
+            return Err(EncoderError::Interface {
+                path: path.to_path_buf(),
+                kind: "input",
+                name,
+            });
+        }
+    }
+    if !has(session.outputs(), "embedding") {
+        return Err(EncoderError::Interface {
+            path: path.to_path_buf(),
+            kind: "output",
+            name: "embedding",
+        });
+    }
+    Ok(())
 }
 
 /// Parses `tokenizer.json` and replaces its shipped settings, which are for a different use:
