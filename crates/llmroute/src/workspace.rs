@@ -39,7 +39,13 @@ impl Workspace {
             Ok(assets) => Ok(assets),
             Err(missing) => {
                 tracing::info!(reason = %missing, cache = %self.cache.display(), "running set-up");
-                Ok(assets::setup(&self.cache)?)
+                assets::setup(&self.cache).with_context(|| match &missing {
+                    assets::AssetError::Missing { path } => format!(
+                        "{} is missing, and the set-up that would restore it failed",
+                        path.display()
+                    ),
+                    other => format!("{other}, and the set-up that would restore it failed"),
+                })
             }
         }
     }
