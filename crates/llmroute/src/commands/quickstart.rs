@@ -26,6 +26,7 @@ use llmroute_api::crd::{ExplorationMode, PolicyPhase};
 use llmroute_api::rollout::{CanaryStep, RolloutSpec, TrainingSpec};
 use llmroute_control::route::{ExplorationSpec, LlmRoute};
 use llmroute_control::{ControlPlane, LearningLoop, Store, serve};
+use llmroute_policy::assets::Assets;
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::data::{RoutingDataset, Split};
 use llmroute_policy::encoder::digest_of_files;
@@ -104,11 +105,14 @@ fn spawn(
     let exe = std::env::current_exe().context("failed to find the llmroute binary")?;
     let log_file = std::fs::File::create(log)
         .with_context(|| format!("failed to create the log {}", log.display()))?;
-    let mut child = Command::new(exe)
+    let mut command = Command::new(exe);
+    command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(log_file.try_clone()?)
+        .stderr(log_file.try_clone()?);
+    end_with_parent(&mut command);
+    let mut child = command
         .spawn()
         .with_context(|| format!("failed to start llmroute {name}"))?;
     let stdout = child.stdout.take().expect("stdout is piped");
@@ -139,6 +143,32 @@ fn spawn(
         }
     });
     Ok((process, found))
+}
+
+/// Makes the child receive SIGTERM when the quickstart process ends, however it ends.
+///
+/// [`ChildProcess`]'s drop stops the children on a normal exit or an error, but a SIGTERM or
+/// SIGKILL sent to the quickstart's process id skips it, and the servers would keep their
+/// ports. Linux's `PR_SET_PDEATHSIG` fires when the thread that spawned the child exits, which
+/// is the main thread here, so it fires when the process does.
+fn end_with_parent(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe calls between fork and exec (prctl, getppid), no
+    // allocation and no lock.
+    let parent = std::process::id() as libc::pid_t;
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have ended before prctl took effect. ESRCH ("no such process")
+            // is built without allocating, which is not allowed between fork and exec.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Extracts `http://ADDRESS` from a line.
@@ -409,6 +439,13 @@ pub fn run(workspace: &Workspace, args: &QuickstartArgs) -> Result<()> {
         bail!("invalid --concurrency 0: use at least 1 worker");
     }
     let dataset = crate::workspace::load_dataset(&args.dataset, None)?;
+    if Assets::locate(&workspace.cache).is_err() {
+        // The set-up logs go to the log file, so this line prints what the wait is for.
+        println!(
+            "first run: downloading ONNX Runtime and the encoder weights into {} and building the encoder; this takes a minute or two",
+            workspace.cache.display()
+        );
+    }
     let assets = workspace.assets()?;
     let encoder = digest_of_files(&assets.encoder, &assets.tokenizer)
         .context("failed to read the encoder files")?;
@@ -580,6 +617,12 @@ pub fn run(workspace: &Workspace, args: &QuickstartArgs) -> Result<()> {
         ),
         Err(error) => println!("\nthe comparison with offline training failed: {error:#}"),
     }
+    println!(
+        "\nnext: `llmroute policies --route {ROUTE} --state {}` lists the versions and rollout \
+         decisions; `llmroute eval --dataset {}` compares BaRP with other routers",
+        out.join("state").display(),
+        dataset.name
+    );
     Ok(())
 }
 
@@ -852,6 +895,35 @@ async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn child_ends_with_its_spawner() {
+        use std::os::unix::process::ExitStatusExt;
+        // PR_SET_PDEATHSIG fires when the spawning thread exits, so a short-lived thread
+        // takes the place of the quickstart process.
+        let mut child = std::thread::spawn(|| {
+            let mut command = Command::new("sleep");
+            command.arg("30");
+            end_with_parent(&mut command);
+            command.spawn().expect("sleep starts")
+        })
+        .join()
+        .expect("the spawning thread ends");
+        let mut status = None;
+        for _ in 0..100 {
+            status = child.try_wait().expect("child status");
+            if status.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let Some(status) = status else {
+            child.kill().expect("kill the child");
+            child.wait().expect("reap the child");
+            panic!("the child outlived its spawning thread by 5 s");
+        };
+        assert_eq!(status.signal(), Some(libc::SIGTERM), "{status:?}");
+    }
 
     #[test]
     fn address_in_reads_listening_lines() {
