@@ -80,3 +80,24 @@ fn foreign_encoder_model_is_named() {
         "{message}"
     );
 }
+
+#[test]
+fn token_id_past_vocabulary_names_tokenizer() {
+    let real = assets();
+    let mut tokenizer: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&real.tokenizer).unwrap()).unwrap();
+    tokenizer["model"]["vocab"]["hello"] = serde_json::json!(40_000);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, serde_json::to_vec(&tokenizer).unwrap()).unwrap();
+    let damaged = Assets {
+        tokenizer: path.clone(),
+        ..real
+    };
+    let mut encoder = Encoder::load(&damaged, 1).expect("other words still embed");
+    let error = encoder.embed("hello").expect_err("id 40000 rejected");
+    let message = error.to_string();
+    assert!(message.contains("token id 40000"), "{message}");
+    assert!(message.contains(&path.display().to_string()), "{message}");
+    assert!(message.contains("llmroute setup"), "{message}");
+}

@@ -18,7 +18,8 @@ const HEADS: usize = 12;
 const HEAD_DIM: usize = HIDDEN / HEADS;
 const LAYERS: usize = 6;
 const INTERMEDIATE: usize = 1536;
-const VOCABULARY: usize = 30522;
+/// Number of rows of the word-piece embedding table (`vocab_size` in `config.json`).
+pub const VOCABULARY: usize = 30522;
 const MAX_POSITIONS: usize = 512;
 const LAYER_NORM_EPSILON: f32 = 1e-12;
 /// Default epsilon of `torch.nn.functional.normalize`, which sentence-transformers' Normalize

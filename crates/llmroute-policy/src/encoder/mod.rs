@@ -159,7 +159,20 @@ impl Encoder {
                 detail: error.to_string(),
                 tokenizer: self.tokenizer_path.clone(),
             })?;
-        Ok(encoding.get_ids().to_vec())
+        let ids = encoding.get_ids();
+        // An id past the embedding table would fail inside ONNX Runtime's Gather with a
+        // message that names neither file.
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= bert::VOCABULARY) {
+            return Err(EncoderError::Tokenize {
+                prefix: text.chars().take(40).collect(),
+                detail: format!(
+                    "token id {id} is outside the encoder's vocabulary of {} word-pieces",
+                    bert::VOCABULARY
+                ),
+                tokenizer: self.tokenizer_path.clone(),
+            });
+        }
+        Ok(ids.to_vec())
     }
 
     /// Embeds one prompt.
