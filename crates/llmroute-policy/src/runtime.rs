@@ -27,7 +27,7 @@ pub enum RuntimeError {
         source: std::io::Error,
     },
     #[error(
-        "{path} is not a shared library ({detail}); point to libonnxruntime.so {REQUIRED_ONNX_RUNTIME} or newer, as installed by `llmroute setup`"
+        "{path} is not a usable shared library ({detail}); run `llmroute setup` to restore the pinned release, or point to libonnxruntime.so {REQUIRED_ONNX_RUNTIME} or newer"
     )]
     NotALibrary { path: PathBuf, detail: String },
     #[error(

@@ -284,7 +284,7 @@ fn non_finite_weights_are_rejected_at_load() {
         let message = error.to_string();
         assert!(message.contains("nan.onnx"), "{message}");
         assert!(message.contains(&format!("`{name}`")), "{message}");
-        assert!(message.contains("NaN or infinite"), "{message}");
+        assert!(message.contains("NaN or infinite values"), "{message}");
         let model = llmroute_policy::onnx::decode(&broken).expect("decodes");
         assert!(from_onnx(&model).is_err(), "{name}: from_onnx accepted it");
     }
@@ -347,6 +347,11 @@ fn invalid_metadata_values_are_rejected() {
         ("llmroute.models", r#"["a","b","a","d"]"#, "listed twice"),
         ("llmroute.models", r#"["a","","c","d"]"#, "empty name"),
         ("llmroute.embedding_dim", "0", "positive integer"),
+        (
+            "llmroute.embedding_dim",
+            "10000000000000",
+            "positive integer up to 65536",
+        ),
         ("llmroute.policy_version", " ", "version is empty"),
     ];
     for (key, value, reason) in cases {

@@ -27,6 +27,10 @@ const LOGIT_BIAS: &str = "logit_bias";
 const LOG_ODDS_FLOOR_NAME: &str = "log_odds_floor";
 const LOG_ODDS_WEIGHT: &str = "log_odds_weight";
 
+/// Largest `llmroute.embedding_dim` a policy file may state. Sentence encoders produce a few
+/// hundred to a few thousand values, and a larger claim would only size allocations.
+pub const MAX_EMBEDDING_DIM: usize = 1 << 16;
+
 /// A policy file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyFileError {
@@ -49,7 +53,7 @@ pub enum PolicyFileError {
     #[error("the ONNX model has no initializer `{0}`; the file is not a BaRP policy")]
     MissingWeights(&'static str),
     #[error(
-        "initializer `{name}` holds {count} values that are NaN or infinite; the file is corrupt, or training diverged: retrain the policy"
+        "initializer `{name}` contains {count} NaN or infinite values; the file is corrupt, or training diverged: retrain the policy"
     )]
     NonFiniteWeights { name: String, count: usize },
     #[error(
@@ -232,11 +236,11 @@ pub fn read_metadata(model: &ModelProto) -> Result<PolicyMetadata, PolicyFileErr
     let embedding_dim = dim_text
         .parse()
         .ok()
-        .filter(|&dim: &usize| dim > 0)
+        .filter(|dim: &usize| (1..=MAX_EMBEDDING_DIM).contains(dim))
         .ok_or_else(|| PolicyFileError::InvalidMetadata {
             key: keys::EMBEDDING_DIM,
             value: dim_text.clone(),
-            reason: "expected a positive integer".to_string(),
+            reason: format!("expected a positive integer up to {MAX_EMBEDDING_DIM}"),
         })?;
     let tau_text = lookup(keys::COST_SCALE)?;
     let cost_scale_usd: f32 = tau_text
