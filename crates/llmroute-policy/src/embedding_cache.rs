@@ -58,7 +58,8 @@ pub enum EmbeddingCacheError {
 }
 
 /// Returns the embeddings of `prompts`, `[prompts.len(), EMBEDDING_DIM]`, from the cache file
-/// for `label` in `cache_dir`, or embeds them with `encoder` and writes that file.
+/// for `label` in `cache_dir`, or embeds them with `encoder` and writes that file. A failure
+/// to write the file is logged as a warning and does not fail the call.
 ///
 /// `label` names the data set in the file name, for people browsing the folder. The cache key
 /// is the pair of digests. `progress` advances by one per embedded prompt on a miss.
@@ -86,14 +87,32 @@ pub fn embed_cached(
     }
 
     let embeddings = encoder.embed_many(prompts, BATCH_SIZE, progress)?;
+    // The cache only saves later runs the embedding, so a failure to fill it is no reason
+    // to fail this run.
+    match store_embeddings(cache_dir, &path, &key, &embeddings) {
+        Ok(()) => tracing::info!(path = %path.display(), "wrote the embedding cache file"),
+        Err(error) => tracing::warn!(
+            path = %path.display(),
+            %error,
+            "failed to write the embedding cache file; later runs embed these prompts again"
+        ),
+    }
+    Ok(embeddings)
+}
+
+/// Creates `cache_dir` when it is missing and writes the cache file `path` in it.
+fn store_embeddings(
+    cache_dir: &Path,
+    path: &Path,
+    key: &CacheKey,
+    embeddings: &Array2<f32>,
+) -> Result<(), EmbeddingCacheError> {
     std::fs::create_dir_all(cache_dir).map_err(|source| AssetError::Io {
         action: "create the folder",
         path: cache_dir.to_path_buf(),
         source,
     })?;
-    write_embeddings(&path, &key, &embeddings)?;
-    tracing::info!(path = %path.display(), "wrote the embedding cache file");
-    Ok(embeddings)
+    write_embeddings(path, key, embeddings)
 }
 
 /// The two digests a cache file is keyed by.

@@ -37,6 +37,32 @@ fn read_manifest(dir: &Path) -> PolicyManifest {
     serde_json::from_slice(&text).expect("policy.json parses")
 }
 
+/// Creates a cache folder whose asset folders link to those of the default cache (set up by
+/// `llmroute setup`), so that a test can change the rest of the cache.
+fn cache_linking_assets() -> tempfile::TempDir {
+    let real = default_cache_dir().unwrap();
+    let assets = Assets::locate(&real).expect("assets set up");
+    let cache = tempfile::tempdir().unwrap();
+    for path in [
+        &assets.onnx_runtime,
+        &assets.safetensors,
+        &assets.tokenizer,
+        &assets.encoder,
+    ] {
+        let top = path
+            .strip_prefix(&real)
+            .expect("assets lie in the cache")
+            .components()
+            .next()
+            .expect("asset path has a folder");
+        let link = cache.path().join(top);
+        if !link.exists() {
+            std::os::unix::fs::symlink(real.join(top), link).unwrap();
+        }
+    }
+    cache
+}
+
 #[test]
 fn train_writes_servable_policy() {
     let out = tempfile::tempdir().unwrap();
@@ -73,6 +99,42 @@ fn train_writes_servable_policy() {
         .expect("decision runs");
     assert_eq!(probabilities.len(), 3);
     assert!((probabilities.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+}
+
+#[test]
+fn unwritable_embedding_cache_is_a_warning() {
+    let cache = cache_linking_assets();
+    // A file where the embeddings folder belongs makes every cache write fail, even as root.
+    let blocker = cache.path().join("embeddings");
+    std::fs::write(&blocker, "not a folder").unwrap();
+
+    let out = tempfile::tempdir().unwrap();
+    let output = llmroute(&[
+        "--cache",
+        path_arg(cache.path()),
+        "train",
+        "--dataset",
+        "paretobandit-k3",
+        "--max-prompts",
+        "20",
+        "--steps",
+        "2",
+        "--out",
+        path_arg(out.path()),
+    ]);
+    assert_success(&output);
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("failed to write the embedding cache file"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(path_arg(&blocker)),
+        "names the file: {stderr}"
+    );
+    assert!(out.path().join("policy.onnx").is_file());
+    assert!(out.path().join("policy.json").is_file());
 }
 
 #[test]
