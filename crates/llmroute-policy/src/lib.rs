@@ -11,6 +11,7 @@ pub mod encoder;
 pub mod eval;
 pub mod offpolicy;
 pub mod onnx;
+pub mod output;
 pub mod policy;
 pub mod reward;
 pub mod runtime;

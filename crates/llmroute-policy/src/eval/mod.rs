@@ -242,11 +242,8 @@ pub enum EvalError {
         pulls: u64,
         expected: u64,
     },
-    #[error("cannot write {path}: {source}; check that the folder is writable")]
-    Write {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
 }
 
 /// Trains every router on both splits and scores it at every sweep point.

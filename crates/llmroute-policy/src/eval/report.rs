@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use super::{EvalError, EvalReport, EvalRow};
+use crate::output::replace_files;
 use crate::policy::TrainConfig;
 
 /// Sweep points shown in the terminal tables.
@@ -489,11 +490,10 @@ fn write_summary(out: &mut String, report: &EvalReport) {
 
 /// Writes `eval.json`, `report.md` and one `quality_cost_<split>.svg` per split into `dir`,
 /// creating it if needed, and returns the written paths.
+///
+/// The files replace the previous outputs together ([`replace_files`]): on an error the
+/// folder keeps its previous outputs and no temporary file.
 pub fn write_outputs(report: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>, EvalError> {
-    std::fs::create_dir_all(dir).map_err(|source| EvalError::Write {
-        path: dir.to_path_buf(),
-        source,
-    })?;
     let mut files = vec![
         ("eval.json".to_string(), report.to_json()),
         ("report.md".to_string(), render_markdown(report)),
@@ -504,15 +504,11 @@ pub fn write_outputs(report: &EvalReport, dir: &Path) -> Result<Vec<PathBuf>, Ev
             super::render_svg(report, &split.name),
         ));
     }
-    let mut written = Vec::new();
-    for (name, contents) in files {
-        let path = dir.join(name);
-        std::fs::write(&path, contents).map_err(|source| EvalError::Write {
-            path: path.clone(),
-            source,
-        })?;
-        written.push(path);
-    }
+    let contents: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(name, text)| (name.as_str(), text.as_bytes()))
+        .collect();
+    let written = replace_files(dir, &contents)?;
     tracing::info!(dir = %dir.display(), files = written.len(), "wrote evaluation outputs");
     Ok(written)
 }

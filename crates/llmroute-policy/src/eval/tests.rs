@@ -297,6 +297,48 @@ fn outputs_mark_estimated_costs() {
 }
 
 #[test]
+fn failed_output_keeps_previous_report() {
+    let report = tiny_report(CostSource::Estimated {
+        method: "bytes / 4 tokens".to_string(),
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let previous = ["eval.json", "quality_cost_id.svg", "quality_cost_ood.svg"];
+    for name in previous {
+        std::fs::write(dir.path().join(name), format!("previous {name}")).unwrap();
+    }
+    // A folder at report.md makes its rename fail after eval.json is already replaced.
+    std::fs::create_dir(dir.path().join("report.md")).unwrap();
+    std::fs::write(dir.path().join("report.md").join("notes.txt"), "kept").unwrap();
+
+    let error = write_outputs(&report, dir.path()).unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("report.md"), "{message}");
+    assert!(
+        message.contains("previous files are unchanged"),
+        "{message}"
+    );
+    for name in previous {
+        let text = std::fs::read_to_string(dir.path().join(name)).unwrap();
+        assert_eq!(text, format!("previous {name}"), "{name} was changed");
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "eval.json",
+            "quality_cost_id.svg",
+            "quality_cost_ood.svg",
+            "report.md"
+        ],
+        "a temporary file was left"
+    );
+}
+
+#[test]
 fn summary_compares_with_targets() {
     let report = tiny_report(CostSource::Recorded);
     let summaries = summarise_against_targets(&report, "barp");
