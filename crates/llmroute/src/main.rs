@@ -56,6 +56,7 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    ignore_file_size_signal();
     let cli = Cli::parse();
     // The quickstart draws a live table on stdout; its control plane logs to a file instead.
     let log_file = match &cli.command {
@@ -95,6 +96,17 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {}", error_message(&error));
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Ignores SIGXFSZ, so that a write past the file-size limit (`ulimit -f`) fails with EFBIG
+/// instead of killing the process: the command then removes its temporary files, keeps the
+/// previous outputs and names the file in its error.
+fn ignore_file_size_signal() {
+    #[cfg(unix)]
+    // SAFETY: `signal` with SIG_IGN installs no handler code, and no other thread runs yet.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
 }
 

@@ -18,6 +18,38 @@ fn llmroute(args: &[&str]) -> Output {
         .expect("llmroute starts")
 }
 
+/// Runs `llmroute`, checks that it failed and returns its standard error.
+fn llmroute_fails(args: &[&str]) -> String {
+    let output = llmroute(args);
+    assert!(!output.status.success(), "{args:?} was accepted");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Returns the sorted names in `dir`.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Arguments of a quick `llmroute train` run into `out`.
+fn quick_train(out: &Path) -> Vec<&str> {
+    vec![
+        "train",
+        "--dataset",
+        "paretobandit-k3",
+        "--max-prompts",
+        "20",
+        "--steps",
+        "2",
+        "--out",
+        path_arg(out),
+    ]
+}
+
 fn assert_success(output: &Output) {
     assert!(
         output.status.success(),
@@ -396,4 +428,66 @@ fn sidecar_rejects_zero_settings_by_name() {
             "{stderr}"
         );
     }
+}
+
+#[test]
+fn failed_policy_write_keeps_previous_pair() {
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(out.path().join("policy.onnx"), "previous onnx").unwrap();
+    // A non-empty folder at policy.json makes the second rename fail after policy.onnx was
+    // replaced.
+    let blocker = out.path().join("policy.json");
+    std::fs::create_dir(&blocker).unwrap();
+    std::fs::write(blocker.join("notes.txt"), "kept").unwrap();
+
+    let stderr = llmroute_fails(&quick_train(out.path()));
+    assert!(
+        stderr.contains(&format!(
+            "failed to move the new {} into place",
+            blocker.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("previous files are unchanged"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("policy.onnx")).unwrap(),
+        "previous onnx"
+    );
+    assert_eq!(
+        std::fs::read_to_string(blocker.join("notes.txt")).unwrap(),
+        "kept"
+    );
+    assert_eq!(names_in(out.path()), ["policy.json", "policy.onnx"]);
+}
+
+#[test]
+fn file_size_limit_keeps_previous_pair() {
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(out.path().join("policy.onnx"), "previous onnx").unwrap();
+    std::fs::write(out.path().join("policy.json"), "previous json").unwrap();
+    // policy.onnx takes about 200 KB, more than the 64 blocks (32 or 64 KiB, by shell) allowed,
+    // while policy.json takes about 1 KB.
+    let mut command = vec![
+        "-c",
+        "ulimit -f 64 && exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_llmroute"),
+    ];
+    command.extend(quick_train(out.path()));
+    let output = Command::new("sh")
+        .args(&command)
+        .output()
+        .expect("sh starts");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{}\n{stderr}", output.status);
+    let onnx = out.path().join("policy.onnx");
+    assert!(
+        stderr.contains(&format!("failed to write {}", onnx.display())),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&onnx).unwrap(), "previous onnx");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("policy.json")).unwrap(),
+        "previous json"
+    );
+    assert_eq!(names_in(out.path()), ["policy.json", "policy.onnx"]);
 }

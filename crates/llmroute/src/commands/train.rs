@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use llmroute_policy::bandit::ReplayEnvironment;
+use llmroute_policy::output::replace_files;
 use llmroute_policy::policy::metadata::POLICY_FORMAT;
 use llmroute_policy::policy::train::DEFAULT_INTERACTIONS_PER_PROMPT;
 use llmroute_policy::policy::{
@@ -153,16 +154,14 @@ pub fn run(workspace: &Workspace, args: &TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// Writes `policy.onnx` and `policy.json` into `out`, each through a temporary file, so a
-/// reader never sees half a policy.
+/// Writes `policy.onnx` and `policy.json` into `out`, replacing any previous pair together
+/// ([`replace_files`]): on an error `out` keeps its previous pair and no temporary file.
 pub fn write_policy(
     out: &Path,
     network: &llmroute_policy::policy::PolicyNetwork,
     metadata: PolicyMetadata,
     record: TrainingRecord,
 ) -> Result<(PathBuf, PathBuf)> {
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("failed to create the output folder {}", out.display()))?;
     let bytes = to_onnx_bytes(network, &metadata);
     let manifest = PolicyManifest {
         metadata,
@@ -170,21 +169,16 @@ pub fn write_policy(
         file: "policy.onnx".to_string(),
         training: Some(record),
     };
-    let onnx_path = out.join("policy.onnx");
-    let manifest_path = out.join("policy.json");
-    write_atomically(&onnx_path, &bytes)?;
-    write_atomically(
-        &manifest_path,
-        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    let manifest_text = serde_json::to_string_pretty(&manifest)?;
+    // policy.json goes last: a reader that finds a new manifest also finds its ONNX file.
+    let written = replace_files(
+        out,
+        &[
+            ("policy.onnx", &bytes),
+            ("policy.json", manifest_text.as_bytes()),
+        ],
     )?;
+    let [onnx_path, manifest_path] =
+        <[PathBuf; 2]>::try_from(written).expect("replace_files returns one path per file");
     Ok((onnx_path, manifest_path))
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, bytes)
-        .with_context(|| format!("failed to write {}", temporary.display()))?;
-    std::fs::rename(&temporary, path)
-        .with_context(|| format!("failed to move {} into place", path.display()))?;
-    Ok(())
 }
