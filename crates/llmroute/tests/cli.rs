@@ -491,3 +491,53 @@ fn file_size_limit_keeps_previous_pair() {
     );
     assert_eq!(names_in(out.path()), ["policy.json", "policy.onnx"]);
 }
+
+#[test]
+fn output_file_is_rejected_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("results");
+    std::fs::write(&file, "a file").unwrap();
+    let train = llmroute_fails(&quick_train(&file));
+    let eval = llmroute_fails(&[
+        "eval",
+        "--dataset",
+        "paretobandit-k3",
+        "--max-prompts",
+        "20",
+        "--out",
+        path_arg(&file),
+    ]);
+    for stderr in [train, eval] {
+        assert!(
+            stderr.contains(&format!(
+                "invalid --out {0}: {0} is a file, not a folder",
+                file.display()
+            )),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("File exists"), "{stderr}");
+        assert!(!stderr.contains("loaded ONNX Runtime"), "{stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "a file");
+}
+
+#[test]
+fn json_folder_is_rejected_before_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let stderr = llmroute_fails(&[
+        "eval",
+        "--dataset",
+        "paretobandit-k3",
+        "--max-prompts",
+        "20",
+        "--out",
+        path_arg(&dir.path().join("report")),
+        "--json",
+        path_arg(dir.path()),
+    ]);
+    assert!(
+        stderr.contains("the path is a folder. Pass the path of a file"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("loaded ONNX Runtime"), "{stderr}");
+}

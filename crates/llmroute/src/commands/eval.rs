@@ -1,12 +1,14 @@
 //! `llmroute eval`: trains BaRP and every baseline router on a data set under the same bandit
 //! feedback, sweeps the preference, prints the tables and writes the report, plot and JSON.
 
-use std::path::PathBuf;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::baselines::Router;
 use llmroute_policy::eval::{self, EvalConfig, TrainerError};
+use llmroute_policy::output::{prepare_folder, replace_files};
 use llmroute_policy::policy::{BarpRouter, TrainConfig, train};
 use llmroute_policy::reward::Reward;
 
@@ -18,7 +20,8 @@ pub struct EvalArgs {
     /// Data set: llmrouter-9llm, paretobandit-k3, paretobandit-k4.
     #[arg(long, default_value = "llmrouter-9llm")]
     pub dataset: String,
-    /// Folder for the Markdown report and the quality-vs-cost plots.
+    /// Folder for eval.json, the Markdown report and the quality-vs-cost plots, created if
+    /// missing.
     #[arg(long, default_value = "llmroute-eval")]
     pub out: PathBuf,
     /// Also write every row (router, split, w_quality, means, shares) as JSON to this file.
@@ -31,14 +34,20 @@ pub struct EvalArgs {
 pub fn run(workspace: &Workspace, args: &EvalArgs) -> Result<()> {
     let dataset = load_dataset(&args.dataset, args.hyper.max_prompts)?;
     let barp_config = args.hyper.config()?;
-    let embeddings = workspace.embed_dataset(&dataset)?;
-
     // Every bandit learner gets the same number of observed outcomes as BaRP on each split
     // (`eval::evaluate` reads BaRP's pull count).
     let config = EvalConfig {
         seed: args.hyper.seed,
         ..EvalConfig::default()
     };
+    // Checked before the embedding and training, which take minutes on the full data sets.
+    let json = args.json.as_deref().map(json_target).transpose()?;
+    prepare_folder(&args.out).with_context(|| format!("invalid --out {}", args.out.display()))?;
+    if let (Some(path), Some((folder, _))) = (&args.json, json) {
+        prepare_folder(folder).with_context(|| format!("invalid --json {}", path.display()))?;
+    }
+
+    let embeddings = workspace.embed_dataset(&dataset)?;
     let mut barp = |environment: &mut ReplayEnvironment<'_>, reward: Reward, seed: u64| {
         let run_config = TrainConfig {
             seed,
@@ -70,10 +79,29 @@ pub fn run(workspace: &Workspace, args: &EvalArgs) -> Result<()> {
     for path in written {
         println!("wrote {}", path.display());
     }
-    if let Some(json_path) = &args.json {
-        std::fs::write(json_path, report.to_json())
-            .with_context(|| format!("failed to write {}", json_path.display()))?;
-        println!("wrote {}", json_path.display());
+    if let Some((folder, name)) = json {
+        let written = replace_files(folder, &[(name, report.to_json().as_bytes())])?;
+        for path in written {
+            println!("wrote {}", path.display());
+        }
     }
     Ok(())
+}
+
+/// Splits --json into its folder and file name, failing when the path is a folder.
+fn json_target(path: &Path) -> Result<(&Path, &OsStr)> {
+    let Some(name) = path.file_name() else {
+        bail!("invalid --json {}: pass the path of a file", path.display());
+    };
+    if path.is_dir() {
+        bail!(
+            "invalid --json {}: the path is a folder. Pass the path of a file",
+            path.display()
+        );
+    }
+    let folder = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    Ok((folder, name))
 }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use llmroute_policy::bandit::ReplayEnvironment;
-use llmroute_policy::output::replace_files;
+use llmroute_policy::output::{prepare_folder, replace_files};
 use llmroute_policy::policy::metadata::POLICY_FORMAT;
 use llmroute_policy::policy::train::DEFAULT_INTERACTIONS_PER_PROMPT;
 use llmroute_policy::policy::{
@@ -23,7 +23,7 @@ pub struct TrainArgs {
     /// paretobandit-k4.
     #[arg(long, default_value = "llmrouter-9llm")]
     pub dataset: String,
-    /// Folder to write policy.onnx and policy.json into.
+    /// Folder to write policy.onnx and policy.json into, created if missing.
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
     /// Version label written into the policy.
@@ -100,6 +100,8 @@ pub fn run(workspace: &Workspace, args: &TrainArgs) -> Result<()> {
     let dataset = load_dataset(&args.dataset, args.hyper.max_prompts)?;
     let config = args.hyper.config()?.for_prompts(dataset.train.len());
     let reward = args.hyper.reward(dataset.train.cost.iter().copied())?;
+    // Checked before the embedding and training, which take minutes on the full data sets.
+    prepare_folder(&args.out).with_context(|| format!("invalid --out {}", args.out.display()))?;
 
     let mut encoder = workspace.bulk_encoder()?;
     let embeddings =
