@@ -541,3 +541,26 @@ fn json_folder_is_rejected_before_training() {
     );
     assert!(!stderr.contains("loaded ONNX Runtime"), "{stderr}");
 }
+
+#[test]
+fn eval_too_few_prompts_names_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    for max in ["1", "2"] {
+        let stderr = llmroute_fails(&[
+            "eval",
+            "--dataset",
+            "paretobandit-k3",
+            "--max-prompts",
+            max,
+            "--out",
+            path_arg(dir.path()),
+        ]);
+        assert!(
+            stderr.contains(&format!("invalid --max-prompts {max}:")),
+            "{stderr}"
+        );
+        assert!(stderr.contains("Use a larger --max-prompts"), "{stderr}");
+        assert!(!stderr.contains("hold out fewer tasks"), "{stderr}");
+        assert!(!stderr.contains("loaded ONNX Runtime"), "{stderr}");
+    }
+}

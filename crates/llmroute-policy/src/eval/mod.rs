@@ -219,11 +219,14 @@ pub enum EvalError {
          EvalConfig::held_out_tasks"
     )]
     NoHeldOutTasks { dataset: String },
-    #[error("data set `{dataset}`, {split} split: {message}")]
+    #[error("data set `{dataset}`, {split} split: {problem}. {advice}")]
     EmptySplit {
         dataset: String,
         split: &'static str,
-        message: String,
+        /// Description of the missing rows, for example "no test prompts of the held-out tasks
+        /// (t3)".
+        problem: String,
+        advice: &'static str,
     },
     #[error("{split} split: {source}")]
     Baseline {
@@ -264,46 +267,16 @@ pub fn evaluate(
         },
     )?;
     let reward = Reward::new(tau);
-    let held_out: Vec<String> = match &config.held_out_tasks {
-        Some(tasks) => tasks.clone(),
-        None => held_out_tasks(&dataset.name)
-            .ok_or_else(|| EvalError::NoHeldOutTasks {
-                dataset: dataset.name.clone(),
-            })?
-            .iter()
-            .map(|task| task.to_string())
-            .collect(),
-    };
-
-    let all_train: Vec<usize> = (0..dataset.train.len()).collect();
-    let all_test: Vec<usize> = (0..dataset.test.len()).collect();
-    let ood_train = dataset
-        .train
-        .indices_where(|task| !is_held_out(task, &held_out));
-    let ood_test = dataset
-        .test
-        .indices_where(|task| is_held_out(task, &held_out));
-    let plans = [
-        ("id", all_train, all_test, Vec::new()),
-        ("ood", ood_train, ood_test, held_out),
-    ];
 
     let mut splits = Vec::new();
     let mut rows = Vec::new();
-    for (split, train_rows, test_rows, held_out) in plans {
-        let empty = |message: &str| EvalError::EmptySplit {
-            dataset: dataset.name.clone(),
-            split,
-            message: message.to_string(),
-        };
-        if train_rows.is_empty() {
-            return Err(empty("no training prompts remain; hold out fewer tasks"));
-        }
-        if test_rows.is_empty() {
-            return Err(empty(
-                "no test prompts; hold out tasks that occur in the test split",
-            ));
-        }
+    for plan in plan_splits(dataset, config)? {
+        let SplitPlan {
+            name: split,
+            train_rows,
+            test_rows,
+            held_out,
+        } = plan;
         let split_data = SplitData {
             name: split,
             train: dataset.train.subset(&train_rows),
@@ -338,6 +311,83 @@ pub fn evaluate(
         splits,
         rows,
     })
+}
+
+/// Checks, before any embedding or training, that both evaluation splits of `dataset` have
+/// training and test prompts under `config`'s held-out tasks.
+pub fn check_splits(dataset: &RoutingDataset, config: &EvalConfig) -> Result<(), EvalError> {
+    plan_splits(dataset, config).map(|_| ())
+}
+
+/// The rows of the data set's train and test splits that one evaluation split uses.
+struct SplitPlan {
+    name: &'static str,
+    train_rows: Vec<usize>,
+    test_rows: Vec<usize>,
+    /// Held-out task families, empty for the `id` split.
+    held_out: Vec<String>,
+}
+
+/// Selects the rows of the `id` and `ood` splits and fails when a split has no training or no
+/// test prompts.
+fn plan_splits(dataset: &RoutingDataset, config: &EvalConfig) -> Result<[SplitPlan; 2], EvalError> {
+    let held_out: Vec<String> = match &config.held_out_tasks {
+        Some(tasks) => tasks.clone(),
+        None => held_out_tasks(&dataset.name)
+            .ok_or_else(|| EvalError::NoHeldOutTasks {
+                dataset: dataset.name.clone(),
+            })?
+            .iter()
+            .map(|task| task.to_string())
+            .collect(),
+    };
+    let plans = [
+        SplitPlan {
+            name: "id",
+            train_rows: (0..dataset.train.len()).collect(),
+            test_rows: (0..dataset.test.len()).collect(),
+            held_out: Vec::new(),
+        },
+        SplitPlan {
+            name: "ood",
+            train_rows: dataset
+                .train
+                .indices_where(|task| !is_held_out(task, &held_out)),
+            test_rows: dataset
+                .test
+                .indices_where(|task| is_held_out(task, &held_out)),
+            held_out,
+        },
+    ];
+    for plan in &plans {
+        let empty = |problem: String, advice: &'static str| EvalError::EmptySplit {
+            dataset: dataset.name.clone(),
+            split: plan.name,
+            problem,
+            advice,
+        };
+        let held_out = plan.held_out.join(", ");
+        if plan.train_rows.is_empty() {
+            let problem = if plan.held_out.is_empty() {
+                "no training prompts".to_string()
+            } else {
+                format!("no training prompts remain outside the held-out tasks ({held_out})")
+            };
+            return Err(empty(problem, "Keep more prompts, or hold out fewer tasks"));
+        }
+        if plan.test_rows.is_empty() {
+            let problem = if plan.held_out.is_empty() {
+                "no test prompts".to_string()
+            } else {
+                format!("no test prompts of the held-out tasks ({held_out})")
+            };
+            return Err(empty(
+                problem,
+                "Keep more prompts, or hold out tasks that occur in the test split",
+            ));
+        }
+    }
+    Ok(plans)
 }
 
 /// The rows and embeddings of one evaluation split.

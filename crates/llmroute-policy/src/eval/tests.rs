@@ -421,6 +421,24 @@ fn held_out_task_absent_from_test_is_rejected() {
 }
 
 #[test]
+fn holding_out_every_task_is_rejected() {
+    let (dataset, _, _) = tiny_dataset(CostSource::Recorded);
+    let config = EvalConfig {
+        held_out_tasks: Some(["t0", "t1", "t2", "t3"].map(String::from).to_vec()),
+        ..tiny_config()
+    };
+    let error = check_splits(&dataset, &config).unwrap_err();
+    assert!(matches!(error, EvalError::EmptySplit { .. }), "{error}");
+    let message = error.to_string();
+    assert!(
+        message.contains("ood split: no training prompts remain outside the held-out tasks"),
+        "{message}"
+    );
+    assert!(message.contains("(t0, t1, t2, t3)"), "{message}");
+    assert!(check_splits(&dataset, &tiny_config()).is_ok());
+}
+
+#[test]
 fn unknown_dataset_needs_held_out_tasks() {
     let (dataset, train, test) = tiny_dataset(CostSource::Recorded);
     let config = EvalConfig {

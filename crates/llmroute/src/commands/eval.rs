@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::baselines::Router;
-use llmroute_policy::eval::{self, EvalConfig, TrainerError};
+use llmroute_policy::data::RoutingDataset;
+use llmroute_policy::eval::{self, EvalConfig, EvalError, TrainerError};
 use llmroute_policy::output::{prepare_folder, replace_files};
 use llmroute_policy::policy::{BarpRouter, TrainConfig, train};
 use llmroute_policy::reward::Reward;
@@ -40,6 +41,7 @@ pub fn run(workspace: &Workspace, args: &EvalArgs) -> Result<()> {
         seed: args.hyper.seed,
         ..EvalConfig::default()
     };
+    check_splits(&dataset, &config, args.hyper.max_prompts)?;
     // Checked before the embedding and training, which take minutes on the full data sets.
     let json = args.json.as_deref().map(json_target).transpose()?;
     prepare_folder(&args.out).with_context(|| format!("invalid --out {}", args.out.display()))?;
@@ -86,6 +88,23 @@ pub fn run(workspace: &Workspace, args: &EvalArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Fails when a split of `dataset` has no training or test prompts, with the fix for
+/// --max-prompts when that flag left too few prompts.
+fn check_splits(
+    dataset: &RoutingDataset,
+    config: &EvalConfig,
+    max_prompts: Option<usize>,
+) -> Result<()> {
+    match (eval::check_splits(dataset, config), max_prompts) {
+        (Err(EvalError::EmptySplit { split, problem, .. }), Some(max)) => bail!(
+            "invalid --max-prompts {max}: in the {split} split of {}, {problem}. Use a larger \
+             --max-prompts, or leave it out to keep every prompt",
+            dataset.name
+        ),
+        (result, _) => Ok(result?),
+    }
 }
 
 /// Splits --json into its folder and file name, failing when the path is a folder.
