@@ -1,5 +1,6 @@
 //! `llmroute`: the one binary of llmroute. Each subcommand lives in `commands/`.
 
+mod args;
 mod commands;
 mod memory;
 mod shutdown;

@@ -564,3 +564,35 @@ fn eval_too_few_prompts_names_fix() {
         assert!(!stderr.contains("loaded ONNX Runtime"), "{stderr}");
     }
 }
+
+#[test]
+fn negative_numbers_are_rejected_by_flag() {
+    let cases: [&[&str]; 8] = [
+        &["train", "--steps", "-5"],
+        &["train", "--batch-size", "-5"],
+        &["train", "--seed", "-5"],
+        &["train", "--interactions-per-prompt", "-5"],
+        &["train", "--max-prompts", "-5"],
+        &["eval", "--steps", "-5"],
+        &["bench", "--decisions", "-5"],
+        &[
+            "sidecar",
+            "--config",
+            "sidecar.json",
+            "--encoder-threads",
+            "-5",
+        ],
+    ];
+    for args in cases {
+        let stderr = llmroute_fails(args);
+        let flag = args[args.len() - 2];
+        assert!(
+            stderr.contains(&format!("invalid value '-5' for '{flag} <")),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains("expected a non-negative integer"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

@@ -17,15 +17,21 @@ use ndarray::Array2;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use crate::args::parse_count;
 use crate::workspace::Workspace;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
     /// Policy decisions to time.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(
+        long,
+        default_value_t = 20_000,
+        value_parser = parse_count,
+        allow_negative_numbers = true
+    )]
     pub decisions: usize,
     /// Encoder runs to time.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = parse_count, allow_negative_numbers = true)]
     pub encodes: usize,
     /// Data set whose training split is used for the training benchmark.
     #[arg(long, default_value = "llmrouter-9llm")]

@@ -15,6 +15,7 @@ use llmroute_sidecar::{
     read_config, serve, serve_not_ready,
 };
 
+use crate::args::parse_count;
 use crate::workspace::Workspace;
 
 #[derive(Debug, clap::Args)]
@@ -56,7 +57,7 @@ pub struct SidecarArgs {
     /// Intra-op threads of the prompt encoder. Decisions run one at a time on the one
     /// encoder, so more threads shorten each decision and raise the routed throughput, with
     /// CPU time taken from the proxy path.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse_count, allow_negative_numbers = true)]
     pub encoder_threads: usize,
     /// Maximum request body, in bytes.
     #[arg(long, default_value_t = Limits::default().max_body_bytes)]

@@ -15,6 +15,7 @@ use llmroute_policy::policy::{
 use llmroute_policy::reward::{DEFAULT_TAU_PERCENTILE, Reward, calibrate_tau};
 use sha2::{Digest, Sha256};
 
+use crate::args::{parse_count, parse_u64};
 use crate::workspace::{Workspace, load_dataset, progress_bar};
 
 #[derive(Debug, clap::Args)]
@@ -33,28 +34,49 @@ pub struct TrainArgs {
     pub hyper: HyperArgs,
 }
 
-/// Training hyper-parameters shared by `train` and `eval`.
+/// Training hyper-parameters shared by `train` and `eval`. The integer flags accept negative
+/// numbers only so that the parser can reject them by name.
 #[derive(Debug, Clone, clap::Args)]
 pub struct HyperArgs {
     /// Seed of every random choice of training.
-    #[arg(long, default_value_t = TrainConfig::default().seed)]
+    #[arg(
+        long,
+        default_value_t = TrainConfig::default().seed,
+        value_parser = parse_u64,
+        allow_negative_numbers = true
+    )]
     pub seed: u64,
     /// Gradient steps of REINFORCE [default: from --interactions-per-prompt].
-    #[arg(long, conflicts_with = "interactions_per_prompt")]
+    #[arg(
+        long,
+        conflicts_with = "interactions_per_prompt",
+        value_parser = parse_count,
+        allow_negative_numbers = true
+    )]
     pub steps: Option<usize>,
     /// Sets the gradient steps from the training set's size: each training prompt is drawn
     /// this many times on average.
-    #[arg(long, default_value_t = DEFAULT_INTERACTIONS_PER_PROMPT)]
+    #[arg(
+        long,
+        default_value_t = DEFAULT_INTERACTIONS_PER_PROMPT,
+        value_parser = parse_count,
+        allow_negative_numbers = true
+    )]
     pub interactions_per_prompt: usize,
     /// Bandit interactions per gradient step.
-    #[arg(long, default_value_t = TrainConfig::default().batch_size)]
+    #[arg(
+        long,
+        default_value_t = TrainConfig::default().batch_size,
+        value_parser = parse_count,
+        allow_negative_numbers = true
+    )]
     pub batch_size: usize,
     /// Cost scale τ in USD per call [default: the 95th percentile of training costs].
     /// Negative numbers parse, so that `--tau -1` gets the validation's message.
     #[arg(long, allow_negative_numbers = true)]
     pub tau: Option<f32>,
     /// Keep at most this many prompts per split, evenly spaced (for quick runs and tests).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_count, allow_negative_numbers = true)]
     pub max_prompts: Option<usize>,
 }
 
