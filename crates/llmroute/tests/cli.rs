@@ -566,6 +566,49 @@ fn eval_too_few_prompts_names_fix() {
 }
 
 #[test]
+fn training_rejects_huge_settings_by_name() {
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--steps", "1", "--batch-size", "18446744073709551615"],
+            "invalid --batch-size 18446744073709551615: use at most 65536",
+        ),
+        (
+            &["--steps", "1", "--batch-size", "1000000000"],
+            "invalid --batch-size 1000000000: use at most 65536",
+        ),
+        (
+            &["--steps", "18446744073709551615"],
+            "invalid --steps 18446744073709551615: 18446744073709551615 steps of 64 \
+             interactions exceed the maximum interaction count",
+        ),
+        (
+            &["--interactions-per-prompt", "18446744073709551615"],
+            "invalid --interactions-per-prompt 18446744073709551615: 20 training prompts",
+        ),
+    ];
+    let out = tempfile::tempdir().unwrap();
+    for (flags, message) in cases {
+        let mut args = vec![
+            "train",
+            "--dataset",
+            "paretobandit-k3",
+            "--max-prompts",
+            "20",
+            "--out",
+            path_arg(out.path()),
+        ];
+        args.extend_from_slice(flags);
+        let stderr = llmroute_fails(&args);
+        assert!(stderr.contains(message), "{flags:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{flags:?}: {stderr}");
+    }
+    let output = llmroute(&["train", "--help"]);
+    assert_success(&output);
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("from 1 to 65536"), "{help}");
+}
+
+#[test]
 fn negative_numbers_are_rejected_by_flag() {
     let cases: [&[&str]; 8] = [
         &["train", "--steps", "-5"],

@@ -13,7 +13,7 @@ use llmroute_policy::output::{prepare_folder, replace_files};
 use llmroute_policy::policy::{BarpRouter, TrainConfig, train};
 use llmroute_policy::reward::Reward;
 
-use super::train::HyperArgs;
+use super::train::{HyperArgs, resolve_steps};
 use crate::workspace::{Workspace, load_dataset, progress_bar};
 
 #[derive(Debug, clap::Args)]
@@ -33,8 +33,10 @@ pub struct EvalArgs {
 }
 
 pub fn run(workspace: &Workspace, args: &EvalArgs) -> Result<()> {
-    let dataset = load_dataset(&args.dataset, args.hyper.max_prompts)?;
     let barp_config = args.hyper.config()?;
+    let dataset = load_dataset(&args.dataset, args.hyper.max_prompts)?;
+    // BaRP trains on the training rows of one split at a time, never more than all of them.
+    resolve_steps(&barp_config, dataset.train.len())?;
     // Every bandit learner gets the same number of observed outcomes as BaRP on each split
     // (`eval::evaluate` reads BaRP's pull count).
     let config = EvalConfig {

@@ -18,6 +18,10 @@ use sha2::{Digest, Sha256};
 use crate::args::{parse_count, parse_u64};
 use crate::workspace::{Workspace, load_dataset, progress_bar};
 
+/// Maximum --batch-size. Memory grows with the batch: its embeddings alone take 1.5 KiB per
+/// interaction (384 f32 values), so 65,536 interactions take 96 MiB.
+pub const MAX_BATCH_SIZE: usize = 65_536;
+
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
     /// Data set to train on (its training split): llmrouter-9llm, paretobandit-k3,
@@ -63,7 +67,7 @@ pub struct HyperArgs {
         allow_negative_numbers = true
     )]
     pub interactions_per_prompt: usize,
-    /// Bandit interactions per gradient step.
+    /// Bandit interactions per gradient step, from 1 to 65536.
     #[arg(
         long,
         default_value_t = TrainConfig::default().batch_size,
@@ -81,13 +85,27 @@ pub struct HyperArgs {
 }
 
 impl HyperArgs {
+    /// Validates the flags and returns the training configuration. With
+    /// --interactions-per-prompt the step count is set later, by [`resolve_steps`].
     pub fn config(&self) -> Result<TrainConfig> {
         if self.batch_size == 0 {
             bail!("invalid --batch-size 0: use at least 1");
         }
+        if self.batch_size > MAX_BATCH_SIZE {
+            bail!(
+                "invalid --batch-size {}: use at most {MAX_BATCH_SIZE}",
+                self.batch_size
+            );
+        }
         let defaults = TrainConfig::default();
         let (steps, interactions_per_prompt) = match self.steps {
             Some(0) => bail!("invalid --steps 0: use at least 1"),
+            Some(steps) if steps.checked_mul(self.batch_size).is_none() => bail!(
+                "invalid --steps {steps}: {steps} steps of {} interactions exceed the maximum \
+                 interaction count {}; use fewer steps",
+                self.batch_size,
+                usize::MAX
+            ),
             Some(steps) => (steps, None),
             None if self.interactions_per_prompt == 0 => {
                 bail!("invalid --interactions-per-prompt 0: use at least 1")
@@ -118,9 +136,31 @@ impl HyperArgs {
     }
 }
 
+/// Returns `config` with its steps set for `prompts` training prompts
+/// ([`TrainConfig::for_prompts`]), failing when the run's interaction count overflows.
+pub fn resolve_steps(config: &TrainConfig, prompts: usize) -> Result<TrainConfig> {
+    if let Some(per_prompt) = config.interactions_per_prompt {
+        let batch = config.batch_size.max(1);
+        let fits = prompts
+            .checked_mul(per_prompt)
+            .and_then(|draws| draws.div_ceil(batch).checked_mul(batch))
+            .is_some();
+        if !fits {
+            bail!(
+                "invalid --interactions-per-prompt {per_prompt}: {prompts} training prompts \
+                 drawn {per_prompt} times each exceed the maximum interaction count {}; use a \
+                 smaller value",
+                usize::MAX
+            );
+        }
+    }
+    Ok(config.for_prompts(prompts))
+}
+
 pub fn run(workspace: &Workspace, args: &TrainArgs) -> Result<()> {
+    let config = args.hyper.config()?;
     let dataset = load_dataset(&args.dataset, args.hyper.max_prompts)?;
-    let config = args.hyper.config()?.for_prompts(dataset.train.len());
+    let config = resolve_steps(&config, dataset.train.len())?;
     let reward = args.hyper.reward(dataset.train.cost.iter().copied())?;
     // Checked before the embedding and training, which take minutes on the full data sets.
     prepare_folder(&args.out).with_context(|| format!("invalid --out {}", args.out.display()))?;
