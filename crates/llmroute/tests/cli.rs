@@ -639,3 +639,37 @@ fn negative_numbers_are_rejected_by_flag() {
         );
     }
 }
+
+#[test]
+fn bench_rejects_bad_settings_before_timing() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["--decisions", "0"],
+            "invalid --decisions 0: use at least 1",
+        ),
+        (&["--encodes", "0"], "invalid --encodes 0: use at least 1"),
+        (
+            &["--decisions", "10000001"],
+            "invalid --decisions 10000001: use at most 10000000",
+        ),
+        (
+            &["--dataset", "nope"],
+            "invalid --dataset nope: unknown data set",
+        ),
+        (
+            &["--dataset", "nope", "--skip-training"],
+            "invalid --dataset nope: unknown data set",
+        ),
+    ];
+    for (flags, message) in cases {
+        let mut args = vec!["bench"];
+        args.extend_from_slice(flags);
+        let stderr = llmroute_fails(&args);
+        assert!(stderr.contains(message), "{flags:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{flags:?}: {stderr}");
+        assert!(
+            !stderr.contains("loaded ONNX Runtime"),
+            "{flags:?}: {stderr}"
+        );
+    }
+}

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use indicatif::ProgressBar;
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::data;
@@ -20,9 +20,13 @@ use rand_chacha::ChaCha8Rng;
 use crate::args::parse_count;
 use crate::workspace::Workspace;
 
+/// Maximum --decisions and --encodes. Each run keeps its duration (16 bytes) until the table
+/// is printed, so 10,000,000 runs take 160 MB.
+const MAX_RUNS: usize = 10_000_000;
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Policy decisions to time.
+    /// Policy decisions to time, from 1 to 10000000.
     #[arg(
         long,
         default_value_t = 20_000,
@@ -30,10 +34,11 @@ pub struct BenchArgs {
         allow_negative_numbers = true
     )]
     pub decisions: usize,
-    /// Encoder runs to time.
+    /// Encoder runs to time, from 1 to 10000000.
     #[arg(long, default_value_t = 200, value_parser = parse_count, allow_negative_numbers = true)]
     pub encodes: usize,
-    /// Data set whose training split is used for the training benchmark.
+    /// Data set whose training split is used for the training benchmark: llmrouter-9llm,
+    /// paretobandit-k3, paretobandit-k4. Checked even with --skip-training.
     #[arg(long, default_value = "llmrouter-9llm")]
     pub dataset: String,
     /// Skip the training benchmark.
@@ -55,7 +60,28 @@ struct Row {
     mean: Duration,
 }
 
+/// Fails on flag values that would make the benchmark fail or panic after it started.
+fn check_args(args: &BenchArgs) -> Result<()> {
+    for (flag, runs) in [("--decisions", args.decisions), ("--encodes", args.encodes)] {
+        if runs == 0 {
+            bail!("invalid {flag} 0: use at least 1");
+        }
+        if runs > MAX_RUNS {
+            bail!("invalid {flag} {runs}: use at most {MAX_RUNS}");
+        }
+    }
+    if !data::DATASET_NAMES.contains(&args.dataset.as_str()) {
+        bail!(
+            "invalid --dataset {}: unknown data set. Known data sets: {}",
+            args.dataset,
+            data::DATASET_NAMES.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub fn run(workspace: &Workspace, args: &BenchArgs) -> Result<()> {
+    check_args(args)?;
     let mut rows = Vec::new();
     rows.extend(bench_policy(workspace, args.decisions)?);
     rows.push(bench_encoder(workspace, args.encodes)?);
