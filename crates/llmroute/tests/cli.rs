@@ -673,3 +673,26 @@ fn bench_rejects_bad_settings_before_timing() {
         );
     }
 }
+
+#[test]
+fn sidecar_rejects_huge_thread_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sidecar.json");
+    let stderr = llmroute_fails(&[
+        "sidecar",
+        "--config",
+        path_arg(&config),
+        "--port",
+        "0",
+        "--encoder-threads",
+        "1000000",
+    ]);
+    assert!(
+        stderr.contains("invalid --encoder-threads 1000000: use at most 256"),
+        "{stderr}"
+    );
+    let output = llmroute(&["sidecar", "--help"]);
+    assert_success(&output);
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("from 1 to 256"), "{help}");
+}

@@ -18,6 +18,12 @@ use llmroute_sidecar::{
 use crate::args::parse_count;
 use crate::workspace::Workspace;
 
+/// Maximum --encoder-threads. ONNX Runtime starts every intra-op thread when it loads the
+/// encoder, before the sidecar serves a request, so with a count of a million the memory grew
+/// without limit and the sidecar never served. Threads beyond the core count do not speed up a decision, and 256 leaves room for
+/// large servers.
+const MAX_ENCODER_THREADS: usize = 256;
+
 #[derive(Debug, clap::Args)]
 pub struct SidecarArgs {
     /// Sidecar configuration of the route (JSON, the control API's format).
@@ -54,9 +60,9 @@ pub struct SidecarArgs {
     /// buffer is full, the oldest is sent without quality.
     #[arg(long, default_value_t = SidecarOptions::default().feedback_capacity)]
     pub feedback_capacity: usize,
-    /// Intra-op threads of the prompt encoder. Decisions run one at a time on the one
-    /// encoder, so more threads shorten each decision and raise the routed throughput, with
-    /// CPU time taken from the proxy path.
+    /// Intra-op threads of the prompt encoder, from 1 to 256. Decisions run one at a time on
+    /// the one encoder, so more threads shorten each decision and raise the routed
+    /// throughput, with CPU time taken from the proxy path.
     #[arg(long, default_value_t = 1, value_parser = parse_count, allow_negative_numbers = true)]
     pub encoder_threads: usize,
     /// Maximum request body, in bytes.
@@ -138,6 +144,12 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
     }
     if args.encoder_threads == 0 {
         bail!("invalid --encoder-threads 0: use at least 1");
+    }
+    if args.encoder_threads > MAX_ENCODER_THREADS {
+        bail!(
+            "invalid --encoder-threads {}: use at most {MAX_ENCODER_THREADS}",
+            args.encoder_threads
+        );
     }
     let options = SidecarOptions {
         limits: Limits {
