@@ -641,6 +641,23 @@ fn negative_numbers_are_rejected_by_flag() {
 }
 
 #[test]
+fn empty_version_is_rejected() {
+    let out = tempfile::tempdir().unwrap();
+    for version in ["", "  "] {
+        let mut args = quick_train(out.path());
+        args.extend(["--version", version]);
+        let stderr = llmroute_fails(&args);
+        assert!(
+            stderr.contains(&format!(
+                "invalid --version {version:?}: pass a non-empty label"
+            )),
+            "{stderr}"
+        );
+    }
+    assert!(names_in(out.path()).is_empty());
+}
+
+#[test]
 fn bench_rejects_bad_settings_before_timing() {
     let cases: [(&[&str], &str); 5] = [
         (

@@ -31,7 +31,7 @@ pub struct TrainArgs {
     /// Folder to write policy.onnx and policy.json into, created if missing.
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
-    /// Version label written into the policy.
+    /// Version label written into the policy; must not be empty.
     #[arg(long, default_value = "v1")]
     pub version: String,
     #[command(flatten)]
@@ -157,7 +157,16 @@ pub fn resolve_steps(config: &TrainConfig, prompts: usize) -> Result<TrainConfig
     Ok(config.for_prompts(prompts))
 }
 
+/// Fails when `version` cannot label a policy.
+fn check_version(version: &str) -> Result<()> {
+    if version.trim().is_empty() {
+        bail!("invalid --version {version:?}: pass a non-empty label such as v2");
+    }
+    Ok(())
+}
+
 pub fn run(workspace: &Workspace, args: &TrainArgs) -> Result<()> {
+    check_version(&args.version)?;
     let config = args.hyper.config()?;
     let dataset = load_dataset(&args.dataset, args.hyper.max_prompts)?;
     let config = resolve_steps(&config, dataset.train.len())?;
