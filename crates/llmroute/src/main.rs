@@ -15,8 +15,9 @@ use clap::{Parser, Subcommand};
 #[command(name = "llmroute", version, about)]
 struct Cli {
     /// Folder for downloaded assets and caches [default: $LLMROUTE_CACHE, else
-    /// $XDG_CACHE_HOME/llmroute, else ~/.cache/llmroute].
-    #[arg(long, global = true, env = "LLMROUTE_CACHE")]
+    /// $XDG_CACHE_HOME/llmroute, else ~/.cache/llmroute]. A relative path in one of those
+    /// variables is ignored with a warning, following the XDG base directory specification.
+    #[arg(long, global = true)]
     cache: Option<std::path::PathBuf>,
 
     #[command(subcommand)]

@@ -1,7 +1,7 @@
 //! Shared state of one command: the cache folder, the assets in it, and loading of the encoder
 //! and data set embeddings that several commands need.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -24,10 +24,15 @@ pub struct DatasetEmbeddings {
 }
 
 impl Workspace {
+    /// Uses `cache`, the --cache folder, or else the default cache folder
+    /// ([`assets::default_cache_dir`]).
     pub fn new(cache: Option<PathBuf>) -> Result<Self> {
         let cache = match cache {
             Some(cache) => cache,
-            None => assets::default_cache_dir()?,
+            None => {
+                warn_relative_cache_variables();
+                assets::default_cache_dir()?
+            }
         };
         Ok(Self { cache })
     }
@@ -92,6 +97,26 @@ impl Workspace {
         let train = self.embed_split(&mut encoder, dataset, "train", &dataset.train.prompts)?;
         let test = self.embed_split(&mut encoder, dataset, "test", &dataset.test.prompts)?;
         Ok(DatasetEmbeddings { train, test })
+    }
+}
+
+/// Logs a warning for each cache variable that [`assets::default_cache_dir`] skips because
+/// its value is a relative path, up to the first variable that it uses. An empty value counts
+/// as unset, as in the XDG base directory specification.
+fn warn_relative_cache_variables() {
+    for name in [assets::CACHE_ENV, "XDG_CACHE_HOME"] {
+        let Some(value) = std::env::var_os(name).filter(|value| !value.is_empty()) else {
+            continue;
+        };
+        let path = Path::new(&value);
+        if path.is_absolute() {
+            return;
+        }
+        tracing::warn!(
+            variable = name,
+            value = %path.display(),
+            "ignoring a relative cache folder; set an absolute path or pass --cache"
+        );
     }
 }
 

@@ -713,3 +713,21 @@ fn sidecar_rejects_huge_thread_count() {
     let help = String::from_utf8_lossy(&output.stdout);
     assert!(help.contains("from 1 to 256"), "{help}");
 }
+
+#[test]
+fn relative_cache_variable_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_llmroute"))
+        .args(["train", "--dataset", "no-such-data"])
+        .env("LLMROUTE_CACHE", "relative-cache")
+        .current_dir(dir.path())
+        .output()
+        .expect("llmroute starts");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("ignoring a relative cache folder"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("relative-cache"), "{stderr}");
+    assert!(names_in(dir.path()).is_empty());
+}
