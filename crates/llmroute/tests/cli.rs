@@ -731,3 +731,14 @@ fn relative_cache_variable_is_ignored() {
     assert!(stderr.contains("relative-cache"), "{stderr}");
     assert!(names_in(dir.path()).is_empty());
 }
+
+#[test]
+fn sidecar_without_source_names_both_flags() {
+    let output = llmroute(&["sidecar"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--config <FILE>|--control <URL>"),
+        "{stderr}"
+    );
+}

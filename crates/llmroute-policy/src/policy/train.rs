@@ -112,9 +112,10 @@ fn default_concentration() -> f32 {
 pub const DEFAULT_INTERACTIONS_PER_PROMPT: usize = 200;
 
 impl TrainConfig {
-    /// Bandit interactions (observed outcomes) the run uses: `steps · batch_size`.
+    /// Bandit interactions (observed outcomes) the run uses: `steps · batch_size`, saturating at
+    /// `usize::MAX`. The command line rejects settings whose product overflows before training.
     pub fn interactions(&self) -> usize {
-        self.steps * self.batch_size
+        self.steps.saturating_mul(self.batch_size)
     }
 
     /// Returns this configuration with `steps` set for a training set of `prompts` prompts.

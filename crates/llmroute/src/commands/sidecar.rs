@@ -25,14 +25,10 @@ use crate::workspace::Workspace;
 const MAX_ENCODER_THREADS: usize = 256;
 
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["config", "control"])))]
 pub struct SidecarArgs {
     /// Sidecar configuration of the route (JSON, the control API's format).
-    #[arg(
-        long,
-        value_name = "FILE",
-        required_unless_present = "control",
-        conflicts_with = "control"
-    )]
+    #[arg(long, value_name = "FILE", conflicts_with = "control")]
     pub config: Option<PathBuf>,
     /// Base URL of the control API (for example http://127.0.0.1:8070); the configuration and
     /// policies come from there and follow its changes, and events go there.

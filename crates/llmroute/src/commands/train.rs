@@ -75,8 +75,8 @@ pub struct HyperArgs {
         allow_negative_numbers = true
     )]
     pub batch_size: usize,
-    /// Cost scale τ in USD per call [default: the 95th percentile of training costs].
-    /// Negative numbers parse, so that `--tau -1` gets the validation's message.
+    /// Cost scale τ in USD per call, a positive number [default: the 95th percentile of
+    /// training costs].
     #[arg(long, allow_negative_numbers = true)]
     pub tau: Option<f32>,
     /// Keep at most this many prompts per split, evenly spaced (for quick runs and tests).
