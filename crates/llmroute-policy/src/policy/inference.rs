@@ -215,28 +215,27 @@ impl OnnxPolicy {
                 w_quality.len(),
             )));
         }
-        let probabilities = Array2::from_shape_vec((w_quality.len(), models), values.to_vec())
-            .map_err(|e| run_error(format!("output has an unexpected shape: {e}")))?;
-        check_propensities(&probabilities).map_err(|detail| InferenceError::NotPropensities {
+        check_propensities(values, models).map_err(|detail| InferenceError::NotPropensities {
             version: self.metadata.version.clone(),
             detail,
         })?;
-        Ok(probabilities)
+        Array2::from_shape_vec((w_quality.len(), models), values.to_vec())
+            .map_err(|e| run_error(format!("output has an unexpected shape: {e}")))
     }
 }
 
-/// Checks that every row is a probability distribution: finite values in [0, 1] summing to 1
-/// within [`PROPENSITY_SUM_TOLERANCE`]. The importance weights of off-policy evaluation divide
+/// Checks that every row of `models` values is a probability distribution: finite values in
+/// [0, 1] summing to 1 within [`PROPENSITY_SUM_TOLERANCE`]. The importance weights of off-policy evaluation divide
 /// by these values, so a NaN or a row that does not sum to 1 would corrupt them silently.
-fn check_propensities(probabilities: &Array2<f32>) -> Result<(), String> {
-    for (row, values) in probabilities.rows().into_iter().enumerate() {
+fn check_propensities(probabilities: &[f32], models: usize) -> Result<(), String> {
+    for (row, values) in probabilities.chunks_exact(models).enumerate() {
         if let Some(bad) = values
             .iter()
             .find(|p| !p.is_finite() || !(0.0..=1.0).contains(*p))
         {
             return Err(format!("propensity {bad} for prompt {row}, outside [0, 1]"));
         }
-        let sum: f32 = values.sum();
+        let sum: f32 = values.iter().sum();
         if (sum - 1.0).abs() > PROPENSITY_SUM_TOLERANCE {
             return Err(format!(
                 "propensities summing to {sum} for prompt {row}, not 1"
