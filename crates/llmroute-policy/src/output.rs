@@ -75,13 +75,13 @@ impl fmt::Display for RestoreReport {
         if self.failures.is_empty() {
             return write!(formatter, "The previous files are unchanged.");
         }
-        for (path, kept, error) in &self.failures {
-            match kept {
-                Some(kept) => write!(
+        for (path, backup, error) in &self.failures {
+            match backup {
+                Some(backup) => write!(
                     formatter,
                     "Restoring the previous {} failed too ({error}): rename {} to {} by hand.",
                     path.display(),
-                    kept.display(),
+                    backup.display(),
                     path.display()
                 )?,
                 None => write!(
@@ -261,9 +261,9 @@ fn restore(replaced: Vec<(PathBuf, Option<NamedTempFile<()>>)>) -> RestoreReport
         match previous {
             Some(previous) => {
                 if let Err(error) = previous.persist(&target) {
-                    let kept = error.file.into_temp_path().keep().ok();
-                    tracing::error!(path = %target.display(), kept = ?kept, error = %error.error, "failed to restore the previous file");
-                    report.failures.push((target, kept, error.error));
+                    let backup = error.file.into_temp_path().keep().ok();
+                    tracing::error!(path = %target.display(), backup = ?backup, error = %error.error, "failed to restore the previous file");
+                    report.failures.push((target, backup, error.error));
                 }
             }
             None => {

@@ -742,3 +742,97 @@ fn sidecar_without_source_names_both_flags() {
         "{stderr}"
     );
 }
+
+/// `decide` rejects what the sidecar rejects: a folder instead of a policy file, and a policy
+/// trained on another encoder's embeddings.
+#[test]
+fn decide_names_folder_as_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let stderr = llmroute_fails(&["decide", "--policy", path_arg(dir.path()), "--prompt", "hi"]);
+    assert!(
+        stderr.contains(&format!("{} is a folder", dir.path().display())),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn decide_rejects_foreign_encoder_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = llmroute(&[
+        "train",
+        "--dataset",
+        "paretobandit-k3",
+        "--max-prompts",
+        "30",
+        "--steps",
+        "5",
+        "--out",
+        path_arg(dir.path()),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let policy = dir.path().join("policy.onnx");
+    let decide = |path: &Path| llmroute(&["decide", "--policy", path_arg(path), "--prompt", "hi"]);
+    let good = decide(&policy);
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+
+    let mut model = llmroute_policy::onnx::decode(&std::fs::read(&policy).unwrap()).unwrap();
+    let encoder = model
+        .metadata_props
+        .iter_mut()
+        .find(|entry| entry.key == "llmroute.encoder")
+        .expect("encoder digest recorded");
+    encoder.value = "0".repeat(64);
+    let other = dir.path().join("other-encoder.onnx");
+    std::fs::write(&other, llmroute_policy::onnx::encode(&model)).unwrap();
+    let output = decide(&other);
+    assert!(!output.status.success(), "a foreign encoder was accepted");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("was trained with encoder {}", "0".repeat(64))),
+        "{stderr}"
+    );
+    assert!(stderr.contains("other-encoder.onnx"), "{stderr}");
+}
+
+/// When an asset is missing and the automatic set-up cannot restore it, the error names the
+/// missing file first. pip is kept offline (no index, an empty folder of wheels), so the test
+/// reaches no network.
+#[test]
+fn failed_setup_names_missing_asset() {
+    let cache = tempfile::tempdir().unwrap();
+    let wheels = tempfile::tempdir().unwrap();
+    // `decide` checks that the policy is a file, then sets up ONNX Runtime before reading it.
+    let policy = wheels.path().join("policy.onnx");
+    std::fs::write(&policy, b"not read").unwrap();
+    let policy = policy.to_str().expect("temporary paths are UTF-8");
+    let output = Command::new(env!("CARGO_BIN_EXE_llmroute"))
+        .args(["decide", "--policy", policy, "--prompt", "hi"])
+        .env("LLMROUTE_CACHE", cache.path())
+        .env("PIP_NO_INDEX", "1")
+        .env("PIP_FIND_LINKS", wheels.path())
+        .env("PIP_CONFIG_FILE", "/dev/null")
+        .output()
+        .expect("llmroute starts");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let library = cache
+        .path()
+        .join("onnxruntime-1.31.1")
+        .join("libonnxruntime.so.1.31.1");
+    assert!(
+        stderr.contains(&format!(
+            "{} is missing, and the set-up that would restore it failed",
+            library.display()
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("pip download"), "{stderr}");
+}
