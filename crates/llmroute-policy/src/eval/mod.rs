@@ -427,8 +427,9 @@ fn check_embeddings(
 }
 
 /// Derives a per-router, per-split seed from the evaluation seed (FNV-1a of the label, so the
-/// value is the same on every platform and Rust version).
-fn derive_seed(seed: u64, label: &str) -> u64 {
+/// value is the same on every platform and Rust version). Labels are `ROUTER/SPLIT`, for
+/// example `barp/id` or `mlp-full-info/ood`.
+pub fn derive_seed(seed: u64, label: &str) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in label.bytes() {
         hash ^= u64::from(byte);
