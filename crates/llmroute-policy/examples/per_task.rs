@@ -1,10 +1,15 @@
 //! Breaks BaRP's test quality down by task at one preference, next to fixed-model rules.
 //!
-//! `cargo run --release -p llmroute-policy --example per_task -- NAME [--w W] [--seeds N]`
+//! `cargo run --release -p llmroute-policy --example per_task -- NAME [--w W] [--seeds N]
+//! [--ood]`
 //!
 //! Trains BaRP on the data set's whole training split with the settings of `llmroute train`
 //! (bandit feedback only, seeds 7, 8, …), routes the test split at `w_quality = W` (default 1)
-//! and prints, for each test task, the mean quality of:
+//! and prints, for each test task, the mean quality of the routers below. With `--ood` it
+//! uses `llmroute eval`'s `ood` split instead, which trains without the held-out tasks and
+//! tests on their test prompts only.
+//!
+//! For each test task:
 //! - BaRP, mean over the seeds, with the model it calls most often for that task;
 //! - the model with the best mean quality on that task's training prompts (a rule that is
 //!   given the task, which no router of the evaluation is);
@@ -24,8 +29,10 @@ use indicatif::ProgressBar;
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::baselines::Router;
 use llmroute_policy::data::{self, Split};
+use llmroute_policy::eval::{held_out_tasks, is_held_out};
 use llmroute_policy::policy::train::DEFAULT_INTERACTIONS_PER_PROMPT;
 use llmroute_policy::policy::{BarpRouter, TrainConfig, train};
+use ndarray::Axis;
 
 /// Groups a split's prompt indices by task name.
 fn rows_by_task(split: &Split) -> BTreeMap<String, Vec<usize>> {
@@ -60,6 +67,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut name = "llmrouter-9llm".to_string();
     let mut w_quality = 1.0f32;
     let mut seeds = 3u64;
+    let mut ood = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -80,6 +88,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         format!("invalid --seeds value {value:?}; use a count ≥ 1")
                     })?;
             }
+            "--ood" => ood = true,
             _ => name = arg,
         }
     }
@@ -89,6 +98,32 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let train_embeddings = embedder.embed(&dataset, "train", &dataset.train)?;
     let test_embeddings = embedder.embed(&dataset, "test", &dataset.test)?;
     let reward = training_reward(&dataset)?;
+    let (train_rows, test_rows, held_out) = if ood {
+        let held_out: Vec<String> = held_out_tasks(&name)
+            .ok_or_else(|| format!("{name} has no held-out tasks for the ood split"))?
+            .iter()
+            .map(|task| task.to_string())
+            .collect();
+        (
+            dataset
+                .train
+                .indices_where(|task| !is_held_out(task, &held_out)),
+            dataset
+                .test
+                .indices_where(|task| is_held_out(task, &held_out)),
+            held_out,
+        )
+    } else {
+        (
+            (0..dataset.train.len()).collect(),
+            (0..dataset.test.len()).collect(),
+            Vec::new(),
+        )
+    };
+    let train_split = dataset.train.subset(&train_rows);
+    let test_split = dataset.test.subset(&test_rows);
+    let train_embeddings = train_embeddings.select(Axis(0), &train_rows);
+    let test_embeddings = test_embeddings.select(Axis(0), &test_rows);
 
     let mut choices: Vec<Vec<usize>> = Vec::new();
     for seed in 7..7 + seeds {
@@ -99,8 +134,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         let mut environment = ReplayEnvironment::new(
             train_embeddings.view(),
-            dataset.train.quality.view(),
-            dataset.train.cost.view(),
+            train_split.quality.view(),
+            train_split.cost.view(),
         );
         let (network, _) = train(
             &mut environment,
@@ -112,8 +147,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         choices.push(BarpRouter { network }.route(test_embeddings.view(), w_quality));
     }
 
-    let test = &dataset.test;
-    let train_tasks = rows_by_task(&dataset.train);
+    let test = &test_split;
+    let train_tasks = rows_by_task(&train_split);
     let barp_quality = |rows: &[usize]| -> f64 {
         let per_seed = choices.iter().map(|chosen| {
             rows.iter()
@@ -145,7 +180,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
 
     println!(
-        "{name}, test split, w_quality = {w_quality}, BaRP mean over seeds 7..{}",
+        "{name}, {}, w_quality = {w_quality}, BaRP mean over seeds 7..{}",
+        if ood {
+            format!("ood split (held out: {})", held_out.join(", "))
+        } else {
+            "test split".to_string()
+        },
         7 + seeds - 1
     );
     println!(
@@ -162,7 +202,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (task, rows) in rows_by_task(test) {
         let by_train = train_tasks
             .get(&task)
-            .map(|train_rows| best_model(&dataset.train, train_rows));
+            .map(|train_rows| best_model(&train_split, train_rows));
         let by_test = best_model(test, &rows);
         let by_train_text = match by_train {
             Some(model) => {

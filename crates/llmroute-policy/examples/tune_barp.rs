@@ -2,7 +2,11 @@
 //! training split, so that the test split plays no part in the choice.
 //!
 //! `cargo run --release -p llmroute-policy --example tune_barp -- llmrouter-9llm [--seeds N]
-//! [--only 'LABEL;LABEL']`
+//! [--only 'LABEL;LABEL'] [--embedding-scale S]`
+//!
+//! `--embedding-scale` multiplies every prompt embedding by `S` (default 1) before training
+//! and validation. Under Adam that changes how fast the prompt's share of the decision head's
+//! input learns relative to the preference features.
 //!
 //! Two validation splits: `id-val`, a random 15 % of the training prompts, and `ood-val`,
 //! prompts of tasks held out of training entirely. On `llmrouter-9llm` those are the training
@@ -281,6 +285,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut name = "llmrouter-9llm".to_string();
     let mut seeds = 3u64;
     let mut only: Option<Vec<String>> = None;
+    let mut embedding_scale = 1.0f32;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -299,11 +304,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         .collect(),
                 );
             }
+            "--embedding-scale" => {
+                let value = args.next().ok_or("--embedding-scale needs a number")?;
+                embedding_scale = value
+                    .parse()
+                    .ok()
+                    .filter(|s: &f32| s.is_finite() && *s > 0.0)
+                    .ok_or_else(|| {
+                        format!("invalid --embedding-scale value {value:?}; use a positive number")
+                    })?;
+            }
             _ => name = arg,
         }
     }
     let dataset = data::load(&name)?;
-    let embeddings = Embedder::load()?.embed(&dataset, "train", &dataset.train)?;
+    let embeddings = Embedder::load()?.embed(&dataset, "train", &dataset.train)? * embedding_scale;
     let reward = training_reward(&dataset)?;
 
     let mut order: Vec<usize> = (0..dataset.train.len()).collect();
