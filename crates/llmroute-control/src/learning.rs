@@ -112,7 +112,10 @@ pub enum NoRun {
 
 /// Turns stored events into logged bandit interactions in the stable policy's action order.
 /// Only events the policy itself decided and whose chosen model returned the response count: a retried
-/// request's outcome belongs to another model than the logged propensity.
+/// request's outcome belongs to another model than the logged propensity. Events whose
+/// propensity or cost is invalid for off-policy validation once narrowed to f32 are dropped
+/// too, because one of them would fail the whole training run. A propensity below about
+/// 1.4e-45 becomes 0, and a cost above about 3.4e38 USD becomes +inf.
 pub fn logged_events<'a>(
     events: &'a [StoredEvent],
     models: &[String],
@@ -126,10 +129,12 @@ pub fn logged_events<'a>(
         else {
             continue;
         };
+        let (propensity, cost_usd) = (propensity as f32, cost as f32);
         if event.outcome != Outcome::Success
             || event.served_model != event.decision.model
             || event.embedding.len() != EMBEDDING_DIM
             || !(propensity > 0.0 && propensity <= 1.0)
+            || !cost_usd.is_finite()
         {
             continue;
         }
@@ -140,9 +145,9 @@ pub fn logged_events<'a>(
             embedding: event.embedding.clone(),
             w_quality: event.decision.preference.quality as f32,
             action,
-            propensity: propensity as f32,
+            propensity,
             quality: quality as f32,
-            cost_usd: cost as f32,
+            cost_usd,
         });
         kept.push(stored);
     }
@@ -994,6 +999,68 @@ mod tests {
             next_version(&[record("v1"), record("v7"), record("custom")]),
             "v8"
         );
+    }
+
+    fn stored_event(propensity: f64, cost_usd: f64) -> StoredEvent {
+        StoredEvent {
+            id: 1,
+            event: llmroute_api::CompletedEvent {
+                decision: llmroute_api::DecisionRecord {
+                    decision_id: "0".repeat(32),
+                    route: "r".into(),
+                    config_version: 1,
+                    model: "b".into(),
+                    routed: true,
+                    preference: llmroute_api::Preference {
+                        quality: 0.5,
+                        cost: 0.5,
+                    },
+                    policy_version: Some("v1".into()),
+                    propensity: Some(propensity),
+                },
+                served_model: "b".into(),
+                embedding: vec![0.0; EMBEDDING_DIM],
+                quality: Some(0.75),
+                cost_usd: Some(cost_usd),
+                prompt_tokens: None,
+                completion_tokens: None,
+                latency_ms: 10.0,
+                outcome: Outcome::Success,
+                attempts: 1,
+                timestamp_ms: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn logged_events_keep_valid_values() {
+        let models = ["a".to_string(), "b".to_string()];
+        let stored = [stored_event(0.25, 0.002)];
+        let (logged, kept) = logged_events(&stored, &models);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(logged[0].action, 1);
+        assert_eq!(logged[0].propensity, 0.25);
+        assert_eq!(logged[0].w_quality, 0.5);
+    }
+
+    #[test]
+    fn logged_events_drop_values_lost_in_f32() {
+        // The event API accepts any propensity in (0, 1] and any finite cost, both in f64.
+        // 1e-60 is below the smallest positive f32 (about 1.4e-45), so it becomes 0.0, and
+        // 1e39 is above the largest f32 (about 3.4e38), so it becomes +inf. Either value makes
+        // the off-policy validation reject the whole window, so one such event would fail
+        // every training run until it left the window.
+        let models = ["a".to_string(), "b".to_string()];
+        let stored = [
+            stored_event(1e-60, 0.002),
+            stored_event(0.25, 1e39),
+            stored_event(0.25, 0.002),
+        ];
+        let (logged, kept) = logged_events(&stored, &models);
+        assert_eq!(logged.len(), 1, "{logged:?}");
+        assert_eq!(kept.len(), 1);
+        assert_eq!(logged[0].propensity, 0.25);
+        assert_eq!(logged[0].cost_usd, 0.002);
     }
 
     #[test]
