@@ -377,12 +377,39 @@ pub fn check(
 }
 
 /// One off-policy estimate with its confidence interval, in reward units.
+///
+/// JSON has no NaN or infinity, so a value the estimator leaves undefined or unbounded is
+/// absent rather than written as `null`, which would make the record unreadable.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EstimateFigures {
-    pub mean: f64,
-    pub ci_low: f64,
-    pub ci_high: f64,
+    /// Estimated reward, absent when it is undefined. Only self-normalised IPS can be, when no
+    /// held-out logged action has a positive probability under the policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean: Option<f64>,
+    /// Lower end of the interval, absent when it is unbounded, as with one held-out event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci_low: Option<f64>,
+    /// Upper end of the interval, absent when it is unbounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci_high: Option<f64>,
+}
+
+/// Formats as `+0.012 [-0.003,+0.027]`, with `n/a` for an undefined mean and `-inf` or `+inf`
+/// for an unbounded end.
+impl std::fmt::Display for EstimateFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let value = |value: Option<f64>, unbounded: &str| {
+            value.map_or_else(|| unbounded.to_string(), |v| format!("{v:+.3}"))
+        };
+        write!(
+            f,
+            "{} [{},{}]",
+            value(self.mean, "n/a"),
+            value(self.ci_low, "-inf"),
+            value(self.ci_high, "+inf")
+        )
+    }
 }
 
 /// The off-policy gate's figures for one candidate, against its parent.
@@ -498,5 +525,28 @@ mod tests {
         assert!(errors[0].message.contains("0.95"));
         assert_eq!(errors[1].field, "spec.rollout.steps[0].weight");
         assert!(errors[1].message.contains("1.5"));
+    }
+
+    #[test]
+    fn estimate_figures_omit_absent_values() {
+        let bounded = EstimateFigures {
+            mean: Some(0.012),
+            ci_low: Some(-0.003),
+            ci_high: Some(0.027),
+        };
+        assert_eq!(bounded.to_string(), "+0.012 [-0.003,+0.027]");
+        let json = serde_json::to_string(&bounded).unwrap();
+        assert_eq!(json, r#"{"mean":0.012,"ciLow":-0.003,"ciHigh":0.027}"#);
+
+        let undefined = EstimateFigures {
+            mean: None,
+            ci_low: None,
+            ci_high: None,
+        };
+        assert_eq!(undefined.to_string(), "n/a [-inf,+inf]");
+        let json = serde_json::to_string(&undefined).unwrap();
+        assert_eq!(json, "{}");
+        let read: EstimateFigures = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, undefined);
     }
 }

@@ -128,12 +128,8 @@ fn main() {
     );
     println!("|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {events} | {insert_seconds:.1} | {seconds:.1} | {} | {} | {:+.3} [{:+.3}, {:+.3}] |",
-        run.data.training_events,
-        run.data.holdout_events,
-        run.gate.difference_dr.mean,
-        run.gate.difference_dr.ci_low,
-        run.gate.difference_dr.ci_high
+        "| {events} | {insert_seconds:.1} | {seconds:.1} | {} | {} | {} |",
+        run.data.training_events, run.data.holdout_events, run.gate.difference_dr
     );
     println!("load average after the run: {}", load.trim());
 }

@@ -154,11 +154,13 @@ pub fn logged_events<'a>(
     (logged, kept)
 }
 
+/// Converts an estimate to status figures, leaving out NaN and infinite values.
 fn figures(estimate: &Estimate) -> EstimateFigures {
+    let finite = |value: f64| value.is_finite().then_some(value);
     EstimateFigures {
-        mean: estimate.mean,
-        ci_low: estimate.ci_low,
-        ci_high: estimate.ci_high,
+        mean: finite(estimate.mean),
+        ci_low: finite(estimate.ci_low),
+        ci_high: finite(estimate.ci_high),
     }
 }
 
@@ -236,13 +238,13 @@ pub fn train_candidate(
     let message = format!(
         "{version} {} the off-policy gate: DR reward {:.3} vs {:.3} for {}, difference {:+.3} ({:.0} % CI [{:+.3}, {:+.3}], tolerance {}) on {} held-out events; trained on {} events ({} steps, {}continued from {})",
         if passed { "passed" } else { "failed" },
-        gate.candidate_dr.mean,
-        gate.stable_dr.mean,
+        comparison.candidate.dr.mean,
+        comparison.stable.dr.mean,
         stable.reference.version,
-        gate.difference_dr.mean,
+        comparison.difference.dr.mean,
         gate.confidence * 100.0,
-        gate.difference_dr.ci_low,
-        gate.difference_dr.ci_high,
+        comparison.difference.dr.ci_low,
+        comparison.difference.dr.ci_high,
         settings.gate_tolerance,
         gate.events,
         train_part.len(),
@@ -1061,6 +1063,61 @@ mod tests {
         assert_eq!(kept.len(), 1);
         assert_eq!(logged[0].propensity, 0.25);
         assert_eq!(logged[0].cost_usd, 0.002);
+    }
+
+    #[test]
+    fn gate_figures_survive_the_store() {
+        // 20 usable events with holdoutFraction 0.05 hold out ceil(20 · 0.05) = 1 event. The
+        // standard error of one event is infinite, so every interval is (−∞, +∞). A candidate
+        // that gives probability 0 to every held-out action has Σρ = 0, so its SNIPS mean is
+        // 0 / 0, which compare_policies reports as NaN.
+        let single = Estimate {
+            mean: 0.25,
+            std_error: f64::INFINITY,
+            ci_low: f64::NEG_INFINITY,
+            ci_high: f64::INFINITY,
+        };
+        let undefined = Estimate {
+            mean: f64::NAN,
+            ..single
+        };
+        let gate = GateFigures {
+            events: 1,
+            preferences: vec![0.5],
+            confidence: 0.95,
+            candidate_ips: figures(&single),
+            candidate_snips: figures(&undefined),
+            candidate_dr: figures(&single),
+            stable_dr: figures(&single),
+            difference_dr: figures(&single),
+            effective_sample_size: 0.0,
+            passed: false,
+        };
+        let record = PolicyRecord {
+            version: "v2".into(),
+            sha256: String::new(),
+            phase: PolicyPhase::Rejected,
+            origin: PolicyOrigin::Trained,
+            parent: Some("v1".into()),
+            created_ms: 0,
+            message: None,
+            training: None,
+            off_policy: Some(gate),
+            live: None,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.ensure_history().unwrap();
+        store.save_policy_record("r", &record).unwrap();
+
+        let records = store
+            .policy_records("r")
+            .expect("a record with an unbounded interval is readable");
+        let gate = records[0].off_policy.as_ref().expect("gate figures");
+        assert_eq!(gate.difference_dr.mean, Some(0.25));
+        assert_eq!(gate.difference_dr.ci_low, None);
+        assert_eq!(gate.difference_dr.ci_high, None);
+        assert_eq!(gate.candidate_snips.mean, None);
     }
 
     #[test]

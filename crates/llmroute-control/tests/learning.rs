@@ -143,7 +143,10 @@ fn better_candidate_is_promoted() {
     assert_eq!(v2.parent.as_deref(), Some("v1"));
     let training = v2.training.clone().unwrap();
     assert_eq!(training.training_events + training.holdout_events, 1500);
-    assert!(gate.difference_dr.ci_low > 0.0, "{gate:?}");
+    assert!(
+        gate.difference_dr.ci_low.is_some_and(|low| low > 0.0),
+        "{gate:?}"
+    );
     let config = plane.subscribe("world").unwrap().borrow().clone();
     assert_eq!(config.canary.as_ref().unwrap().version, "v2");
     assert_eq!(config.canary_weight, 0.3);

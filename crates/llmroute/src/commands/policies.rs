@@ -42,15 +42,10 @@ pub fn history_table(records: &[PolicyRecord]) -> String {
         "COST/REQ $"
     );
     for record in records {
-        let gate = record.off_policy.as_ref().map_or_else(
-            || "-".to_string(),
-            |g| {
-                format!(
-                    "{:+.3} [{:+.3},{:+.3}]",
-                    g.difference_dr.mean, g.difference_dr.ci_low, g.difference_dr.ci_high
-                )
-            },
-        );
+        let gate = record
+            .off_policy
+            .as_ref()
+            .map_or_else(|| "-".to_string(), |g| g.difference_dr.to_string());
         let live = record.live.clone().unwrap_or_default();
         let _ = writeln!(
             out,

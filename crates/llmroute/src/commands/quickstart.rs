@@ -330,12 +330,7 @@ fn table(store: &Store, stats: &Stats) -> String {
         };
         let gate = record
             .and_then(|r| r.off_policy.as_ref())
-            .map(|g| {
-                format!(
-                    "{:+.3} [{:+.3},{:+.3}]",
-                    g.difference_dr.mean, g.difference_dr.ci_low, g.difference_dr.ci_high
-                )
-            })
+            .map(|g| g.difference_dr.to_string())
             .unwrap_or_else(|| "-".into());
         let _ = writeln!(
             out,
