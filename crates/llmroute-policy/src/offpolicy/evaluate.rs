@@ -21,14 +21,13 @@ use ndarray::{Array2, ArrayView2};
 use serde::{Deserialize, Serialize};
 
 use super::normal::two_sided_z;
+use super::probabilities::is_distribution;
 use super::reward_model::RewardModel;
 use super::{ActionProbabilities, LoggedEvent, OffPolicyError, validate_events};
 use crate::reward::Reward;
 
 /// Events whose embeddings are gathered into one matrix for the target policies.
 const CHUNK_ROWS: usize = 2048;
-/// Largest deviation from 1 accepted for the sum of a row of target probabilities.
-const PROBABILITY_SUM_TOLERANCE: f32 = 1e-3;
 
 /// One estimate of a policy's expected reward (or of a difference of two), in reward units.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -318,13 +317,11 @@ fn check_probabilities(
         });
     }
     for (row, values) in probabilities.rows().into_iter().enumerate() {
-        let sum: f32 = values.sum();
-        let valid = values.iter().all(|p| p.is_finite() && *p >= 0.0);
-        if !valid || (sum - 1.0).abs() > PROBABILITY_SUM_TOLERANCE {
+        if !is_distribution(values) {
             return Err(OffPolicyError::InvalidProbabilities {
                 policy,
                 index: first_event + row,
-                sum,
+                sum: values.sum(),
             });
         }
     }
@@ -832,6 +829,58 @@ mod tests {
             error.contains("stable policy returned probabilities summing to 2"),
             "{error}"
         );
+    }
+
+    /// Probabilities of a network whose weights became NaN.
+    struct NotANumber;
+
+    impl ActionProbabilities for NotANumber {
+        fn action_probabilities(
+            &self,
+            embeddings: ArrayView2<f32>,
+            _w_quality: &[f32],
+        ) -> Array2<f32> {
+            Array2::from_elem((embeddings.nrows(), NUM_MODELS), f32::NAN)
+        }
+    }
+
+    #[test]
+    fn offpolicy_explored_nan_is_rejected() {
+        use crate::offpolicy::Explored;
+        use llmroute_api::config::Exploration;
+        // An argmax over [NaN, NaN, NaN] returns index 0. A greedy rule would turn the row into
+        // the valid distribution [1, 0, 0], and ε-greedy into [1 − ε + ε/3, ε/3, ε/3], so the
+        // gate would score a broken network as "always model 0".
+        let events = synthetic::logged_events(20, &mut ChaCha8Rng::seed_from_u64(8));
+        for exploration in [
+            Exploration::Greedy,
+            Exploration::Sample,
+            Exploration::EpsilonGreedy { epsilon: 0.3 },
+        ] {
+            let broken = Explored {
+                policy: &NotANumber,
+                exploration,
+            };
+            let error = compare_policies(
+                &broken,
+                &UniformPolicy,
+                &events,
+                REWARD,
+                &EvaluationConfig::default(),
+            )
+            .expect_err("NaN probabilities");
+            assert!(
+                matches!(
+                    error,
+                    OffPolicyError::InvalidProbabilities {
+                        policy: "candidate",
+                        index: 0,
+                        ..
+                    }
+                ),
+                "{exploration:?}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -1,9 +1,19 @@
 //! Action probabilities of a target policy, with or without the sidecar's exploration rule.
 
 use llmroute_api::config::Exploration;
-use ndarray::{Array2, ArrayView2};
+use ndarray::{Array2, ArrayView1, ArrayView2};
 
 use crate::policy::network::{PolicyNetwork, argmax};
+
+/// Largest deviation from 1 accepted for the sum of a row of target probabilities.
+pub(crate) const PROBABILITY_SUM_TOLERANCE: f32 = 1e-3;
+
+/// Checks that `row` contains finite, non-negative values whose sum is within
+/// [`PROBABILITY_SUM_TOLERANCE`] of 1.
+pub(crate) fn is_distribution(row: ArrayView1<f32>) -> bool {
+    let valid = row.iter().all(|p| p.is_finite() && *p >= 0.0);
+    valid && (row.sum() - 1.0).abs() <= PROBABILITY_SUM_TOLERANCE
+}
 
 /// A target policy whose action probabilities off-policy evaluation can weigh.
 pub trait ActionProbabilities {
@@ -44,6 +54,10 @@ pub struct Explored<'a, P: ?Sized> {
 /// - `Sample`: the policy's probabilities unchanged;
 /// - `EpsilonGreedy { ε }`: `(1 − ε)·[a = argmax] + ε / K`.
 ///
+/// A row of the policy that is not a probability distribution, such as the NaN row of a
+/// diverged network, is returned unchanged. An argmax over NaN would pick the first model and
+/// hide the fault, and [`super::compare_policies`] reports the row as invalid instead.
+///
 /// Panics when ε is outside `[0, 1]`, which the route's configuration check rejects.
 impl<P: ActionProbabilities + ?Sized> ActionProbabilities for Explored<'_, P> {
     fn action_probabilities(&self, embeddings: ArrayView2<f32>, w_quality: &[f32]) -> Array2<f32> {
@@ -62,6 +76,9 @@ impl<P: ActionProbabilities + ?Sized> ActionProbabilities for Explored<'_, P> {
         let num_models = probabilities.ncols();
         let uniform = epsilon / num_models as f32;
         for mut row in probabilities.rows_mut() {
+            if !is_distribution(row.view()) {
+                continue;
+            }
             let best = argmax(&row.to_vec());
             for (k, p) in row.iter_mut().enumerate() {
                 let greedy = if k == best { 1.0 - epsilon } else { 0.0 };
