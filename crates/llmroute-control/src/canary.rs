@@ -407,6 +407,31 @@ mod tests {
     }
 
     #[test]
+    fn p_values_match_hand_values() {
+        let close = |actual: Option<f64>, expected: f64| {
+            actual.is_some_and(|p| (p - expected).abs() < 1e-6)
+        };
+
+        // Rewards: means 0.3 and 0.6, variances 0.02, tolerance 0.1. The standard error is
+        // √(0.02/2 + 0.02/2) = 0.141421, t = (0.3 − 0.6 + 0.1) / 0.141421 = −1.414214 and
+        // p = Φ(−1.414214) = 0.078650.
+        let reward_p = welch_lower_p(&[0.2, 0.4], &[0.5, 0.7], 0.1);
+        assert!(close(reward_p, 0.078_649_6), "{reward_p:?}");
+
+        // Errors: 10 of 100 against 2 of 100, allowed rise 0.02. The pooled rate is 0.06, the
+        // standard error √(0.06 · 0.94 · 0.02) = 0.033586, z = (0.1 − 0.02 − 0.02) / 0.033586
+        // = 1.786474 and p = 1 − Φ(1.786474) = 0.037011.
+        let error_p = proportion_higher_p(10, 100, 2, 100, 0.02);
+        assert!(close(error_p, 0.037_011_3), "{error_p:?}");
+
+        // Costs: means 3 and 2, variances 2, allowed rise 0.25. The standard error is
+        // √(2/2 + 1.25² · 2/2) = 1.600781, z = (3 − 1.25 · 2) / 1.600781 = 0.312348 and
+        // p = 1 − Φ(0.312348) = 0.377388.
+        let cost_p = welch_cost_higher_p(&[2.0, 4.0], &[1.0, 3.0], 0.25);
+        assert!(close(cost_p, 0.377_388_2), "{cost_p:?}");
+    }
+
+    #[test]
     fn percentile_is_nearest_rank() {
         let values: Vec<f64> = (1..=100).map(f64::from).collect();
         assert_eq!(percentile(&values, 0.95), Some(95.0));

@@ -800,6 +800,89 @@ mod tests {
         assert!(error.contains("invalid confidence = 1"), "{error}");
     }
 
+    /// The same probabilities for every row.
+    struct Fixed([f32; 2]);
+
+    impl ActionProbabilities for Fixed {
+        fn action_probabilities(
+            &self,
+            embeddings: ArrayView2<f32>,
+            _w_quality: &[f32],
+        ) -> Array2<f32> {
+            Array2::from_shape_fn((embeddings.nrows(), 2), |(_, k)| self.0[k])
+        }
+    }
+
+    #[test]
+    fn offpolicy_estimators_match_hand_values() {
+        // Two events, τ = 1 USD and one preference point, 0.5, the median of w = 0.2 and 0.8.
+        // Rewards at w' = 0.5: r₀ = 0.5 · 1 − 0.5 · 0.2 = 0.4 and r₁ = 0.5 · 0.5 − 0 = 0.25.
+        let event = |action, propensity, quality, cost_usd, w_quality| LoggedEvent {
+            embedding: vec![1.0, 0.0],
+            w_quality,
+            action,
+            propensity,
+            quality,
+            cost_usd,
+        };
+        let events = [event(0, 0.5, 1.0, 0.2, 0.2), event(1, 0.8, 0.5, 0.0, 0.8)];
+        let comparison = compare_policies(
+            &Fixed([0.25, 0.75]),
+            &Fixed([0.5, 0.5]),
+            &events,
+            Reward::new(1.0),
+            &EvaluationConfig {
+                preference_points: 1,
+                ..EvaluationConfig::default()
+            },
+        )
+        .expect("valid events");
+        assert_eq!(comparison.preferences, [0.5]);
+        let close = |actual: f64, expected: f64| (actual - expected).abs() < 1e-6;
+
+        // Candidate weights ρ₀ = 0.25 / 0.5 = 0.5 and ρ₁ = 0.75 / 0.8 = 0.9375, so ρ·r is 0.2
+        // and 0.234375. IPS = 0.434375 / 2 and SNIPS = 0.434375 / 1.4375. The two per-event
+        // values differ by ±d from their mean, so the standard error √(2d² / 1 / 2) is d.
+        let candidate = comparison.candidate;
+        assert!(close(candidate.ips.mean, 0.217_187_5), "{candidate:?}");
+        assert!(close(candidate.ips.std_error, 0.017_187_5), "{candidate:?}");
+        assert!(close(candidate.snips.mean, 0.302_173_913), "{candidate:?}");
+        // ψᵢ = (ρᵢrᵢ − V̂ρᵢ) / mean(ρ) = ±0.048913 / 0.71875.
+        assert!(
+            close(candidate.snips.std_error, 0.068_052_930),
+            "{candidate:?}"
+        );
+
+        // Each of the two cross-fitting folds has one event, and a model with fewer than 10
+        // events in a fold is predicted by the mean of the other fold, so each event's r̂ for
+        // both models is the other event's outcome: r̂ = 0.25 for event 0 and 0.4 for event 1.
+        // DR₀ = 0.25 + 0.5 · (0.4 − 0.25) = 0.325 and DR₁ = 0.4 + 0.9375 · (0.25 − 0.4) =
+        // 0.259375.
+        assert!(close(candidate.dr.mean, 0.292_187_5), "{candidate:?}");
+        assert!(close(candidate.dr.std_error, 0.032_812_5), "{candidate:?}");
+        let z = 1.959_963_985;
+        assert!(close(candidate.dr.ci_low, 0.292_187_5 - z * 0.032_812_5));
+        assert!(close(candidate.dr.ci_high, 0.292_187_5 + z * 0.032_812_5));
+
+        // Stable weights are 1 and 0.625: IPS = (0.4 + 0.15625) / 2, and DR per event is
+        // 0.25 + 0.15 = 0.4 and 0.4 − 0.09375 = 0.30625. Paired DR differences are −0.075 and
+        // −0.046875.
+        let stable = comparison.stable;
+        assert!(close(stable.ips.mean, 0.278_125), "{stable:?}");
+        assert!(close(stable.dr.mean, 0.353_125), "{stable:?}");
+        let difference = comparison.difference;
+        assert!(close(difference.ips.mean, -0.060_937_5), "{difference:?}");
+        assert!(close(difference.dr.mean, -0.060_937_5), "{difference:?}");
+        assert!(
+            close(difference.dr.std_error, 0.014_062_5),
+            "{difference:?}"
+        );
+
+        // Kish: (0.5 + 0.9375)² / (0.5² + 0.9375²) = 2.06640625 / 1.12890625.
+        let ess = comparison.candidate_effective_sample_size;
+        assert!(close(ess, 1.830_449_827), "effective sample size {ess}");
+    }
+
     /// Probabilities that sum to 2.
     struct Unnormalised;
 
