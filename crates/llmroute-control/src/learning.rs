@@ -222,7 +222,9 @@ pub fn train_candidate(
             ..EvaluationConfig::default()
         },
     )?;
-    let passed = comparison.difference.dr.ci_low > -settings.gate_tolerance;
+    let supported =
+        comparison.candidate_effective_sample_size >= settings.gate_min_effective_sample_size;
+    let passed = supported && comparison.difference.dr.ci_low > -settings.gate_tolerance;
     let gate = GateFigures {
         events: held_out.len() as u64,
         preferences: comparison.preferences.iter().map(|&w| w as f64).collect(),
@@ -236,7 +238,7 @@ pub fn train_candidate(
         passed,
     };
     let message = format!(
-        "{version} {} the off-policy gate: DR reward {:.3} vs {:.3} for {}, difference {:+.3} ({:.0} % CI [{:+.3}, {:+.3}], tolerance {}) on {} held-out events; trained on {} events ({} steps, {}continued from {})",
+        "{version} {} the off-policy gate: DR reward {:.3} vs {:.3} for {}, difference {:+.3} ({:.0} % CI [{:+.3}, {:+.3}], tolerance {}) on {} held-out events, effective sample size {:.1}{}; trained on {} events ({} steps, {}continued from {})",
         if passed { "passed" } else { "failed" },
         comparison.candidate.dr.mean,
         comparison.stable.dr.mean,
@@ -247,6 +249,15 @@ pub fn train_candidate(
         comparison.difference.dr.ci_high,
         settings.gate_tolerance,
         gate.events,
+        gate.effective_sample_size,
+        match (settings.gate_min_effective_sample_size, supported) {
+            (minimum, _) if minimum <= 0.0 => String::new(),
+            (minimum, true) => format!(" (minimum {minimum})"),
+            (minimum, false) => format!(
+                " (minimum {minimum}), too few events on which the candidate chooses as the \
+                 logged decisions did"
+            ),
+        },
         train_part.len(),
         summary.steps,
         if summary.continued_from_initial {

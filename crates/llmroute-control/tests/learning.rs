@@ -139,6 +139,14 @@ fn better_candidate_is_promoted() {
     let v2 = record(&plane, "v2");
     let gate = v2.off_policy.clone().unwrap();
     assert!(gate.passed, "{:?}", v2.message);
+    assert!(gate.effective_sample_size > 0.0, "{gate:?}");
+    assert!(
+        v2.message
+            .as_deref()
+            .is_some_and(|m| m.contains("effective sample size")),
+        "{:?}",
+        v2.message
+    );
     assert_eq!(v2.phase, PolicyPhase::Canary);
     assert_eq!(v2.parent.as_deref(), Some("v1"));
     let training = v2.training.clone().unwrap();
@@ -247,6 +255,35 @@ fn gate_rejects_inverted_reward_candidate() {
     let config = inverted_plane.subscribe("world").unwrap().borrow().clone();
     assert!(config.canary.is_none());
     assert_eq!(config.stable.as_ref().unwrap().version, "v1");
+}
+
+#[test]
+fn gate_rejects_candidate_below_effective_sample_size() {
+    // Tolerance 1 would let any candidate through, but at most 450 held-out events (30 % of
+    // 1,500) give an effective sample size of at most 450, below the minimum of 10,000.
+    let dir = tempfile::tempdir().unwrap();
+    let training = "  training: {minNewEvents: 600, steps: 400, intervalSeconds: 5, \
+                    gate: {tolerance: 1, minEffectiveSampleSize: 10000}}";
+    let (plane, learning) = setup(dir.path(), &route_yaml(training, ROLLOUT));
+    let mut world = World::new(1, "world");
+    learning.tick();
+    serve(&plane, &mut world, 1500, 10.0);
+    learning.tick();
+
+    let v2 = record(&plane, "v2");
+    let gate = v2.off_policy.clone().unwrap();
+    assert!(!gate.passed, "{gate:?}");
+    assert!(gate.effective_sample_size > 0.0, "{gate:?}");
+    assert!(gate.effective_sample_size <= 450.0, "{gate:?}");
+    assert_eq!(v2.phase, PolicyPhase::Rejected);
+    let message = v2.message.unwrap();
+    assert!(message.contains("failed the off-policy gate"), "{message}");
+    assert!(message.contains("(minimum 10000)"), "{message}");
+    assert!(
+        message.contains("too few events on which the candidate chooses as the logged"),
+        "{message}"
+    );
+    assert_eq!(reasons(&plane).last().unwrap(), "GateRejected");
 }
 
 #[test]
