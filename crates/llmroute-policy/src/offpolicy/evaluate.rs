@@ -364,6 +364,8 @@ impl EventUnits {
             let i = start + row;
             let target = probabilities.row(row);
             let r = reward.reward(w, event.quality, event.cost_usd) as f64;
+            // TODO: cap ρ. The event API accepts any propensity in (0, 1], so one event with a
+            // propensity of 1e-30 whose model the target also picks dominates IPS and DR.
             let rho = target[event.action] as f64 / event.propensity as f64;
             // Direct method: the reward model's expectation under the target policy.
             let direct: f64 = target
