@@ -24,12 +24,11 @@ use std::collections::BTreeMap;
 
 mod common;
 
-use common::{Embedder, training_reward};
+use common::{Embedder, EvalSplit, eval_splits, training_reward};
 use indicatif::ProgressBar;
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::baselines::Router;
 use llmroute_policy::data::{self, Split};
-use llmroute_policy::eval::{held_out_tasks, is_held_out};
 use llmroute_policy::policy::train::DEFAULT_INTERACTIONS_PER_PROMPT;
 use llmroute_policy::policy::{BarpRouter, TrainConfig, train};
 use ndarray::Axis;
@@ -98,28 +97,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let train_embeddings = embedder.embed(&dataset, "train", &dataset.train)?;
     let test_embeddings = embedder.embed(&dataset, "test", &dataset.test)?;
     let reward = training_reward(&dataset)?;
-    let (train_rows, test_rows, held_out) = if ood {
-        let held_out: Vec<String> = held_out_tasks(&name)
-            .ok_or_else(|| format!("{name} has no held-out tasks for the ood split"))?
-            .iter()
-            .map(|task| task.to_string())
-            .collect();
-        (
-            dataset
-                .train
-                .indices_where(|task| !is_held_out(task, &held_out)),
-            dataset
-                .test
-                .indices_where(|task| is_held_out(task, &held_out)),
-            held_out,
-        )
-    } else {
-        (
-            (0..dataset.train.len()).collect(),
-            (0..dataset.test.len()).collect(),
-            Vec::new(),
-        )
-    };
+    let [id_split, ood_split] = eval_splits(&dataset)?;
+    let EvalSplit {
+        train_rows,
+        test_rows,
+        held_out,
+        ..
+    } = if ood { ood_split } else { id_split };
     let train_split = dataset.train.subset(&train_rows);
     let test_split = dataset.test.subset(&test_rows);
     let train_embeddings = train_embeddings.select(Axis(0), &train_rows);

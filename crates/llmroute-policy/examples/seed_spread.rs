@@ -9,26 +9,28 @@
 //! knn-full-info has no seed and is trained once per split. The linear bandit learners are left
 //! out, because they take most of an evaluation's time and no target compares BaRP with them.
 //!
-//! Per split and sweep point it prints the margin `m = R̄_barp − max(R̄_mlp, R̄_knn)` (mean
-//! reward per call over the test prompts) as mean, standard deviation, minimum and maximum over
-//! the seeds, the number of seeds at which BaRP beats both, and the standard error of `m` over
-//! the test prompts for the first seed: the standard deviation of the per-prompt differences
-//! `d_i = r_barp,i − r_best,i` divided by `√n`, with `best` the full-information router of the
-//! higher mean. Then, per seed, the sweep points won and the figures of the quality targets in
-//! `docs/benchmarks.md`: BaRP's quality at `w_q = 1`, its best quality at no more than half the
-//! best single model's mean cost, and with `--budget`, its best quality at no more than that
-//! many USD per call.
+//! Per split and sweep point it prints the margin `m = R̄_barp − max(R̄_mlp, R̄_knn)`, where `R̄`
+//! is a router's mean reward per call over the test prompts. It gives the mean, standard
+//! deviation, minimum and maximum of `m` over the seeds and the number of seeds at which BaRP
+//! beats both. For the first seed it also gives the standard error of `m` over the test
+//! prompts: the standard deviation of the per-prompt differences `d_i = r_barp,i − r_best,i`
+//! divided by `√n`, with `best` the full-information router of the higher mean.
+//!
+//! Then it prints, per seed, the sweep points won and the figures of the quality targets in
+//! `docs/benchmarks.md`. Those are BaRP's quality at `w_q = 1` and its best quality at no more
+//! than half the best single model's mean cost. With `--budget` they include its best quality
+//! at no more than that many USD per call.
 
 mod common;
 
-use common::{Embedder, training_reward};
+use common::{Embedder, EvalSplit, eval_splits, mean_and_std, training_reward};
 use indicatif::ProgressBar;
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::baselines::Router;
 use llmroute_policy::baselines::knn::{DEFAULT_K, KnnRouter};
 use llmroute_policy::baselines::mlp::{MlpConfig, train_mlp};
 use llmroute_policy::data::{self, Split};
-use llmroute_policy::eval::{W_GRID, derive_seed, held_out_tasks, is_held_out};
+use llmroute_policy::eval::{W_GRID, derive_seed};
 use llmroute_policy::policy::train::DEFAULT_INTERACTIONS_PER_PROMPT;
 use llmroute_policy::policy::{BarpRouter, TrainConfig, train};
 use llmroute_policy::reward::Reward;
@@ -68,12 +70,14 @@ impl Scores {
         scores
     }
 
+    /// Returns the mean reward per call at sweep point `point`.
     fn mean_reward(&self, point: usize) -> f64 {
         let rewards = &self.rewards[point];
         rewards.iter().sum::<f64>() / rewards.len().max(1) as f64
     }
 
-    /// Highest mean quality over the sweep points whose mean cost is at most `budget`.
+    /// Returns the highest mean quality over the sweep points whose mean cost is at most
+    /// `budget`, or `None` when no point is that cheap.
     fn best_quality_within(&self, budget: f64) -> Option<f64> {
         self.quality
             .iter()
@@ -82,17 +86,6 @@ impl Scores {
             .map(|(&quality, _)| quality)
             .reduce(f64::max)
     }
-}
-
-/// Mean and sample standard deviation.
-fn mean_sd(values: &[f64]) -> (f64, f64) {
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    if values.len() < 2 {
-        return (mean, 0.0);
-    }
-    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    (mean, variance.sqrt())
 }
 
 fn parse_args() -> Result<(String, u64, Option<f64>), String> {
@@ -136,11 +129,6 @@ fn parse_args() -> Result<(String, u64, Option<f64>), String> {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (name, seeds, budget) = parse_args()?;
     let dataset = data::load(&name)?;
-    let held_out: Vec<String> = held_out_tasks(&name)
-        .ok_or_else(|| format!("{name} has no held-out tasks for the ood split"))?
-        .iter()
-        .map(|task| task.to_string())
-        .collect();
     let mut embedder = Embedder::load()?;
     let train_embeddings = embedder.embed(&dataset, "train", &dataset.train)?;
     let test_embeddings = embedder.embed(&dataset, "test", &dataset.test)?;
@@ -152,23 +140,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
          training prompt, knn-full-info k = {DEFAULT_K}",
         eval_seeds
     );
-    let splits = [
-        (
-            "id",
-            (0..dataset.train.len()).collect::<Vec<_>>(),
-            (0..dataset.test.len()).collect::<Vec<_>>(),
-        ),
-        (
-            "ood",
-            dataset
-                .train
-                .indices_where(|task| !is_held_out(task, &held_out)),
-            dataset
-                .test
-                .indices_where(|task| is_held_out(task, &held_out)),
-        ),
-    ];
-    for (split, train_rows, test_rows) in splits {
+    for EvalSplit {
+        name: split,
+        train_rows,
+        test_rows,
+        held_out,
+    } in eval_splits(&dataset)?
+    {
         let train_split = dataset.train.subset(&train_rows);
         let test_split = dataset.test.subset(&test_rows);
         let fit = train_embeddings.select(Axis(0), &train_rows);
@@ -248,7 +226,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 margins.push(margin);
             }
-            let (mean, sd) = mean_sd(&margins);
+            let (mean, sd) = mean_and_std(&margins);
             let min = margins.iter().copied().fold(f64::INFINITY, f64::min);
             let max = margins.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let won = margins.iter().filter(|&&m| m > 0.0).count();
@@ -262,7 +240,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .zip(&best.rewards[point])
                 .map(|(b, r)| b - r)
                 .collect();
-            let (_, sd_prompt) = mean_sd(&differences);
+            let (_, sd_prompt) = mean_and_std(&differences);
             let standard_error = sd_prompt / (differences.len() as f64).sqrt();
             println!(
                 "{w:>5.1} {mean:>+10.4} {sd:>8.4} {min:>+10.4} {max:>+10.4} {:>6} {standard_error:>14.4}",
@@ -302,8 +280,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 budget.map_or(String::new(), |b| show(barp[s].best_quality_within(b)))
             );
         }
-        let (wins_mean, wins_sd) = mean_sd(&wins.iter().map(|&w| w as f64).collect::<Vec<_>>());
-        let (q1_mean, q1_sd) = mean_sd(&barp.iter().map(|b| b.quality[last]).collect::<Vec<_>>());
+        let (wins_mean, wins_sd) =
+            mean_and_std(&wins.iter().map(|&w| w as f64).collect::<Vec<_>>());
+        let (q1_mean, q1_sd) =
+            mean_and_std(&barp.iter().map(|b| b.quality[last]).collect::<Vec<_>>());
         println!(
             "  mean {wins_mean:>5.1} {q1_mean:>12.4}   (sd {wins_sd:.1} wins, {q1_sd:.4} quality)"
         );

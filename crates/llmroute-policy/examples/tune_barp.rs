@@ -19,7 +19,7 @@
 
 mod common;
 
-use common::{Embedder, training_reward};
+use common::{Embedder, mean_and_std, training_reward};
 use indicatif::ProgressBar;
 use llmroute_policy::bandit::ReplayEnvironment;
 use llmroute_policy::baselines::Router;
@@ -464,17 +464,6 @@ fn score_oracle(validation: &Split, reward: Reward) -> (f64, f64) {
         }
     }
     (quality_at_one, reward_sum / W_GRID.len() as f64)
-}
-
-/// Mean and sample standard deviation (0 for fewer than two values).
-fn mean_and_std(values: &[f64]) -> (f64, f64) {
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    if values.len() < 2 {
-        return (mean, 0.0);
-    }
-    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    (mean, variance.sqrt())
 }
 
 /// Trains on `fit_rows` and returns (quality at w = 1, mean reward over the sweep) on

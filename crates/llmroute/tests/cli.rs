@@ -734,9 +734,7 @@ fn relative_cache_variable_is_ignored() {
 
 #[test]
 fn sidecar_without_source_names_both_flags() {
-    let output = llmroute(&["sidecar"]);
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = llmroute_fails(&["sidecar"]);
     assert!(
         stderr.contains("--config <FILE>|--control <URL>"),
         "{stderr}"
@@ -792,9 +790,7 @@ fn decide_rejects_foreign_encoder_policy() {
     encoder.value = "0".repeat(64);
     let other = dir.path().join("other-encoder.onnx");
     std::fs::write(&other, llmroute_policy::onnx::encode(&model)).unwrap();
-    let output = decide(&other);
-    assert!(!output.status.success(), "a foreign encoder was accepted");
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = llmroute_fails(&["decide", "--policy", path_arg(&other), "--prompt", "hi"]);
     assert!(
         stderr.contains(&format!("was trained with encoder {}", "0".repeat(64))),
         "{stderr}"

@@ -1,6 +1,6 @@
 //! Set-up shared by the examples that train BaRP on a data set: ONNX Runtime and the encoder
-//! from `llmroute setup`'s cache, embeddings through the on-disk embedding cache, and the
-//! data set's reward.
+//! from `llmroute setup`'s cache, embeddings through the on-disk embedding cache, the data
+//! set's reward, `llmroute eval`'s splits and summary statistics over seeds.
 
 use std::path::PathBuf;
 
@@ -9,6 +9,7 @@ use llmroute_policy::assets::{Assets, default_cache_dir};
 use llmroute_policy::data::{RoutingDataset, Split};
 use llmroute_policy::embedding_cache::embed_cached;
 use llmroute_policy::encoder::Encoder;
+use llmroute_policy::eval::{held_out_tasks, is_held_out};
 use llmroute_policy::reward::{DEFAULT_TAU_PERCENTILE, Reward, calibrate_tau};
 use llmroute_policy::runtime::init_onnx_runtime;
 use ndarray::Array2;
@@ -63,4 +64,57 @@ pub fn training_reward(dataset: &RoutingDataset) -> Result<Reward, Box<dyn std::
         )
     })?;
     Ok(Reward::new(tau))
+}
+
+/// The rows of one of `llmroute eval`'s splits of a data set.
+#[allow(dead_code, reason = "tune_barp builds its own validation splits")]
+pub struct EvalSplit {
+    /// `"id"` or `"ood"`.
+    pub name: &'static str,
+    pub train_rows: Vec<usize>,
+    pub test_rows: Vec<usize>,
+    /// Held-out tasks, empty for the `id` split.
+    pub held_out: Vec<String>,
+}
+
+/// Returns the `id` split (every training and test prompt) and the `ood` split (training
+/// without the held-out tasks, testing on their test prompts) of `dataset`, as `llmroute eval`
+/// builds them.
+#[allow(dead_code, reason = "tune_barp builds its own validation splits")]
+pub fn eval_splits(dataset: &RoutingDataset) -> Result<[EvalSplit; 2], Box<dyn std::error::Error>> {
+    let held_out: Vec<String> = held_out_tasks(&dataset.name)
+        .ok_or_else(|| format!("{} has no held-out tasks for the ood split", dataset.name))?
+        .iter()
+        .map(|task| task.to_string())
+        .collect();
+    Ok([
+        EvalSplit {
+            name: "id",
+            train_rows: (0..dataset.train.len()).collect(),
+            test_rows: (0..dataset.test.len()).collect(),
+            held_out: Vec::new(),
+        },
+        EvalSplit {
+            name: "ood",
+            train_rows: dataset
+                .train
+                .indices_where(|task| !is_held_out(task, &held_out)),
+            test_rows: dataset
+                .test
+                .indices_where(|task| is_held_out(task, &held_out)),
+            held_out,
+        },
+    ])
+}
+
+/// Returns the mean and the sample standard deviation of `values` (0 for fewer than two).
+#[allow(dead_code, reason = "per_task reports means only")]
+pub fn mean_and_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() < 2 {
+        return (mean, 0.0);
+    }
+    let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    (mean, variance.sqrt())
 }
