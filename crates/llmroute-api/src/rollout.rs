@@ -8,6 +8,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::config::Exploration;
 use crate::crd::SpecError;
 
 /// When and how the control plane trains a candidate policy from the route's events.
@@ -71,6 +72,14 @@ pub struct GateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 1000000.0))]
     pub min_effective_sample_size: Option<f64>,
+    /// Cap on the importance weights `ρ = π_candidate / π_logged` of the off-policy estimates;
+    /// a weight above it counts as the cap. Default: `K / epsilon` for `epsilonGreedy`
+    /// exploration over K models, the largest weight a correctly logged event can have, and
+    /// 100 otherwise. It keeps one event logged with a tiny propensity from deciding the gate,
+    /// at the price of a downward bias for a candidate that often picks what was rarely logged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1.0, max = 1000000.0))]
+    pub max_importance_weight: Option<f64>,
 }
 
 /// The rollout of a candidate that passed the gate.
@@ -143,6 +152,27 @@ pub struct RetentionSpec {
 /// its canary.
 pub const DEFAULT_MIN_EFFECTIVE_SAMPLE_SIZE: f64 = 0.0;
 
+/// Default of [`GateSpec::max_importance_weight`] for routes that do not log with ε-greedy
+/// exploration: the weight of a decision logged with probability 1 % that the candidate always
+/// takes. Under `greedy` exploration every correct propensity is 1 and no weight exceeds 1.
+pub const DEFAULT_MAX_IMPORTANCE_WEIGHT: f64 = 100.0;
+
+/// The cap on importance weights the gate uses: the route's `maxImportanceWeight`, else `K / ε`
+/// under ε-greedy exploration with `ε > 0` over `num_models` models (a correct propensity is at
+/// least `ε / K`, so no correct event is clipped), else [`DEFAULT_MAX_IMPORTANCE_WEIGHT`].
+pub fn max_importance_weight(
+    configured: Option<f64>,
+    exploration: Exploration,
+    num_models: usize,
+) -> f64 {
+    configured.unwrap_or(match exploration {
+        Exploration::EpsilonGreedy { epsilon } if epsilon > 0.0 => {
+            (num_models as f64 / epsilon).max(1.0)
+        }
+        _ => DEFAULT_MAX_IMPORTANCE_WEIGHT,
+    })
+}
+
 /// Training settings with every default filled in.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainingSettings {
@@ -156,6 +186,9 @@ pub struct TrainingSettings {
     pub gate_tolerance: f64,
     pub gate_confidence: f64,
     pub gate_min_effective_sample_size: f64,
+    /// The route's cap, if set; [`max_importance_weight`] fills in the default, which depends on
+    /// the exploration rule and the model pool.
+    pub gate_max_importance_weight: Option<f64>,
 }
 
 /// Rollout settings with every default filled in.
@@ -196,6 +229,7 @@ impl TrainingSpec {
             gate_min_effective_sample_size: gate
                 .min_effective_sample_size
                 .unwrap_or(DEFAULT_MIN_EFFECTIVE_SAMPLE_SIZE),
+            gate_max_importance_weight: gate.max_importance_weight,
         }
     }
 }
@@ -315,6 +349,14 @@ pub fn check(
                 0.0,
                 1_000_000.0,
                 " events",
+            );
+            range_check(
+                errors,
+                &at("gate.maxImportanceWeight"),
+                gate.max_importance_weight,
+                1.0,
+                1_000_000.0,
+                "",
             );
         }
     }
@@ -547,6 +589,38 @@ mod tests {
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].field, "spec.training.gate.minEffectiveSampleSize");
         assert!(errors[0].message.contains("-1 is outside [0, 1000000]"));
+    }
+
+    #[test]
+    fn check_rejects_importance_weight_cap_below_one() {
+        let mut errors = Vec::new();
+        let training = TrainingSpec {
+            gate: Some(GateSpec {
+                max_importance_weight: Some(0.5),
+                ..GateSpec::default()
+            }),
+            ..TrainingSpec::default()
+        };
+        check(Some(&training), None, None, &mut errors);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "spec.training.gate.maxImportanceWeight");
+        assert!(errors[0].message.contains("0.5 is outside [1, 1000000]"));
+    }
+
+    #[test]
+    fn importance_weight_cap_follows_exploration() {
+        let epsilon = |epsilon| Exploration::EpsilonGreedy { epsilon };
+        // ε-greedy over 4 models at ε = 0.1: the smallest correct propensity is 0.025.
+        assert_eq!(max_importance_weight(None, epsilon(0.1), 4), 40.0);
+        assert_eq!(max_importance_weight(None, epsilon(1.0), 4), 4.0);
+        assert_eq!(max_importance_weight(None, epsilon(0.0), 4), 100.0);
+        assert_eq!(max_importance_weight(None, Exploration::Greedy, 4), 100.0);
+        assert_eq!(max_importance_weight(None, Exploration::Sample, 4), 100.0);
+        assert_eq!(max_importance_weight(Some(7.0), epsilon(0.1), 4), 7.0);
+        assert_eq!(
+            TrainingSpec::settings(None).gate_max_importance_weight,
+            None
+        );
     }
 
     #[test]

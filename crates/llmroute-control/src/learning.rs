@@ -24,7 +24,7 @@ use llmroute_api::crd::{
     EstimateFigures, GateFigures, LastTraining, LlmRouteSpec, PolicyOrigin, PolicyPhase,
     TrainingData,
 };
-use llmroute_api::rollout::{RolloutSpec, TrainingSpec};
+use llmroute_api::rollout::{RolloutSpec, TrainingSpec, max_importance_weight};
 use llmroute_api::{Outcome, PolicyRef};
 use llmroute_policy::offpolicy::{
     Estimate, EvaluationConfig, Explored, LoggedEvent, OffPolicyConfig, compare_policies,
@@ -211,6 +211,11 @@ pub fn train_candidate(
         policy: &stable.network,
         exploration,
     };
+    let weight_cap = max_importance_weight(
+        settings.gate_max_importance_weight,
+        exploration,
+        stable.metadata.models.len(),
+    );
     let comparison = compare_policies(
         &candidate_policy,
         &stable_policy,
@@ -219,6 +224,7 @@ pub fn train_candidate(
         &EvaluationConfig {
             confidence: settings.gate_confidence,
             seed: settings.seed,
+            max_importance_weight: Some(weight_cap),
             ..EvaluationConfig::default()
         },
     )?;
@@ -238,7 +244,7 @@ pub fn train_candidate(
         passed,
     };
     let message = format!(
-        "{version} {} the off-policy gate: DR reward {:.3} vs {:.3} for {}, difference {:+.3} ({:.0} % CI [{:+.3}, {:+.3}], tolerance {}) on {} held-out events, effective sample size {:.1}{}; trained on {} events ({} steps, {}continued from {})",
+        "{version} {} the off-policy gate: DR reward {:.3} vs {:.3} for {}, difference {:+.3} ({:.0} % CI [{:+.3}, {:+.3}], tolerance {}) on {} held-out events, effective sample size {:.1}{}, {:.1} % of importance weights clipped at {:.1}; trained on {} events ({} steps, {}continued from {})",
         if passed { "passed" } else { "failed" },
         comparison.candidate.dr.mean,
         comparison.stable.dr.mean,
@@ -258,6 +264,8 @@ pub fn train_candidate(
                  logged decisions did"
             ),
         },
+        comparison.candidate_clipped_fraction * 100.0,
+        weight_cap,
         train_part.len(),
         summary.steps,
         if summary.continued_from_initial {

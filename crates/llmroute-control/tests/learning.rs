@@ -286,6 +286,59 @@ fn gate_rejects_candidate_below_effective_sample_size() {
     assert_eq!(reasons(&plane).last().unwrap(), "GateRejected");
 }
 
+/// The first training run of `world` seed 1 (the candidate `better_candidate_is_promoted`
+/// promotes), with the last held-out event logged at propensity 1e-30.
+fn gate_with_tiny_propensity(training: &str) -> PolicyRecord {
+    let dir = tempfile::tempdir().unwrap();
+    let (plane, learning) = setup(dir.path(), &route_yaml(training, ROLLOUT));
+    let mut world = World::new(1, "world");
+    learning.tick();
+    let v1 = network(plane.store(), &record(&plane, "v1"));
+    let mut events: Vec<_> = (0..1500).map(|_| world.event(&v1, "v1", 10.0)).collect();
+    let last = events.last_mut().unwrap();
+    last.decision.propensity = Some(1e-30);
+    plane
+        .store()
+        .insert_events("world", "test", &events)
+        .unwrap();
+    learning.tick();
+    record(&plane, "v2")
+}
+
+#[test]
+fn gate_caps_importance_weight_of_tiny_propensity() {
+    // Both policies give every model at least ε / 3 probability, so their weights on that
+    // event are at least 1e28. At a cap of 1e6, above every other weight, that one event still
+    // outweighs the other 449: rewards lie in [−1, 1], but the recorded estimates do not.
+    let wide = gate_with_tiny_propensity(
+        "  training: {minNewEvents: 600, steps: 400, intervalSeconds: 5, \
+         gate: {maxImportanceWeight: 1000000}}",
+    );
+    let gate = wide.off_policy.clone().unwrap();
+    let dr = gate.candidate_dr.mean.unwrap();
+    assert!(dr.abs() > 10.0, "{gate:?}");
+    assert!(gate.effective_sample_size < 2.0, "{gate:?}");
+    let message = wide.message.unwrap();
+    eprintln!("{message}");
+    assert!(message.contains("clipped at 1000000.0"), "{message}");
+
+    // The default cap, K / ε = 3 / ε, is the largest weight a correctly logged event can have,
+    // so it clips that event only, and the candidate passes as without it.
+    let capped = gate_with_tiny_propensity(TRAINING);
+    let gate = capped.off_policy.clone().unwrap();
+    assert!(gate.passed, "{:?}", capped.message);
+    let dr = gate.candidate_dr.mean.unwrap();
+    assert!((-1.0..=1.0).contains(&dr), "{gate:?}");
+    assert!(gate.effective_sample_size > 20.0, "{gate:?}");
+    let message = capped.message.unwrap();
+    eprintln!("{message}");
+    let cap = 3.0 / EPSILON;
+    assert!(
+        message.contains(&format!("clipped at {cap:.1}")),
+        "{message}"
+    );
+}
+
 #[test]
 fn canary_aborts_slow_candidate() {
     let dir = tempfile::tempdir().unwrap();

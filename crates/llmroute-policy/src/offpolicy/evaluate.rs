@@ -11,6 +11,14 @@
 //! - DR: `V̂ = 1/(nP) · Σᵢⱼ [ Σ_k π(k | xᵢ, w'_j) · r̂_k(xᵢ, w'_j) + ρ_ij · (r_ij − r̂_aᵢ(xᵢ, w'_j)) ]`
 //!   with the cross-fitted direct reward model `r̂` of [`super::reward_model`].
 //!
+//! With a cap `M` ([`EvaluationConfig::max_importance_weight`]) every `ρ_ij` above is replaced
+//! by `min(ρ_ij, M)`, the clipped estimators of Bottou et al. (2013, "Counterfactual reasoning
+//! and learning systems", section 4.6). Clipping bounds how much one event can move an
+//! estimate: without it, one event logged with a propensity of 1e-30, whose model the target
+//! policy also picks, outweighs all others. It biases IPS and DR downwards for a target policy
+//! that often picks decisions the logging policy rarely took, by at most the reward mass of the
+//! clipped terms.
+//!
 //! An event's terms at the different points share its outcome and are correlated, so standard
 //! errors treat the event as the unit: its terms are averaged over the points first, and the
 //! variance is taken over events. SNIPS's standard error is the delta method's, from the
@@ -85,9 +93,13 @@ pub struct PolicyComparison {
     pub stable: Estimates,
     /// `candidate − stable`, paired per event, with its own standard errors and intervals.
     pub difference: Estimates,
-    /// Kish's effective sample size `(Σᵢ ρᵢ)² / Σᵢ ρᵢ²` of the candidate's weights at each
-    /// preference, averaged over the preferences; in events, at most `events`.
+    /// Kish's effective sample size `(Σᵢ ρᵢ)² / Σᵢ ρᵢ²` of the candidate's weights (clipped,
+    /// when a cap is set) at each preference, averaged over the preferences; in events, at most
+    /// `events`.
     pub candidate_effective_sample_size: f64,
+    /// Share of the candidate's weights `ρ_ij`, over events and preferences, above the cap and
+    /// clipped to it; 0 without a cap.
+    pub candidate_clipped_fraction: f64,
     /// Confidence level of the intervals.
     pub confidence: f64,
 }
@@ -104,6 +116,9 @@ pub struct EvaluationConfig {
     pub ridge: f64,
     /// Seed of the split into the reward model's two cross-fitting folds.
     pub seed: u64,
+    /// Cap `M` on the importance weights `ρ`, at least 1; `None` leaves them uncapped, and the
+    /// estimators unbiased when the logged propensities are right.
+    pub max_importance_weight: Option<f64>,
 }
 
 impl Default for EvaluationConfig {
@@ -115,6 +130,7 @@ impl Default for EvaluationConfig {
             // hundred events per model and mainly keeps sparse models well-posed.
             ridge: 1.0,
             seed: 0,
+            max_importance_weight: None,
         }
     }
 }
@@ -140,6 +156,16 @@ impl EvaluationConfig {
                 name: "ridge",
                 value: self.ridge.to_string(),
                 reason: "use a finite penalty of at least 0, for example 1",
+            });
+        }
+        if let Some(cap) = self.max_importance_weight
+            && !(cap >= 1.0 && cap.is_finite())
+        {
+            return Err(OffPolicyError::InvalidConfig {
+                name: "max_importance_weight",
+                value: cap.to_string(),
+                reason: "use a finite cap of at least 1, for example K / ε for ε-greedy logging \
+                         over K models",
             });
         }
         Ok(())
@@ -182,6 +208,8 @@ pub fn compare_policies(
     let mut stable_units = EventUnits::new(n);
     let mut weight_sums = vec![0.0f64; preferences.len()];
     let mut squared_weight_sums = vec![0.0f64; preferences.len()];
+    let cap = config.max_importance_weight.unwrap_or(f64::INFINITY);
+    let mut clipped_weights = 0usize;
     let mut embeddings = Array2::<f32>::zeros((CHUNK_ROWS.min(n), embedding_dim));
 
     for start in (0..n).step_by(CHUNK_ROWS) {
@@ -203,8 +231,10 @@ pub fn compare_policies(
             for (name, policy, units) in scored {
                 let probabilities = policy.action_probabilities(view, &w_quality);
                 check_probabilities(name, probabilities.view(), chunk.len(), num_models, start)?;
-                let weights = units.add(chunk, start, &probabilities, w, reward, &model);
+                let (weights, clipped) =
+                    units.add(chunk, start, &probabilities, w, reward, &model, cap);
                 if name == "candidate" {
+                    clipped_weights += clipped;
                     weight_sums[j] += weights.iter().sum::<f64>();
                     squared_weight_sums[j] += weights.iter().map(|r| r * r).sum::<f64>();
                 }
@@ -234,6 +264,7 @@ pub fn compare_policies(
         stable: stable_units.estimates(z),
         difference: candidate_units.difference(&stable_units, z),
         candidate_effective_sample_size: effective_sizes / points,
+        candidate_clipped_fraction: clipped_weights as f64 / (n as f64 * points),
         preferences,
         confidence: config.confidence,
     })
@@ -348,8 +379,10 @@ impl EventUnits {
         }
     }
 
-    /// Adds the terms of `chunk` (events `start..`) at preference `w`, and returns the
-    /// importance weights `ρ_ij` of its rows.
+    /// Adds the terms of `chunk` (events `start..`) at preference `w` with importance weights
+    /// clipped at `cap`, and returns those weights `min(ρ_ij, cap)` of its rows and how many
+    /// were clipped.
+    #[allow(clippy::too_many_arguments)]
     fn add(
         &mut self,
         chunk: &[LoggedEvent],
@@ -358,15 +391,20 @@ impl EventUnits {
         w: f32,
         reward: Reward,
         model: &RewardModel,
-    ) -> Vec<f64> {
+        cap: f64,
+    ) -> (Vec<f64>, usize) {
         let mut weights = Vec::with_capacity(chunk.len());
+        let mut clipped = 0;
         for (row, event) in chunk.iter().enumerate() {
             let i = start + row;
             let target = probabilities.row(row);
             let r = reward.reward(w, event.quality, event.cost_usd) as f64;
-            // TODO: cap ρ. The event API accepts any propensity in (0, 1], so one event with a
-            // propensity of 1e-30 whose model the target also picks dominates IPS and DR.
-            let rho = target[event.action] as f64 / event.propensity as f64;
+            // ρ = π(a | x, w') / π₀(a | x, w), clipped at the cap.
+            let unclipped = target[event.action] as f64 / event.propensity as f64;
+            if unclipped > cap {
+                clipped += 1;
+            }
+            let rho = unclipped.min(cap);
             // Direct method: the reward model's expectation under the target policy.
             let direct: f64 = target
                 .iter()
@@ -379,7 +417,7 @@ impl EventUnits {
             self.doubly_robust[i] += direct + correction;
             weights.push(rho);
         }
-        weights
+        (weights, clipped)
     }
 
     fn scale(&mut self, factor: f64) {
@@ -883,6 +921,140 @@ mod tests {
         // Kish: (0.5 + 0.9375)² / (0.5² + 0.9375²) = 2.06640625 / 1.12890625.
         let ess = comparison.candidate_effective_sample_size;
         assert!(close(ess, 1.830_449_827), "effective sample size {ess}");
+    }
+
+    #[test]
+    fn offpolicy_cap_clips_hand_weights() {
+        // The events of `offpolicy_estimators_match_hand_values`, with event 0 logged at
+        // propensity 0.1: the candidate's ρ₀ = 0.25 / 0.1 = 2.5 is clipped to 2, ρ₁ = 0.9375 is
+        // not, so IPS = (2 · 0.4 + 0.9375 · 0.25) / 2 and SNIPS = 1.034375 / 2.9375.
+        let event = |action, propensity, quality, cost_usd, w_quality| LoggedEvent {
+            embedding: vec![1.0, 0.0],
+            w_quality,
+            action,
+            propensity,
+            quality,
+            cost_usd,
+        };
+        let events = [event(0, 0.1, 1.0, 0.2, 0.2), event(1, 0.8, 0.5, 0.0, 0.8)];
+        let compare = |cap| {
+            compare_policies(
+                &Fixed([0.25, 0.75]),
+                &Fixed([0.5, 0.5]),
+                &events,
+                Reward::new(1.0),
+                &EvaluationConfig {
+                    preference_points: 1,
+                    max_importance_weight: cap,
+                    ..EvaluationConfig::default()
+                },
+            )
+            .expect("valid events")
+        };
+        let close = |actual: f64, expected: f64| (actual - expected).abs() < 1e-6;
+
+        let capped = compare(Some(2.0));
+        assert!(close(capped.candidate.ips.mean, 0.517_187_5), "{capped:?}");
+        assert!(
+            close(capped.candidate.snips.mean, 0.352_127_66),
+            "{capped:?}"
+        );
+        // Candidate: one of its two weights clipped. The stable policy's ρ₀ = 5 is clipped too,
+        // to IPS (2 · 0.4 + 0.625 · 0.25) / 2, but only the candidate's share is reported.
+        assert!(close(capped.candidate_clipped_fraction, 0.5), "{capped:?}");
+        assert!(close(capped.stable.ips.mean, 0.478_125), "{capped:?}");
+        // Kish on the clipped weights: (2 + 0.9375)² / (4 + 0.87890625).
+        assert!(
+            close(capped.candidate_effective_sample_size, 1.768_614_891),
+            "{capped:?}"
+        );
+
+        let uncapped = compare(None);
+        assert!(
+            close(uncapped.candidate.ips.mean, 0.617_187_5),
+            "{uncapped:?}"
+        );
+        assert_eq!(uncapped.candidate_clipped_fraction, 0.0);
+    }
+
+    #[test]
+    fn offpolicy_cap_bounds_a_tiny_propensity() {
+        // The event API accepts any propensity in (0, 1]. One event logged at 1e-30, whose
+        // model the candidate picks with the largest probability, multiplies its reward by
+        // about 1e30 without a cap.
+        let mut events = synthetic::logged_events(20_000, &mut ChaCha8Rng::seed_from_u64(21));
+        let corrupted = events
+            .iter()
+            .position(|event| {
+                let cluster = synthetic::cluster_of(&event.embedding);
+                let probabilities = ClusterPolicy::probabilities(cluster, event.w_quality);
+                probabilities[event.action] >= 0.5 && event.quality > 0.5
+            })
+            .expect("an event whose model the candidate prefers");
+        events[corrupted].propensity = 1e-30;
+        let evaluate = |cap| {
+            compare_policies(
+                &ClusterPolicy,
+                &UniformPolicy,
+                &events,
+                REWARD,
+                &EvaluationConfig {
+                    confidence: 0.99,
+                    max_importance_weight: cap,
+                    ..EvaluationConfig::default()
+                },
+            )
+            .expect("valid events")
+        };
+
+        let uncapped = evaluate(None);
+        assert!(
+            uncapped.candidate.ips.mean.abs() > 1e20,
+            "{:?}",
+            uncapped.candidate
+        );
+
+        // Uniform logging over 3 models gives every correct event a propensity of 1/3, so a
+        // cap of 3 clips the corrupted event only.
+        let capped = evaluate(Some(NUM_MODELS as f64));
+        let truth = ClusterPolicy::true_value(&capped.preferences);
+        for (name, estimate) in [
+            ("IPS", capped.candidate.ips),
+            ("SNIPS", capped.candidate.snips),
+            ("DR", capped.candidate.dr),
+        ] {
+            assert!(contains(&estimate, truth), "{name} {estimate:?} vs {truth}");
+        }
+        // At most the corrupted event's weights, at every preference point.
+        let most = 1.0 / events.len() as f64;
+        assert!(
+            capped.candidate_clipped_fraction > 0.0 && capped.candidate_clipped_fraction <= most,
+            "clipped fraction {}",
+            capped.candidate_clipped_fraction
+        );
+    }
+
+    #[test]
+    fn offpolicy_cap_below_one_is_rejected() {
+        let events = synthetic::logged_events(20, &mut ChaCha8Rng::seed_from_u64(8));
+        for cap in [0.5, f64::NAN, f64::INFINITY] {
+            let error = compare_policies(
+                &UniformPolicy,
+                &UniformPolicy,
+                &events,
+                REWARD,
+                &EvaluationConfig {
+                    max_importance_weight: Some(cap),
+                    ..EvaluationConfig::default()
+                },
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                error.contains(&format!("max_importance_weight = {cap}")),
+                "{error}"
+            );
+        }
     }
 
     /// Probabilities that sum to 2.
