@@ -42,16 +42,7 @@ impl Sidecar {
             }
             (Method::GET, "/v1/models") => self.list_models(),
             (Method::POST, "/v1/feedback") => self.post_feedback(request).await,
-            (Method::GET, "/metrics") => {
-                let mut response = text_response(StatusCode::OK, self.metrics().encode());
-                response.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static(
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    ),
-                );
-                response
-            }
+            (Method::GET, "/metrics") => metrics_response(self.metrics()),
             (Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
             (Method::GET, "/readyz") => {
                 if self.is_ready() {
@@ -222,6 +213,86 @@ pub async fn serve(
     events.stop().await;
     tracing::info!(address = %address, route = %route, "sidecar stopped");
     Ok(())
+}
+
+/// The sidecar the admin listener reports on: `None` until it has its first configuration.
+pub type AdminTarget = tokio::sync::watch::Receiver<Option<Arc<Sidecar>>>;
+
+/// Serves the admin endpoints on `listener` until `shutdown` completes: `GET /healthz` (200
+/// while the process runs), `GET /readyz` (200 once the sidecar has a configuration, else 503)
+/// and `GET /metrics` (OpenMetrics text, 503 before the first configuration). Nothing else:
+/// the admin listener may listen on the pod's IP, where the kubelet probes and Prometheus
+/// scrapes, so it does not proxy and does not take feedback.
+pub async fn serve_admin(
+    listener: TcpListener,
+    target: AdminTarget,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    let address: SocketAddr = listener.local_addr()?;
+    tracing::info!(address = %address, "admin endpoints listening (/healthz, /readyz, /metrics)");
+    let graceful = GracefulShutdown::new();
+    let service = || {
+        let target = target.clone();
+        service_fn(move |request: Request<Incoming>| {
+            let sidecar = target.borrow().clone();
+            async move { Ok::<_, Infallible>(admin_response(&request, sidecar.as_deref())) }
+        })
+    };
+    accept_until(&listener, &Limits::default(), &graceful, shutdown, service).await;
+    drop(listener);
+    tracing::info!(address = %address, "admin endpoints stopping");
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_seconds = SHUTDOWN_GRACE.as_secs(),
+            "closed admin connections still open after the grace period"
+        );
+    }
+    tracing::info!(address = %address, "admin endpoints stopped");
+    Ok(())
+}
+
+/// Builds the response to one request to the admin listener.
+fn admin_response(
+    request: &Request<Incoming>,
+    sidecar: Option<&Sidecar>,
+) -> Response<ResponseBody> {
+    const NOT_CONFIGURED: &str = "no route configuration yet\n";
+    let path = request.uri().path();
+    match (request.method(), path) {
+        (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => match sidecar {
+            Some(sidecar) if sidecar.is_ready() => text_response(StatusCode::OK, "ready\n"),
+            _ => text_response(StatusCode::SERVICE_UNAVAILABLE, NOT_CONFIGURED),
+        },
+        (&Method::GET, "/metrics") => match sidecar {
+            Some(sidecar) => metrics_response(sidecar.metrics()),
+            None => text_response(StatusCode::SERVICE_UNAVAILABLE, NOT_CONFIGURED),
+        },
+        (method, "/healthz" | "/readyz" | "/metrics") => text_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("method {method} is not allowed on {path}; use GET\n"),
+        ),
+        _ => text_response(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no admin endpoint {path}: this port serves GET /healthz, /readyz and /metrics; \
+                 send API requests to the sidecar's port on 127.0.0.1\n"
+            ),
+        ),
+    }
+}
+
+/// Encodes the metrics registry as an OpenMetrics response.
+fn metrics_response(metrics: &Metrics) -> Response<ResponseBody> {
+    let mut response = text_response(StatusCode::OK, metrics.encode());
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
 }
 
 /// Serves a not-ready sidecar on `listener` until `ready` completes: `/healthz` responds 200,

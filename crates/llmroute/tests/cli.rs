@@ -733,6 +733,37 @@ fn relative_cache_variable_is_ignored() {
 }
 
 #[test]
+fn sidecar_names_admin_address_it_cannot_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sidecar.json");
+    let sidecar = |admin: &str| {
+        llmroute_fails(&[
+            "sidecar",
+            "--config",
+            path_arg(&config),
+            "--port",
+            "0",
+            "--admin-address",
+            admin,
+        ])
+    };
+    let stderr = sidecar(&address);
+    assert!(
+        stderr.contains(&format!(
+            "failed to bind {address}; pick another --admin-address"
+        )),
+        "{stderr}"
+    );
+    let stderr = sidecar("9099");
+    assert!(
+        stderr.contains("invalid value '9099' for '--admin-address <ADDRESS:PORT>'"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn sidecar_without_source_names_both_flags() {
     let stderr = llmroute_fails(&["sidecar"]);
     assert!(

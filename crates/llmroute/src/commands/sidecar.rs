@@ -12,7 +12,7 @@ use llmroute_policy::encoder::Encoder;
 use llmroute_policy::policy::OnnxPolicy;
 use llmroute_sidecar::{
     ControlClient, EventSink, Limits, RouteState, Sidecar, SidecarOptions, TokenFile, follow,
-    read_config, serve, serve_not_ready,
+    read_config, serve, serve_admin, serve_not_ready,
 };
 
 use crate::args::parse_count;
@@ -45,6 +45,12 @@ pub struct SidecarArgs {
     /// TCP port on 127.0.0.1 (0 picks a free port).
     #[arg(long, default_value_t = 8090)]
     pub port: u16,
+    /// Also serve GET /healthz, /readyz and /metrics, and nothing else, on this address. In a
+    /// pod, the injection webhook sets the pod's address (0.0.0.0:9099) so that the kubelet
+    /// can probe the sidecar and Prometheus can scrape it, while the proxy stays on 127.0.0.1
+    /// [default: no admin listener; the proxy's port serves the same paths].
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    pub admin_address: Option<SocketAddr>,
     /// Appends completed events to this JSON Lines file [default: the control API with
     /// --control, else events are counted as dropped].
     #[arg(long, value_name = "FILE")]
@@ -168,81 +174,141 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
         .build()
         .context("failed to start the async runtime")?;
     runtime.block_on(async {
-        let address = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .with_context(|| format!("failed to bind {address}; pick another --port"))?;
-        let bound = listener.local_addr()?;
-        let file_sink = args.events.clone().map(EventSink::File);
-        let (state, encoder, environment, control) = match (&args.config, &args.control) {
-            (Some(path), _) => {
-                let (state, encoder) = state_from_files(workspace, args, path)?;
-                (state, encoder, None, None)
-            }
-            (None, Some(base)) => {
-                let route = args.route.as_deref().expect("clap requires --route");
-                let environment = workspace.onnx_runtime()?;
-                let encoder = workspace.encoder(args.encoder_threads)?;
-                let mut client = ControlClient::new(base, route);
-                if let Some(path) = &args.control_token_file {
-                    tracing::info!(path = %path.display(), "sending the control API token from a file");
-                    client = client.with_token_file(TokenFile::new(path));
-                }
-                tracing::info!(route, control = %base, "waiting for the first route configuration");
-                // Until the first configuration arrives, /healthz responds 200, /readyz 503 and
-                // every other request gets a 503 error.
-                let (ready, became_ready) = tokio::sync::oneshot::channel::<()>();
-                let wait_for_state = async {
-                    let state = client
-                        .first_state(
-                            Some(&environment),
-                            encoder.digest(),
-                            crate::shutdown::signal(),
-                        )
-                        .await;
-                    let _ = ready.send(());
-                    state
-                };
-                let not_ready = serve_not_ready(&listener, async {
-                    let _ = became_ready.await;
-                });
-                let (first, ()) = tokio::join!(wait_for_state, not_ready);
-                let Some(state) = first else {
-                    return Ok(());
-                };
-                (state, Some(encoder), Some(environment), Some(client))
-            }
-            (None, None) => bail!("pass --config FILE, or --control URL with --route NAME"),
+        let admin = match args.admin_address {
+            Some(address) => Some(Admin::start(address).await.with_context(|| {
+                format!("failed to bind {address}; pick another --admin-address")
+            })?),
+            None => None,
         };
-        let sink = match (file_sink, &control) {
-            (Some(sink), _) => sink,
-            (None, Some(client)) => EventSink::Control(client.clone()),
-            (None, None) => EventSink::Discard,
-        };
-        let options = SidecarOptions { sink, ..options };
-        let released = crate::memory::release_freed_heap();
-        tracing::info!(
-            released_mib = released / (1 << 20),
-            "returned the heap freed while loading to the kernel"
-        );
-        let (sidecar, events) = Sidecar::new(state, encoder, options);
-        println!(
-            "sidecar of route {} listening on http://{bound}/v1",
-            sidecar.state().config.route
-        );
-        let (stop_follow, follow_stopped) = tokio::sync::oneshot::channel::<()>();
-        let follower = control.map(|client| {
-            tokio::spawn(follow(sidecar.clone(), client, environment, async {
-                let _ = follow_stopped.await;
-            }))
-        });
-        serve(listener, sidecar, events, crate::shutdown::signal()).await?;
-        let _ = stop_follow.send(());
-        if let Some(follower) = follower {
-            follower
-                .await
-                .context("the configuration follower failed")?;
+        let served = serve_route(workspace, args, options, admin.as_ref()).await;
+        if let Some(admin) = admin {
+            admin.stop().await;
         }
-        Ok(())
+        served
     })
+}
+
+/// The admin listener's task, and how to tell it about the sidecar and stop it.
+struct Admin {
+    publish: tokio::sync::watch::Sender<Option<std::sync::Arc<Sidecar>>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Admin {
+    async fn start(address: SocketAddr) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(address).await?;
+        println!(
+            "admin endpoints listening on http://{}",
+            listener.local_addr()?
+        );
+        let (publish, target) = tokio::sync::watch::channel(None);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve_admin(listener, target, async {
+            let _ = stopped.await;
+        }));
+        Ok(Self {
+            publish,
+            stop,
+            task,
+        })
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(error = %error, "the admin listener failed"),
+            Err(error) => tracing::warn!(error = %error, "the admin listener's task failed"),
+        }
+    }
+}
+
+/// Loads the route, serves it on 127.0.0.1 until a shutdown signal, and tells `admin` about the
+/// sidecar once it has a configuration.
+async fn serve_route(
+    workspace: &Workspace,
+    args: &SidecarArgs,
+    options: SidecarOptions,
+    admin: Option<&Admin>,
+) -> Result<()> {
+    let address = SocketAddr::from((Ipv4Addr::LOCALHOST, args.port));
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("failed to bind {address}; pick another --port"))?;
+    let bound = listener.local_addr()?;
+    let file_sink = args.events.clone().map(EventSink::File);
+    let (state, encoder, environment, control) = match (&args.config, &args.control) {
+        (Some(path), _) => {
+            let (state, encoder) = state_from_files(workspace, args, path)?;
+            (state, encoder, None, None)
+        }
+        (None, Some(base)) => {
+            let route = args.route.as_deref().expect("clap requires --route");
+            let environment = workspace.onnx_runtime()?;
+            let encoder = workspace.encoder(args.encoder_threads)?;
+            let mut client = ControlClient::new(base, route);
+            if let Some(path) = &args.control_token_file {
+                tracing::info!(path = %path.display(), "sending the control API token from a file");
+                client = client.with_token_file(TokenFile::new(path));
+            }
+            tracing::info!(route, control = %base, "waiting for the first route configuration");
+            // Until the first configuration arrives, /healthz responds 200, /readyz 503 and
+            // every other request gets a 503 error.
+            let (ready, became_ready) = tokio::sync::oneshot::channel::<()>();
+            let wait_for_state = async {
+                let state = client
+                    .first_state(
+                        Some(&environment),
+                        encoder.digest(),
+                        crate::shutdown::signal(),
+                    )
+                    .await;
+                let _ = ready.send(());
+                state
+            };
+            let not_ready = serve_not_ready(&listener, async {
+                let _ = became_ready.await;
+            });
+            let (first, ()) = tokio::join!(wait_for_state, not_ready);
+            let Some(state) = first else {
+                return Ok(());
+            };
+            (state, Some(encoder), Some(environment), Some(client))
+        }
+        (None, None) => bail!("pass --config FILE, or --control URL with --route NAME"),
+    };
+    let sink = match (file_sink, &control) {
+        (Some(sink), _) => sink,
+        (None, Some(client)) => EventSink::Control(client.clone()),
+        (None, None) => EventSink::Discard,
+    };
+    let options = SidecarOptions { sink, ..options };
+    let released = crate::memory::release_freed_heap();
+    tracing::info!(
+        released_mib = released / (1 << 20),
+        "returned the heap freed while loading to the kernel"
+    );
+    let (sidecar, events) = Sidecar::new(state, encoder, options);
+    if let Some(admin) = admin {
+        admin.publish.send_replace(Some(sidecar.clone()));
+    }
+    println!(
+        "sidecar of route {} listening on http://{bound}/v1",
+        sidecar.state().config.route
+    );
+    let (stop_follow, follow_stopped) = tokio::sync::oneshot::channel::<()>();
+    let follower = control.map(|client| {
+        tokio::spawn(follow(sidecar.clone(), client, environment, async {
+            let _ = follow_stopped.await;
+        }))
+    });
+    serve(listener, sidecar, events, crate::shutdown::signal()).await?;
+    let _ = stop_follow.send(());
+    if let Some(follower) = follower {
+        follower
+            .await
+            .context("the configuration follower failed")?;
+    }
+    Ok(())
 }
