@@ -31,6 +31,8 @@ pub struct InstallOptions {
     pub sidecar_memory: String,
     /// `auto`, `native` or `classic`.
     pub sidecar_mode: String,
+    /// Port of the injected sidecar's admin listener on the pod's IP (0: none, and no probes).
+    pub sidecar_admin_port: u16,
     /// Size of each replica's PersistentVolumeClaim for the event store.
     pub storage_size: String,
     /// StorageClass of that claim; `None` uses the cluster's default class.
@@ -58,6 +60,7 @@ impl Default for InstallOptions {
             sidecar_cpu: "100m".into(),
             sidecar_memory: "256Mi".into(),
             sidecar_mode: "auto".into(),
+            sidecar_admin_port: crate::webhook::DEFAULT_ADMIN_PORT,
             storage_size: "1Gi".into(),
             storage_class: None,
             event_max_age_days: 30,
@@ -247,6 +250,7 @@ fn operator_args(options: &InstallOptions) -> Vec<String> {
         format!("--sidecar-cpu={}", options.sidecar_cpu),
         format!("--sidecar-memory={}", options.sidecar_memory),
         format!("--sidecar-mode={}", options.sidecar_mode),
+        format!("--sidecar-admin-port={}", options.sidecar_admin_port),
         format!("--event-max-age-days={}", options.event_max_age_days),
         format!("--event-max-per-route={}", options.event_max_per_route),
         format!(

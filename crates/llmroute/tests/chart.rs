@@ -179,6 +179,7 @@ fn chart_settings_match_llmroute_install() {
             "sidecar.cpuRequest=250m",
             "sidecar.memoryRequest=300Mi",
             "sidecar.mode=native",
+            "sidecar.adminPort=9100",
             "persistence.size=5Gi",
             "persistence.storageClass=fast-ssd",
             "events.maxAgeDays=7",
@@ -196,6 +197,7 @@ fn chart_settings_match_llmroute_install() {
         sidecar_cpu: "250m".into(),
         sidecar_memory: "300Mi".into(),
         sidecar_mode: "native".into(),
+        sidecar_admin_port: 9100,
         storage_size: "5Gi".into(),
         storage_class: Some("fast-ssd".into()),
         event_max_age_days: 7,
@@ -227,6 +229,7 @@ fn chart_lints_with_each_value_set() {
         &[],
         &[
             "metrics.serviceMonitor.enabled=true",
+            "metrics.podMonitor.enabled=true",
             "persistence.enabled=false",
         ],
         &[
@@ -253,6 +256,7 @@ fn chart_lints_with_each_value_set() {
 fn chart_optional_objects_follow_values() {
     let defaults = template("llmroute-system", &[]);
     assert!(!defaults.iter().any(|o| o["kind"] == "ServiceMonitor"));
+    assert!(!defaults.iter().any(|o| o["kind"] == "PodMonitor"));
     assert!(!defaults.iter().any(|o| o["kind"] == "Certificate"));
     let set = find(&defaults, "StatefulSet", "llmroute-operator");
     assert_eq!(
@@ -281,6 +285,28 @@ fn chart_optional_objects_follow_values() {
     );
     let monitor = find(&monitored, "ServiceMonitor", "llmroute-operator");
     assert_eq!(monitor["spec"]["endpoints"][0]["port"], "metrics");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    assert!(!monitored.iter().any(|o| o["kind"] == "PodMonitor"));
+
+    // The sidecars' PodMonitor scrapes the admin port the webhook names on injected pods.
+    let sidecars = template(
+        "llmroute-system",
+        &[
+            "metrics.podMonitor.enabled=true",
+            "metrics.podMonitor.labels.release=prometheus",
+        ],
+    );
+    let monitor = find(&sidecars, "PodMonitor", "llmroute-sidecars");
+    assert_eq!(
+        monitor["spec"]["podMetricsEndpoints"][0]["port"],
+        llmroute_operator::webhook::ADMIN_PORT_NAME
+    );
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"]
+            [llmroute_operator::webhook::inject::INJECTION_LABEL],
+        "injected"
+    );
+    assert_eq!(monitor["spec"]["namespaceSelector"]["any"], true);
     assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
     assert!(
         !monitored
@@ -355,7 +381,7 @@ fn chart_optional_objects_follow_values() {
 #[ignore = "needs helm from scripts/helm; scripts/test builds it and runs this"]
 fn chart_rejects_invalid_values_by_name() {
     let chart = chart();
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 13] = [
         (&["replicas=0"], "/replicas"),
         (
             &["webhook.failurePolicy=Sometimes"],
@@ -366,6 +392,11 @@ fn chart_rejects_invalid_values_by_name() {
         (&["sidecar.mode=sometimes"], "/sidecar/mode"),
         (&["sidecar.cpuRequest=fast"], "/sidecar/cpuRequest"),
         (&["sidecar.encoderDigest=abc"], "/sidecar/encoderDigest"),
+        (&["sidecar.adminPort=70000"], "/sidecar/adminPort"),
+        (
+            &["metrics.podMonitor.enabled=true", "sidecar.adminPort=0"],
+            "metrics.podMonitor.enabled needs sidecar.adminPort above 0",
+        ),
         (
             &["learning.intervalSeconds=-1"],
             "/learning/intervalSeconds",

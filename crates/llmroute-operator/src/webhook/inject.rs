@@ -34,6 +34,10 @@ pub const CPU_ANNOTATION: &str = "llmroute.dev/sidecar-cpu";
 pub const MEMORY_ANNOTATION: &str = "llmroute.dev/sidecar-memory";
 /// Name of the injected container.
 pub const SIDECAR_NAME: &str = "llmroute-sidecar";
+/// Default port of the sidecar's admin listener.
+pub const DEFAULT_ADMIN_PORT: u16 = 9099;
+/// Name of the admin listener's container port, which probes and PodMonitors refer to.
+pub const ADMIN_PORT_NAME: &str = "llmroute-admin";
 /// Name of the projected service-account token volume.
 pub const TOKEN_VOLUME: &str = "llmroute-token";
 /// Where the sidecar reads its token for the control API.
@@ -52,6 +56,11 @@ pub struct InjectionSettings {
     pub control_url: String,
     /// Port of the sidecar on the pod's loopback.
     pub port: u16,
+    /// Port of the sidecar's admin listener on the pod's IP (`/healthz`, `/readyz`,
+    /// `/metrics`), where the kubelet probes and Prometheus scrapes it; `None` injects no admin
+    /// listener and no probes. The kubelet probes from the node, so it cannot reach the pod's
+    /// loopback: an `httpGet` probe with host 127.0.0.1 tests the node's own loopback.
+    pub admin_port: Option<u16>,
     pub cpu_request: String,
     pub memory_request: String,
     pub memory_limit: String,
@@ -70,6 +79,7 @@ impl Default for InjectionSettings {
             image: format!("llmroute:{}", env!("CARGO_PKG_VERSION")),
             control_url: "http://llmroute-operator.llmroute-system.svc:8090".into(),
             port: 8099,
+            admin_port: Some(DEFAULT_ADMIN_PORT),
             cpu_request: "100m".into(),
             memory_request: "256Mi".into(),
             memory_limit: "512Mi".into(),
@@ -179,7 +189,11 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
             "the pod uses the host network, where 127.0.0.1 is shared with the node; the sidecar needs the pod's own loopback".into(),
         );
     }
-    if let Err(message) = check_pod_spec(&spec, annotations.contains_key(INJECTED_ANNOTATION)) {
+    if let Err(message) = check_pod_spec(
+        &spec,
+        annotations.contains_key(INJECTED_ANNOTATION),
+        settings,
+    ) {
         return skip(SkipReason::InvalidPod, message);
     }
     let Some(route) = route else {
@@ -363,11 +377,38 @@ fn quoted(value: &str) -> String {
 fn check_pod_spec(
     spec: &k8s_openapi::api::core::v1::PodSpec,
     injected_before: bool,
+    settings: &InjectionSettings,
 ) -> Result<(), String> {
     if spec.containers.iter().all(|c| c.name == SIDECAR_NAME) {
         return Err(format!(
             "the pod has no app container besides {SIDECAR_NAME:?}, so the sidecar has nothing to serve"
         ));
+    }
+    // Containers of a pod share its network, so a port the sidecar listens on cannot be
+    // another container's: one of the two would fail to bind it.
+    let sidecar_ports = std::iter::once(("--sidecar-port", settings.port)).chain(
+        settings
+            .admin_port
+            .map(|port| ("--sidecar-admin-port", port)),
+    );
+    for (flag, port) in sidecar_ports {
+        let taken_by = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .filter(|c| c.name != SIDECAR_NAME)
+            .find(|c| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.container_port == i32::from(port))
+            });
+        if let Some(container) = taken_by {
+            return Err(format!(
+                "container {:?} declares port {port}, which the sidecar listens on; change that port or the operator's {flag}",
+                container.name
+            ));
+        }
     }
     if injected_before {
         return Ok(());
@@ -410,28 +451,38 @@ fn sidecar_container(
     }
     let probe = |path: &str| {
         json!({
-            "httpGet": {"path": path, "port": settings.port, "host": "127.0.0.1"},
+            "httpGet": {"path": path, "port": ADMIN_PORT_NAME},
             "periodSeconds": 5,
             "timeoutSeconds": 2,
         })
     };
-    json!({
+    let mut args = vec![
+        "sidecar".to_string(),
+        "--control".into(),
+        settings.control_url.clone(),
+        "--route".into(),
+        format!("{namespace}/{route_name}"),
+        "--port".into(),
+        settings.port.to_string(),
+    ];
+    let mut ports =
+        vec![json!({"name": "llmroute", "containerPort": settings.port, "protocol": "TCP"})];
+    if let Some(admin_port) = settings.admin_port {
+        // The pod's every address, so that the kubelet and Prometheus reach it from outside.
+        args.extend(["--admin-address".into(), format!("0.0.0.0:{admin_port}")]);
+        ports
+            .push(json!({"name": ADMIN_PORT_NAME, "containerPort": admin_port, "protocol": "TCP"}));
+    }
+    let mut container = json!({
         "name": SIDECAR_NAME,
         "image": overrides.image,
-        "args": [
-            "sidecar",
-            "--control", settings.control_url,
-            "--route", format!("{namespace}/{route_name}"),
-            "--port", settings.port.to_string(),
-        ],
+        "args": args,
         "env": env,
-        "ports": [{"name": "llmroute", "containerPort": settings.port, "protocol": "TCP"}],
+        "ports": ports,
         "resources": {
             "requests": {"cpu": overrides.cpu, "memory": overrides.memory},
             "limits": {"memory": overrides.memory_limit},
         },
-        "readinessProbe": probe("/readyz"),
-        "livenessProbe": probe("/healthz"),
         "securityContext": {
             "runAsNonRoot": true,
             "runAsUser": 65532,
@@ -440,7 +491,12 @@ fn sidecar_container(
             "capabilities": {"drop": ["ALL"]},
         },
         "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_PATH, "readOnly": true}],
-    })
+    });
+    if settings.admin_port.is_some() {
+        container["readinessProbe"] = probe("/readyz");
+        container["livenessProbe"] = probe("/healthz");
+    }
+    container
 }
 
 /// sha256 (first 16 hex digits) over the container and the settings that shape the patch.
@@ -714,6 +770,33 @@ mod tests {
         assert_eq!(spec.containers.len(), 2, "no regular sidecar container");
         let args = init[0].args.clone().unwrap();
         assert!(args.contains(&"shop/chat".to_string()), "{args:?}");
+        // The kubelet probes from the node: the admin listener is on the pod's address, and
+        // the probes name its port without a host, so they reach the pod's IP.
+        assert!(
+            args.windows(2)
+                .any(|pair| pair == ["--admin-address", "0.0.0.0:9099"]),
+            "{args:?}"
+        );
+        let ports = init[0].ports.clone().unwrap();
+        assert!(
+            ports
+                .iter()
+                .any(|p| p.name.as_deref() == Some(ADMIN_PORT_NAME) && p.container_port == 9099),
+            "{ports:?}"
+        );
+        for probe in [
+            init[0].readiness_probe.clone().unwrap(),
+            init[0].liveness_probe.clone().unwrap(),
+        ] {
+            let get = probe.http_get.unwrap();
+            assert_eq!(get.host, None);
+            assert_eq!(
+                get.port,
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(
+                    ADMIN_PORT_NAME.into()
+                )
+            );
+        }
         let env = init[0].env.clone().unwrap();
         let key = env
             .iter()
@@ -750,6 +833,54 @@ mod tests {
             injected.metadata.labels.unwrap()[INJECTION_LABEL],
             "injected"
         );
+    }
+
+    #[test]
+    fn injection_without_admin_port_has_no_probes() {
+        let settings = InjectionSettings {
+            admin_port: None,
+            ..InjectionSettings::default()
+        };
+        let pod = pod(json!({ROUTE_ANNOTATION: "chat"}), app_spec());
+        let decision = decide(&pod, Some(&route()), &settings);
+        let injected = apply(&pod, &decision);
+        let sidecar = injected.spec.unwrap().init_containers.unwrap()[0].clone();
+        assert!(sidecar.readiness_probe.is_none());
+        assert!(sidecar.liveness_probe.is_none());
+        let args = sidecar.args.unwrap();
+        assert!(!args.contains(&"--admin-address".to_string()), "{args:?}");
+        assert_eq!(sidecar.ports.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn app_port_of_the_sidecar_skips_injection() {
+        let settings = InjectionSettings::default();
+        for (port, flag) in [(8099, "--sidecar-port"), (9099, "--sidecar-admin-port")] {
+            let spec = json!({"containers": [
+                {"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}, {"containerPort": port}]}
+            ]});
+            let pod = pod(json!({ROUTE_ANNOTATION: "chat"}), spec);
+            match decide(&pod, Some(&route()), &settings) {
+                Decision::Skip {
+                    reason: SkipReason::InvalidPod,
+                    message,
+                    ..
+                } => assert_eq!(
+                    message,
+                    format!(
+                        "container \"app\" declares port {port}, which the sidecar listens on; change that port or the operator's {flag}"
+                    )
+                ),
+                other => panic!("port {port}: {other:?}"),
+            }
+        }
+        // A port the sidecar does not use is fine.
+        let spec = json!({"containers": [
+            {"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]}
+        ]});
+        let pod = pod(json!({ROUTE_ANNOTATION: "chat"}), spec);
+        let decision = decide(&pod, Some(&route()), &settings);
+        assert!(matches!(decision, Decision::Inject { .. }), "{decision:?}");
     }
 
     #[test]

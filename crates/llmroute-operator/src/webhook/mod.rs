@@ -37,6 +37,7 @@ use tokio::sync::watch;
 use crate::metrics::Metrics;
 use crate::serving::ClusterBackend;
 use connection::{ConnectionClock, ConnectionLimits, Verdict, Watched};
+pub use inject::{ADMIN_PORT_NAME, DEFAULT_ADMIN_PORT};
 use inject::{
     ALREADY_INJECTED, Decision, INJECTION_LABEL, InjectionSettings, ROUTE_ANNOTATION,
     SKIPPED_ANNOTATION,

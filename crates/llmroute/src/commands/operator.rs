@@ -87,6 +87,11 @@ pub struct OperatorArgs {
     /// Port of the injected sidecar on the pod's loopback.
     #[arg(long, default_value_t = 8099)]
     pub sidecar_port: u16,
+    /// Port of the injected sidecar's admin listener (/healthz, /readyz, /metrics) on the
+    /// pod's IP, which its probes use and Prometheus can scrape; 0 injects neither the listener
+    /// nor probes.
+    #[arg(long, default_value_t = llmroute_operator::webhook::DEFAULT_ADMIN_PORT)]
+    pub sidecar_admin_port: u16,
     /// `auto` (native sidecars on servers from 1.29), `native` or `classic`.
     #[arg(long, default_value = "auto", value_parser = ["auto", "native", "classic"])]
     pub sidecar_mode: String,
@@ -275,6 +280,7 @@ fn webhook_options(args: &OperatorArgs, address: SocketAddr) -> WebhookOptions {
                 .clone()
                 .unwrap_or_else(|| format!("http://{service_host}:{control_port}")),
             port: args.sidecar_port,
+            admin_port: (args.sidecar_admin_port != 0).then_some(args.sidecar_admin_port),
             cpu_request: args.sidecar_cpu.clone(),
             memory_request: args.sidecar_memory.clone(),
             ..InjectionSettings::default()
