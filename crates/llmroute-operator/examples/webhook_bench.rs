@@ -548,6 +548,7 @@ impl Setup {
                 },
             }),
             learning_interval: None,
+            shutdown_drain: std::time::Duration::ZERO,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         // The operator runs on a Tokio runtime and API client of its own, so its connections

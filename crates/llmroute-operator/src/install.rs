@@ -306,6 +306,14 @@ fn stateful_set(options: &InstallOptions, labels: &Value) -> Value {
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "terminationGracePeriodSeconds": 30,
+                    // One node's loss should not take the webhook and the control API down with
+                    // both replicas; a cluster of one node still schedules them.
+                    "topologySpreadConstraints": [{
+                        "maxSkew": 1,
+                        "topologyKey": "kubernetes.io/hostname",
+                        "whenUnsatisfiable": "ScheduleAnyway",
+                        "labelSelector": {"matchLabels": labels},
+                    }],
                     "containers": [{
                         "name": "operator",
                         "image": options.image,

@@ -45,6 +45,10 @@ use crate::reconcile::Context;
 use crate::serving::ClusterBackend;
 use crate::webhook::certs::{CertResolver, certified_key, ensure_secret};
 
+/// Smallest API server minor version (1.x) at which `--sidecar-mode auto` injects native
+/// sidecars: 1.29, when they became default, plus the kubelet's allowed lag of three versions.
+pub const MIN_AUTO_NATIVE_MINOR: u32 = 32;
+
 /// Settings of one operator process.
 #[derive(Debug, Clone)]
 pub struct OperatorConfig {
@@ -67,7 +71,16 @@ pub struct OperatorConfig {
     /// Period of the learning loop's passes (training on each route's schedule, off-policy
     /// gate, canary analysis); the loop is off when `None`.
     pub learning_interval: Option<std::time::Duration>,
+    /// Time between the shutdown signal and the servers closing, during which `/readyz`
+    /// responds 503 and every server keeps serving, so that Services and the API server's
+    /// webhook client stop sending requests to this replica first.
+    pub shutdown_drain: std::time::Duration,
 }
+
+/// Default of [`OperatorConfig::shutdown_drain`]. Endpoint changes reach kube-proxy and the
+/// API server within a few seconds, and the pod's 30 s grace period leaves room for the rest of
+/// the shutdown.
+pub const DEFAULT_SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Settings of the injection webhook.
 #[derive(Debug, Clone)]
@@ -294,10 +307,24 @@ pub async fn serve_listeners(
         ingest.retention,
         stopped(),
     ));
+    let serves_webhook = config.webhook.is_some() && webhook_listener.is_some();
+    let resolver = serves_webhook.then(|| Arc::new(webhook::certs::CertResolver::default()));
+    let readiness = Arc::new(ops::Readiness::new(backend.clone(), resolver.clone()));
+    let drain = config.shutdown_drain;
+    let draining = readiness.clone();
+    let shutdown = async move {
+        shutdown.await;
+        draining.start_draining();
+        tracing::info!(
+            drain_seconds = drain.as_secs_f64(),
+            "shutdown requested; /readyz answers 503 while the servers keep serving"
+        );
+        tokio::time::sleep(drain).await;
+    };
     let ops = tokio::spawn(ops::serve(
         ops_listener,
         metrics.clone(),
-        backend.clone(),
+        readiness,
         stopped(),
     ));
 
@@ -310,20 +337,26 @@ pub async fn serve_listeners(
     ));
 
     let mut webhook_server = None;
-    if let (Some(options), Some(listener)) = (config.webhook.clone(), webhook_listener) {
+    if let (Some(options), Some(listener), Some(resolver)) =
+        (config.webhook.clone(), webhook_listener, resolver)
+    {
         let minor: u32 = version.minor.trim_end_matches('+').parse().unwrap_or(0);
         let mut injection = options.injection.clone();
         injection.native_sidecars = match options.sidecar_mode {
             SidecarMode::Native => true,
             SidecarMode::Classic => false,
-            SidecarMode::Auto => version.major == "1" && minor >= 29,
+            // Native sidecars are on by default from 1.29, but the kubelet runs them, and the
+            // version skew policy lets kubelets lag the API server by three minor versions. A
+            // kubelet older than 1.29 runs a native sidecar as an ordinary init container that
+            // never exits, so the pod never starts. From a 1.32 server on, every supported
+            // kubelet is 1.29 or newer.
+            SidecarMode::Auto => version.major == "1" && minor >= MIN_AUTO_NATIVE_MINOR,
         };
         tracing::info!(
             native_sidecars = injection.native_sidecars,
             server_minor = minor,
             "injection webhook enabled"
         );
-        let resolver = Arc::new(webhook::certs::CertResolver::default());
         tasks.spawn(keep_certificate(
             client.clone(),
             options.clone(),
@@ -484,9 +517,14 @@ async fn keep_certificate(
     let mut loaded: Option<String> = None;
     // The CA bundle of the last configuration applied; `None` until one is.
     let mut configured: Option<Option<String>> = None;
-    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(5));
+    // Until a certificate is loaded the replica is not ready, so it looks again every second.
+    let period = |resolver: &CertResolver| if resolver.is_loaded() { 5 } else { 1 };
+    let mut first = true;
     loop {
-        ticker.tick().await;
+        if !first {
+            tokio::time::sleep(std::time::Duration::from_secs(period(&resolver))).await;
+        }
+        first = false;
         let is_leader = *leader.borrow();
         let (cert, key, ca) = match &options.certificate {
             CertificateSource::Managed {
@@ -502,7 +540,7 @@ async fn keep_certificate(
                         continue;
                     }
                     Err(error) => {
-                        tracing::warn!(secret = %secret, error = %error, "failed to read or renew the webhook certificate; retrying in 5 s");
+                        tracing::warn!(secret = %secret, error = %error, retry_seconds = period(&resolver), "failed to read or renew the webhook certificate; retrying");
                         continue;
                     }
                 }
@@ -512,7 +550,7 @@ async fn keep_certificate(
                 match (read("tls.crt"), read("tls.key")) {
                     (Ok(cert), Ok(key)) => (cert, key, None),
                     (Err(error), _) | (_, Err(error)) => {
-                        tracing::warn!(folder = %folder.display(), error = %error, "failed to read the webhook certificate files; retrying in 5 s");
+                        tracing::warn!(folder = %folder.display(), error = %error, retry_seconds = period(&resolver), "failed to read the webhook certificate files; retrying");
                         continue;
                     }
                 }

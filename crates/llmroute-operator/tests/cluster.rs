@@ -136,6 +136,7 @@ impl Operator {
             watch_namespace: Some(namespace.name.clone()),
             webhook: None,
             learning_interval,
+            shutdown_drain: Duration::ZERO,
         };
         let control_url = format!("http://{}", control.local_addr().unwrap());
         let ops_url = format!("http://{}", ops.local_addr().unwrap());
@@ -965,6 +966,7 @@ async fn installed_rbac_is_enough_for_the_operator_and_no_more() {
         watch_namespace: Some(namespace.name.clone()),
         webhook: None,
         learning_interval: None,
+        shutdown_drain: Duration::ZERO,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(llmroute_operator::run_with_listeners(

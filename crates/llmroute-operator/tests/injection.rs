@@ -177,6 +177,7 @@ impl Setup {
                 certificate,
             }),
             learning_interval: None,
+            shutdown_drain: std::time::Duration::ZERO,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let client = self.client.clone();
@@ -459,6 +460,51 @@ async fn webhook_down_with_ignore_still_creates_pods() {
         .create_pod("orphan", json!({"llmroute.dev/route": "chat"}), false)
         .await;
     assert!(sidecars(&pod).is_empty(), "created without the sidecar");
+    setup.finish().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn restricted_namespace_admits_injected_pod() {
+    // The API server's PodSecurity admission runs after mutating webhooks, so the injected
+    // sidecar must meet the namespace's level too. This pod meets "restricted" container by
+    // container, without a pod-level seccomp profile.
+    let setup = Setup::new("psa", Lifetimes::default()).await;
+
+    let namespaces: Api<Namespace> = Api::all(setup.client.clone());
+    let label =
+        json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}});
+    namespaces
+        .patch(
+            &setup.namespace,
+            &PatchParams::default(),
+            &Patch::Merge(&label),
+        )
+        .await
+        .unwrap();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "restricted", "annotations": {"llmroute.dev/route": "chat"}},
+        "spec": {"containers": [{
+            "name": "app",
+            "image": "app:1",
+            "securityContext": {
+                "runAsNonRoot": true,
+                "allowPrivilegeEscalation": false,
+                "capabilities": {"drop": ["ALL"]},
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+        }]}
+    }))
+    .unwrap();
+
+    let created = setup
+        .pods()
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|error| {
+            panic!("the restricted namespace refused the injected pod: {error}")
+        });
+    assert_eq!(sidecars(&created).len(), 1, "{created:?}");
     setup.finish().await;
 }
 

@@ -263,6 +263,16 @@ fn chart_optional_objects_follow_values() {
         set["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
         "1Gi"
     );
+    let spread = &set["spec"]["template"]["spec"]["topologySpreadConstraints"][0];
+    assert_eq!(spread["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(spread["whenUnsatisfiable"], "ScheduleAnyway");
+    assert_eq!(
+        spread["labelSelector"]["matchLabels"],
+        set["spec"]["selector"]["matchLabels"]
+    );
+    let packed = template("llmroute-system", &["spreadAcrossNodes=false"]);
+    let set = find(&packed, "StatefulSet", "llmroute-operator");
+    assert!(set["spec"]["template"]["spec"]["topologySpreadConstraints"].is_null());
     assert!(set["spec"]["template"]["spec"]["volumes"].is_null());
     let crd = find(
         &defaults,
@@ -733,6 +743,10 @@ fn chart_installs_serves_and_injects_on_a_real_api_server() {
             .any(|l| l == "llmroute_operator_leader 1")
             .then_some(())
     });
+    // Ready once the webhook's certificate, which the leader creates, is loaded too.
+    eventually("the operator to be ready", || {
+        (http_get(ops, "/readyz").map(|r| r.0) == Some(200)).then_some(())
+    });
     assert_eq!(
         http_get(ops, "/readyz").map(|r| r.0),
         Some(200),
@@ -810,6 +824,39 @@ fn chart_installs_serves_and_injects_on_a_real_api_server() {
         .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(policy_names, ["chat-v1"]);
+
+    // On SIGTERM the operator reports itself not ready at once, so that Services stop sending
+    // it requests, and keeps injecting until its drain time (5 s by default) has passed.
+    Command::new("kill")
+        .args(["-TERM", &operator.child.id().to_string()])
+        .status()
+        .unwrap();
+    eventually("/readyz to answer 503 while draining", || {
+        let (status, body) = http_get(ops, "/readyz")?;
+        (status == 503 && body == "the operator is shutting down\n").then_some(())
+    });
+    let output = kubectl(
+        &[
+            "-n",
+            &app_namespace,
+            "run",
+            "draining",
+            "--image=busybox",
+            "--restart=Never",
+            "--annotations=llmroute.dev/route=chat",
+            "--dry-run=server",
+            "-o",
+            "json",
+        ],
+        None,
+    );
+    let pod: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        pod["metadata"]["labels"]["llmroute.dev/injection"],
+        "injected",
+        "the webhook injects while the operator drains: {}",
+        log_text()
+    );
     drop(operator);
     point_webhook_at(None, &release_namespace);
 

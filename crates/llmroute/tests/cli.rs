@@ -764,6 +764,18 @@ fn sidecar_names_admin_address_it_cannot_use() {
 }
 
 #[test]
+fn operator_rejects_sidecar_ports_that_cannot_work() {
+    // Checked before the operator reaches for a cluster.
+    let stderr = llmroute_fails(&["operator", "--sidecar-admin-port", "8099"]);
+    assert!(
+        stderr.contains("invalid --sidecar-admin-port 8099: it equals --sidecar-port"),
+        "{stderr}"
+    );
+    let stderr = llmroute_fails(&["operator", "--sidecar-port", "0"]);
+    assert!(stderr.contains("invalid --sidecar-port 0"), "{stderr}");
+}
+
+#[test]
 fn sidecar_without_source_names_both_flags() {
     let stderr = llmroute_fails(&["sidecar"]);
     assert!(

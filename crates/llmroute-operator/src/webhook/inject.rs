@@ -469,6 +469,8 @@ fn sidecar_container(
         vec![json!({"name": "llmroute", "containerPort": settings.port, "protocol": "TCP"})];
     if let Some(admin_port) = settings.admin_port {
         // The pod's every address, so that the kubelet and Prometheus reach it from outside.
+        // TODO: an IPv6-only pod has no IPv4 address for the kubelet to probe; bind [::] there,
+        // which IPv4-only nodes booted with ipv6.disable=1 refuse.
         args.extend(["--admin-address".into(), format!("0.0.0.0:{admin_port}")]);
         ports
             .push(json!({"name": ADMIN_PORT_NAME, "containerPort": admin_port, "protocol": "TCP"}));
@@ -489,6 +491,9 @@ fn sidecar_container(
             "allowPrivilegeEscalation": false,
             "readOnlyRootFilesystem": true,
             "capabilities": {"drop": ["ALL"]},
+            // The Pod Security Standard "restricted" requires a seccomp profile on every
+            // container when the pod does not set one.
+            "seccompProfile": {"type": "RuntimeDefault"},
         },
         "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_PATH, "readOnly": true}],
     });
@@ -784,6 +789,8 @@ mod tests {
                 .any(|p| p.name.as_deref() == Some(ADMIN_PORT_NAME) && p.container_port == 9099),
             "{ports:?}"
         );
+        // No startup probe: it would hold the app containers until the control API responds.
+        assert!(init[0].startup_probe.is_none());
         for probe in [
             init[0].readiness_probe.clone().unwrap(),
             init[0].liveness_probe.clone().unwrap(),
@@ -847,6 +854,7 @@ mod tests {
         let sidecar = injected.spec.unwrap().init_containers.unwrap()[0].clone();
         assert!(sidecar.readiness_probe.is_none());
         assert!(sidecar.liveness_probe.is_none());
+        assert!(sidecar.startup_probe.is_none());
         let args = sidecar.args.unwrap();
         assert!(!args.contains(&"--admin-address".to_string()), "{args:?}");
         assert_eq!(sidecar.ports.unwrap().len(), 1);

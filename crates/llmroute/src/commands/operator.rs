@@ -92,7 +92,8 @@ pub struct OperatorArgs {
     /// nor probes.
     #[arg(long, default_value_t = llmroute_operator::webhook::DEFAULT_ADMIN_PORT)]
     pub sidecar_admin_port: u16,
-    /// `auto` (native sidecars on servers from 1.29), `native` or `classic`.
+    /// `auto` (native sidecars on API servers from 1.32, whose kubelets are all 1.29 or later),
+    /// `native` or `classic`.
     #[arg(long, default_value = "auto", value_parser = ["auto", "native", "classic"])]
     pub sidecar_mode: String,
     /// CPU request of the injected sidecar.
@@ -122,6 +123,11 @@ pub struct OperatorArgs {
     /// learning loop off.
     #[arg(long, default_value_t = 10)]
     pub learning_interval_seconds: u64,
+    /// Seconds between SIGTERM and the servers closing, during which /readyz responds 503 while
+    /// the control API and the webhook keep serving, so that Services and the API server stop
+    /// sending requests first. Keep it well below the pod's termination grace period (30 s).
+    #[arg(long, default_value_t = llmroute_operator::DEFAULT_SHUTDOWN_DRAIN.as_secs())]
+    pub shutdown_drain_seconds: u64,
 }
 
 impl OperatorArgs {
@@ -143,8 +149,29 @@ impl OperatorArgs {
     }
 }
 
+impl OperatorArgs {
+    /// Checks the ports the injected sidecar listens on: one container cannot bind one port
+    /// twice, and the app calls the proxy on a fixed port.
+    fn check_sidecar_ports(&self) -> Result<()> {
+        if self.sidecar_port == 0 {
+            bail!(
+                "invalid --sidecar-port 0: apps call the sidecar on a fixed port; use one such as 8099"
+            );
+        }
+        if self.sidecar_admin_port == self.sidecar_port {
+            bail!(
+                "invalid --sidecar-admin-port {}: it equals --sidecar-port; use another port, such as {}, or 0 for no admin listener",
+                self.sidecar_admin_port,
+                llmroute_operator::webhook::DEFAULT_ADMIN_PORT
+            );
+        }
+        Ok(())
+    }
+}
+
 pub fn run(workspace: &Workspace, args: &OperatorArgs) -> Result<()> {
     let ingest = args.ingest()?;
+    args.check_sidecar_ports()?;
     let encoder_digest = match &args.encoder_digest {
         Some(digest) => {
             if !llmroute_api::config::is_sha256_hex(digest) {
@@ -189,6 +216,7 @@ pub fn run(workspace: &Workspace, args: &OperatorArgs) -> Result<()> {
         webhook,
         learning_interval: (args.learning_interval_seconds > 0)
             .then(|| Duration::from_secs(args.learning_interval_seconds)),
+        shutdown_drain: Duration::from_secs(args.shutdown_drain_seconds),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
