@@ -429,6 +429,11 @@ async fn deployment_pods_are_injected_once_and_skips_are_visible() {
     ] {
         assert!(metrics.contains(line), "{line} missing from\n{metrics}");
     }
+    // The match condition kept the unannotated pod away from the webhook.
+    assert!(
+        !metrics.contains("outcome=\"not_requested\""),
+        "the webhook reviewed a pod that names no route:\n{metrics}"
+    );
     // The API server reached the webhook over TLS: at least one handshake completed, and the
     // handshake histogram counted each established connection.
     let sample = |name: &str| {

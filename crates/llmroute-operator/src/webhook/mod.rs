@@ -46,6 +46,8 @@ use inject::{
 /// Name of the `MutatingWebhookConfiguration` and its one webhook.
 pub const CONFIGURATION_NAME: &str = "llmroute-sidecar-injector";
 pub const WEBHOOK_NAME: &str = "inject.llmroute.dev";
+/// Name of the webhook's match condition, which sends it only pods that name a route.
+pub const MATCH_CONDITION: &str = "names-a-route";
 /// Path of the webhook on the operator's TLS port.
 pub const PATH: &str = "/inject";
 /// Largest AdmissionReview accepted, in bytes (the API server's own request limit is 3 MiB).
@@ -127,6 +129,16 @@ pub fn configuration(spec: &WebhookConfigSpec, ca_bundle: Option<&str>) -> Value
                 "scope": "Namespaced",
             }],
             "namespaceSelector": namespace_selector,
+            // Only pods that name a route reach the webhook, so an unreachable webhook delays
+            // no other pod's creation. Servers before Kubernetes 1.28 ignore the field and
+            // send every pod, which the webhook admits unchanged.
+            "matchConditions": [{
+                "name": MATCH_CONDITION,
+                "expression": format!(
+                    "has(object.metadata.annotations) && '{}' in object.metadata.annotations",
+                    inject::ROUTE_ANNOTATION
+                ),
+            }],
             // The operator's own pods are never sent to it.
             "objectSelector": {"matchExpressions": [
                 {"key": "app.kubernetes.io/name", "operator": "NotIn", "values": ["llmroute"]},
@@ -1398,6 +1410,13 @@ mod tests {
         assert_eq!(webhook["clientConfig"]["caBundle"], "UEVN");
         let excluded = &webhook["namespaceSelector"]["matchExpressions"][0]["values"];
         assert_eq!(excluded, &json!(["kube-system", "llmroute-system"]));
+        assert_eq!(
+            webhook["matchConditions"],
+            json!([{
+                "name": "names-a-route",
+                "expression": "has(object.metadata.annotations) && 'llmroute.dev/route' in object.metadata.annotations",
+            }])
+        );
         let without = configuration(&spec, None);
         assert!(
             without["webhooks"][0]["clientConfig"]
