@@ -33,6 +33,8 @@ pub struct InstallOptions {
     pub sidecar_mode: String,
     /// Port of the injected sidecar's admin listener on the pod's IP (0: none, and no probes).
     pub sidecar_admin_port: u16,
+    /// Secrets added to injected pods' imagePullSecrets for the sidecar's image.
+    pub sidecar_image_pull_secrets: Vec<String>,
     /// Size of each replica's PersistentVolumeClaim for the event store.
     pub storage_size: String,
     /// StorageClass of that claim; `None` uses the cluster's default class.
@@ -61,6 +63,7 @@ impl Default for InstallOptions {
             sidecar_memory: "256Mi".into(),
             sidecar_mode: "auto".into(),
             sidecar_admin_port: crate::webhook::DEFAULT_ADMIN_PORT,
+            sidecar_image_pull_secrets: Vec::new(),
             storage_size: "1Gi".into(),
             storage_class: None,
             event_max_age_days: 30,
@@ -228,7 +231,7 @@ fn services(options: &InstallOptions, labels: &Value) -> Vec<Value> {
 /// Builds the arguments of `llmroute operator` in the operator's container.
 fn operator_args(options: &InstallOptions) -> Vec<String> {
     let sidecar_image = options.sidecar_image.as_deref().unwrap_or(&options.image);
-    vec![
+    let mut args: Vec<String> = vec![
         "operator".into(),
         format!("--control-listen=0.0.0.0:{}", options.control_port),
         format!("--ops-listen=0.0.0.0:{}", options.ops_port),
@@ -261,7 +264,15 @@ fn operator_args(options: &InstallOptions) -> Vec<String> {
         "--lease-namespace=$(POD_NAMESPACE)".into(),
         "--identity=$(POD_NAME)".into(),
         "--advertise-host=$(POD_IP)".into(),
-    ]
+    ];
+    // After every fixed flag, as the chart's template lists them.
+    args.extend(
+        options
+            .sidecar_image_pull_secrets
+            .iter()
+            .map(|name| format!("--sidecar-image-pull-secret={name}")),
+    );
+    args
 }
 
 /// Builds the operator's StatefulSet. Each replica keeps events in its own SQLite file, so each

@@ -180,6 +180,7 @@ fn chart_settings_match_llmroute_install() {
             "sidecar.memoryRequest=300Mi",
             "sidecar.mode=native",
             "sidecar.adminPort=9100",
+            "sidecar.imagePullSecrets={registry,mirror}",
             "persistence.size=5Gi",
             "persistence.storageClass=fast-ssd",
             "events.maxAgeDays=7",
@@ -198,6 +199,7 @@ fn chart_settings_match_llmroute_install() {
         sidecar_memory: "300Mi".into(),
         sidecar_mode: "native".into(),
         sidecar_admin_port: 9100,
+        sidecar_image_pull_secrets: vec!["registry".into(), "mirror".into()],
         storage_size: "5Gi".into(),
         storage_class: Some("fast-ssd".into()),
         event_max_age_days: 7,
@@ -391,7 +393,7 @@ fn chart_optional_objects_follow_values() {
 #[ignore = "needs helm from scripts/helm; scripts/test builds it and runs this"]
 fn chart_rejects_invalid_values_by_name() {
     let chart = chart();
-    let cases: [(&[&str], &str); 13] = [
+    let cases: [(&[&str], &str); 14] = [
         (&["replicas=0"], "/replicas"),
         (
             &["webhook.failurePolicy=Sometimes"],
@@ -403,6 +405,10 @@ fn chart_rejects_invalid_values_by_name() {
         (&["sidecar.cpuRequest=fast"], "/sidecar/cpuRequest"),
         (&["sidecar.encoderDigest=abc"], "/sidecar/encoderDigest"),
         (&["sidecar.adminPort=70000"], "/sidecar/adminPort"),
+        (
+            &["sidecar.imagePullSecrets={Registry_Key}"],
+            "/sidecar/imagePullSecrets/0",
+        ),
         (
             &["metrics.podMonitor.enabled=true", "sidecar.adminPort=0"],
             "metrics.podMonitor.enabled needs sidecar.adminPort above 0",

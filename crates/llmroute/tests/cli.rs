@@ -773,6 +773,11 @@ fn operator_rejects_sidecar_ports_that_cannot_work() {
     );
     let stderr = llmroute_fails(&["operator", "--sidecar-port", "0"]);
     assert!(stderr.contains("invalid --sidecar-port 0"), "{stderr}");
+    let stderr = llmroute_fails(&["operator", "--sidecar-image-pull-secret", "ok,Not_A_Name"]);
+    assert!(
+        stderr.contains("invalid --sidecar-image-pull-secret \"Not_A_Name\""),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -57,8 +57,8 @@ pub struct InjectionSettings {
     /// Port of the sidecar on the pod's loopback.
     pub port: u16,
     /// Port of the sidecar's admin listener on the pod's IP (`/healthz`, `/readyz`,
-    /// `/metrics`), where the kubelet probes and Prometheus scrapes it; `None` injects no admin
-    /// listener and no probes. The kubelet probes from the node, so it cannot reach the pod's
+    /// `/metrics`), where the kubelet probes and Prometheus scrapes it. `None` injects no admin
+    /// listener and no probes. The kubelet probes from the node and cannot reach the pod's
     /// loopback: an `httpGet` probe with host 127.0.0.1 tests the node's own loopback.
     pub admin_port: Option<u16>,
     pub cpu_request: String,
@@ -66,6 +66,9 @@ pub struct InjectionSettings {
     pub memory_limit: String,
     /// Audience of the projected token the sidecar presents to the control API.
     pub token_audience: String,
+    /// Secrets that the kubelet needs to pull the sidecar's image, added to the pod's
+    /// `imagePullSecrets` when missing. Each must exist in the pod's namespace.
+    pub image_pull_secrets: Vec<String>,
     /// Whether the API server runs native sidecars (init containers with
     /// `restartPolicy: Always`, on by default from Kubernetes 1.29).
     pub native_sidecars: bool,
@@ -84,6 +87,7 @@ impl Default for InjectionSettings {
             memory_request: "256Mi".into(),
             memory_limit: "512Mi".into(),
             token_audience: "llmroute.dev".into(),
+            image_pull_secrets: Vec::new(),
             native_sidecars: true,
             version: env!("CARGO_PKG_VERSION").into(),
         }
@@ -510,6 +514,10 @@ fn injection_hash(container: &Value, settings: &InjectionSettings) -> String {
     hasher.update(container.to_string());
     hasher.update([u8::from(settings.native_sidecars)]);
     hasher.update(&settings.token_audience);
+    for secret in &settings.image_pull_secrets {
+        hasher.update([0]);
+        hasher.update(secret);
+    }
     hex::encode(hasher.finalize())[..16].to_string()
 }
 
@@ -656,6 +664,23 @@ fn inject_patch(
         patch.push(json!({"op": "add", "path": "/spec/volumes", "value": [token]}));
     } else {
         patch.push(json!({"op": "add", "path": "/spec/volumes/-", "value": token}));
+    }
+
+    // The kubelet pulls every image of a pod with the pod's pull secrets. They stay when an
+    // injection is replaced: removing one could stop the app's own image from pulling.
+    let pull_secrets = spec.image_pull_secrets.clone().unwrap_or_default();
+    let missing: Vec<Value> = settings
+        .image_pull_secrets
+        .iter()
+        .filter(|name| !pull_secrets.iter().any(|s| &s.name == *name))
+        .map(|name| json!({"name": name}))
+        .collect();
+    if spec.image_pull_secrets.is_none() && !missing.is_empty() {
+        patch.push(json!({"op": "add", "path": "/spec/imagePullSecrets", "value": missing}));
+    } else {
+        for secret in missing {
+            patch.push(json!({"op": "add", "path": "/spec/imagePullSecrets/-", "value": secret}));
+        }
     }
 
     // Point the app at the sidecar unless it chose its own base URL.
@@ -840,6 +865,39 @@ mod tests {
             injected.metadata.labels.unwrap()[INJECTION_LABEL],
             "injected"
         );
+    }
+
+    #[test]
+    fn injection_adds_missing_image_pull_secrets() {
+        let settings = InjectionSettings {
+            image_pull_secrets: vec!["registry".into(), "mirror".into()],
+            ..InjectionSettings::default()
+        };
+        let names = |pod: &Pod| -> Vec<String> {
+            let spec = pod.spec.clone().unwrap();
+            spec.image_pull_secrets
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| s.name)
+                .collect()
+        };
+        let bare = pod(json!({ROUTE_ANNOTATION: "chat"}), app_spec());
+        let injected = apply(&bare, &decide(&bare, Some(&route()), &settings));
+        assert_eq!(names(&injected), ["registry", "mirror"]);
+
+        // The pod's own secrets stay first, and a name it already lists is not repeated.
+        let mut spec = app_spec();
+        spec["imagePullSecrets"] = json!([{"name": "app-registry"}, {"name": "mirror"}]);
+        let own = pod(json!({ROUTE_ANNOTATION: "chat"}), spec);
+        let injected = apply(&own, &decide(&own, Some(&route()), &settings));
+        assert_eq!(names(&injected), ["app-registry", "mirror", "registry"]);
+
+        // Settings without pull secrets leave the pod's list as it is.
+        let injected = apply(
+            &own,
+            &decide(&own, Some(&route()), &InjectionSettings::default()),
+        );
+        assert_eq!(names(&injected), ["app-registry", "mirror"]);
     }
 
     #[test]

@@ -84,6 +84,15 @@ pub struct OperatorArgs {
     /// Image of the injected sidecar.
     #[arg(long, default_value = concat!("llmroute:", env!("CARGO_PKG_VERSION")))]
     pub sidecar_image: String,
+    /// Secret that the kubelet needs to pull the sidecar's image, added to each injected pod's
+    /// imagePullSecrets (repeatable, or comma-separated). It must exist in every namespace
+    /// whose pods are injected.
+    #[arg(
+        long = "sidecar-image-pull-secret",
+        value_name = "SECRET",
+        value_delimiter = ','
+    )]
+    pub sidecar_image_pull_secrets: Vec<String>,
     /// Port of the injected sidecar on the pod's loopback.
     #[arg(long, default_value_t = 8099)]
     pub sidecar_port: u16,
@@ -156,6 +165,15 @@ impl OperatorArgs {
         if self.sidecar_port == 0 {
             bail!(
                 "invalid --sidecar-port 0: apps call the sidecar on a fixed port; use one such as 8099"
+            );
+        }
+        if let Some(name) = self
+            .sidecar_image_pull_secrets
+            .iter()
+            .find(|name| !llmroute_api::crd::is_dns_subdomain(name))
+        {
+            bail!(
+                "invalid --sidecar-image-pull-secret {name:?}: use the name of a Secret, such as registry-credentials"
             );
         }
         if self.sidecar_admin_port == self.sidecar_port {
@@ -309,6 +327,7 @@ fn webhook_options(args: &OperatorArgs, address: SocketAddr) -> WebhookOptions {
                 .unwrap_or_else(|| format!("http://{service_host}:{control_port}")),
             port: args.sidecar_port,
             admin_port: (args.sidecar_admin_port != 0).then_some(args.sidecar_admin_port),
+            image_pull_secrets: args.sidecar_image_pull_secrets.clone(),
             cpu_request: args.sidecar_cpu.clone(),
             memory_request: args.sidecar_memory.clone(),
             ..InjectionSettings::default()
