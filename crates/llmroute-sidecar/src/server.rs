@@ -29,6 +29,8 @@ use crate::sidecar::Sidecar;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Maximum feedback request body, in bytes.
 const MAX_FEEDBACK_BYTES: usize = 64 * 1024;
+/// Body of `/readyz` during the shutdown's drain.
+const SHUTTING_DOWN: &str = "the sidecar is shutting down\n";
 /// Period of the feedback TTL sweep.
 const EXPIRY_PERIOD: Duration = Duration::from_secs(1);
 
@@ -45,7 +47,9 @@ impl Sidecar {
             (Method::GET, "/metrics") => metrics_response(self.metrics()),
             (Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
             (Method::GET, "/readyz") => {
-                if self.is_ready() {
+                if self.is_draining() {
+                    text_response(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN)
+                } else if self.is_ready() {
                     text_response(StatusCode::OK, "ready\n")
                 } else {
                     text_response(
@@ -264,6 +268,9 @@ fn admin_response(
     match (request.method(), path) {
         (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => match sidecar {
+            Some(sidecar) if sidecar.is_draining() => {
+                text_response(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN)
+            }
             Some(sidecar) if sidecar.is_ready() => text_response(StatusCode::OK, "ready\n"),
             _ => text_response(StatusCode::SERVICE_UNAVAILABLE, NOT_CONFIGURED),
         },

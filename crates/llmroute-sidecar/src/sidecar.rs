@@ -98,6 +98,7 @@ pub struct Sidecar {
     pub(crate) feedback: FeedbackBuffer,
     pub(crate) events: EventQueue,
     ready: AtomicBool,
+    draining: AtomicBool,
 }
 
 impl std::fmt::Debug for Sidecar {
@@ -173,6 +174,7 @@ impl Sidecar {
             metrics,
             events,
             ready: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
         });
         (sidecar, sender)
     }
@@ -203,6 +205,17 @@ impl Sidecar {
     /// Tests whether the sidecar has a configuration to serve.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Reports the sidecar not ready from now on, while it keeps proxying: the shutdown's
+    /// drain, for an app that gets SIGTERM together with the sidecar and still calls it.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Tests whether the sidecar is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 
     /// Returns the metrics registry.

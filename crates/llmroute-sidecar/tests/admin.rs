@@ -80,6 +80,16 @@ async fn admin_reports_health_readiness_and_metrics() {
         "method POST is not allowed on /metrics; use GET\n"
     );
 
+    // While draining, both listeners report not ready and the proxy still serves.
+    harness.sidecar.start_draining();
+    for base in [&admin, &harness.base] {
+        let ready = send(Method::GET, &format!("{base}/readyz"), &[], "").await;
+        assert_eq!(ready.status, 503, "{base}");
+        assert_eq!(ready.body, "the sidecar is shutting down\n");
+    }
+    let models = send(Method::GET, &format!("{}/v1/models", harness.base), &[], "").await;
+    assert_eq!(models.status, 200);
+
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
     harness.stop().await;

@@ -781,6 +781,72 @@ fn operator_rejects_sidecar_ports_that_cannot_work() {
 }
 
 #[test]
+fn sidecar_keeps_serving_while_it_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sidecar.json");
+    let route = serde_json::json!({
+        "route": "chat",
+        "version": 1,
+        "models": [{
+            "name": "small",
+            "endpoint": "http://127.0.0.1:9/v1",
+            "upstreamModel": "s",
+            "pricing": {"inputUsdPerMillionTokens": 0.1, "outputUsdPerMillionTokens": 0.2}
+        }],
+        "defaultPreference": {"quality": 0.5},
+        "fallback": "small"
+    });
+    std::fs::write(&config, route.to_string()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
+        .args(["sidecar", "--config", path_arg(&config), "--port", "0"])
+        .args(["--drain-seconds", "5"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("llmroute starts");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let address = lines
+        .find_map(|line| {
+            let line = line.ok()?;
+            let rest = line.split_once("listening on http://")?.1;
+            Some(rest.trim_end_matches("/v1").to_string())
+        })
+        .expect("the sidecar prints its address");
+    let get = |path: &str| -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&address).ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let status = response.split_whitespace().nth(1)?.parse().ok()?;
+        Some((status, response.split_once("\r\n\r\n")?.1.to_string()))
+    };
+    assert_eq!(get("/readyz").map(|r| r.0), Some(200));
+
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut draining = None;
+    for _ in 0..100 {
+        if let Some((503, body)) = get("/readyz") {
+            draining = Some(body);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(draining.as_deref(), Some("the sidecar is shutting down\n"));
+    assert_eq!(get("/v1/models").map(|r| r.0), Some(200), "still proxying");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+#[test]
 fn sidecar_without_source_names_both_flags() {
     let stderr = llmroute_fails(&["sidecar"]);
     assert!(

@@ -38,6 +38,9 @@ pub const SIDECAR_NAME: &str = "llmroute-sidecar";
 pub const DEFAULT_ADMIN_PORT: u16 = 9099;
 /// Name of the admin listener's container port, which probes and PodMonitors refer to.
 pub const ADMIN_PORT_NAME: &str = "llmroute-admin";
+/// Drain of a sidecar that runs as a regular container: seconds it keeps proxying after SIGTERM.
+/// A native sidecar gets SIGTERM only after the app containers have stopped.
+const CLASSIC_DRAIN_SECONDS: u32 = 5;
 /// Name of the projected service-account token volume.
 pub const TOKEN_VOLUME: &str = "llmroute-token";
 /// Where the sidecar reads its token for the control API.
@@ -469,6 +472,11 @@ fn sidecar_container(
         "--port".into(),
         settings.port.to_string(),
     ];
+    if !settings.native_sidecars {
+        // A regular container gets SIGTERM together with the app, which may still call it
+        // while it finishes its own work.
+        args.extend(["--drain-seconds".into(), CLASSIC_DRAIN_SECONDS.to_string()]);
+    }
     let mut ports =
         vec![json!({"name": "llmroute", "containerPort": settings.port, "protocol": "TCP"})];
     if let Some(admin_port) = settings.admin_port {
@@ -962,6 +970,21 @@ mod tests {
         assert_eq!(spec.containers.len(), 3);
         assert_eq!(spec.containers[2].name, SIDECAR_NAME);
         assert!(spec.containers[2].restart_policy.is_none());
+        // It gets SIGTERM with the app, so it keeps proxying for the app's last calls.
+        let args = spec.containers[2].args.clone().unwrap();
+        assert!(
+            args.windows(2).any(|pair| pair == ["--drain-seconds", "5"]),
+            "{args:?}"
+        );
+        let native = apply(
+            &pod,
+            &decide(&pod, Some(&route()), &InjectionSettings::default()),
+        );
+        let native_args = native.spec.unwrap().init_containers.unwrap()[0]
+            .args
+            .clone()
+            .unwrap();
+        assert!(!native_args.contains(&"--drain-seconds".to_string()));
     }
 
     #[test]

@@ -51,6 +51,11 @@ pub struct SidecarArgs {
     /// [default: no admin listener; the proxy's port serves the same paths].
     #[arg(long, value_name = "ADDRESS:PORT")]
     pub admin_address: Option<SocketAddr>,
+    /// Seconds between SIGTERM and the listener closing, during which /readyz responds 503 and
+    /// the proxy keeps serving. The injection webhook sets 5 for a sidecar that runs as a
+    /// regular container, which gets SIGTERM together with the app.
+    #[arg(long, default_value_t = 0)]
+    pub drain_seconds: u64,
     /// Appends completed events to this JSON Lines file [default: the control API with
     /// --control, else events are counted as dropped].
     #[arg(long, value_name = "FILE")]
@@ -303,7 +308,20 @@ async fn serve_route(
             let _ = follow_stopped.await;
         }))
     });
-    serve(listener, sidecar, events, crate::shutdown::signal()).await?;
+    let drain = Duration::from_secs(args.drain_seconds);
+    let draining = sidecar.clone();
+    let shutdown = async move {
+        crate::shutdown::signal().await;
+        if !drain.is_zero() {
+            draining.start_draining();
+            tracing::info!(
+                drain_seconds = drain.as_secs(),
+                "shutdown requested; /readyz responds 503 while the proxy keeps serving"
+            );
+            tokio::time::sleep(drain).await;
+        }
+    };
+    serve(listener, sidecar, events, shutdown).await?;
     let _ = stop_follow.send(());
     if let Some(follower) = follower {
         follower
