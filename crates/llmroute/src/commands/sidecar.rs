@@ -46,8 +46,8 @@ pub struct SidecarArgs {
     #[arg(long, default_value_t = 8090)]
     pub port: u16,
     /// Also serve GET /healthz, /readyz and /metrics, and nothing else, on this address. In a
-    /// pod, the injection webhook sets the pod's address (0.0.0.0:9099) so that the kubelet
-    /// can probe the sidecar and Prometheus can scrape it, while the proxy stays on 127.0.0.1
+    /// pod the injection webhook sets the pod's address (0.0.0.0:9099). There the kubelet can
+    /// probe the sidecar and Prometheus can scrape it, and the proxy stays on 127.0.0.1
     /// [default: no admin listener; the proxy's port serves the same paths].
     #[arg(long, value_name = "ADDRESS:PORT")]
     pub admin_address: Option<SocketAddr>,
@@ -229,8 +229,8 @@ impl Admin {
     }
 }
 
-/// Loads the route, serves it on 127.0.0.1 until a shutdown signal, and tells `admin` about the
-/// sidecar once it has a configuration.
+/// Loads the route, serves it on 127.0.0.1 until a shutdown signal, and passes the sidecar to
+/// `admin` once it has a configuration.
 async fn serve_route(
     workspace: &Workspace,
     args: &SidecarArgs,
@@ -242,6 +242,7 @@ async fn serve_route(
         .await
         .with_context(|| format!("failed to bind {address}; pick another --port"))?;
     let bound = listener.local_addr()?;
+
     let file_sink = args.events.clone().map(EventSink::File);
     let (state, encoder, environment, control) = match (&args.config, &args.control) {
         (Some(path), _) => {
@@ -283,6 +284,7 @@ async fn serve_route(
         }
         (None, None) => bail!("pass --config FILE, or --control URL with --route NAME"),
     };
+
     let sink = match (file_sink, &control) {
         (Some(sink), _) => sink,
         (None, Some(client)) => EventSink::Control(client.clone()),
@@ -294,6 +296,7 @@ async fn serve_route(
         released_mib = released / (1 << 20),
         "returned the heap freed while loading to the kernel"
     );
+
     let (sidecar, events) = Sidecar::new(state, encoder, options);
     if let Some(admin) = admin {
         admin.publish.send_replace(Some(sidecar.clone()));
@@ -302,12 +305,14 @@ async fn serve_route(
         "sidecar of route {} listening on http://{bound}/v1",
         sidecar.state().config.route
     );
+
     let (stop_follow, follow_stopped) = tokio::sync::oneshot::channel::<()>();
     let follower = control.map(|client| {
         tokio::spawn(follow(sidecar.clone(), client, environment, async {
             let _ = follow_stopped.await;
         }))
     });
+
     let drain = Duration::from_secs(args.drain_seconds);
     let draining = sidecar.clone();
     let shutdown = async move {
