@@ -1,6 +1,9 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, as client-go's leaderelection does it:
 //! the holder renews the Lease every [`LeaderElection::renew_every`]; another replica takes it
-//! over only when `renewTime + leaseDurationSeconds` has passed. Every write carries the
+//! over only when it has seen the Lease's holder and `renewTime` unchanged for
+//! `leaseDurationSeconds`, timed by its own monotonic clock. It never compares `renewTime` with
+//! its own wall clock, so clocks that differ between nodes neither let a replica take a live
+//! holder's Lease nor keep a dead holder's Lease from expiring. Every write carries the
 //! Lease's `resourceVersion`, so of two replicas that try at once, the API server lets one win
 //! and responds 409 Conflict to the other.
 //!
@@ -13,7 +16,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -35,6 +38,33 @@ pub enum LeaderView {
         /// Its control API from [`CONTROL_ADDRESS_ANNOTATION`]; `None` when it sets none.
         control_address: Option<String>,
     },
+}
+
+/// The Lease record as this replica last saw it change, and when, by the monotonic clock.
+#[derive(Debug, Clone, PartialEq)]
+struct Observed {
+    /// Holder and `renewTime` (as written) of the record.
+    record: (Option<String>, Option<String>),
+    at: tokio::time::Instant,
+}
+
+impl Observed {
+    /// Notes the record seen `now`, and returns whether it has stayed unchanged for at least
+    /// `lease_duration`, so that its holder counts as gone.
+    fn expired(
+        observed: &mut Option<Self>,
+        record: (Option<String>, Option<String>),
+        lease_duration: Duration,
+        now: tokio::time::Instant,
+    ) -> bool {
+        match observed {
+            Some(seen) if seen.record == record => now.duration_since(seen.at) >= lease_duration,
+            _ => {
+                *observed = Some(Self { record, at: now });
+                false
+            }
+        }
+    }
 }
 
 /// Settings of one elector.
@@ -78,9 +108,10 @@ impl LeaderElection {
         let api: Api<Lease> = Api::namespaced(client, &self.namespace);
         tokio::pin!(shutdown);
         let mut last_renewal: Option<tokio::time::Instant> = None;
+        let mut observed: Option<Observed> = None;
         tracing::info!(lease = %self.lease_name, namespace = %self.namespace, identity = %self.identity, "leader election started");
         loop {
-            let held = match self.try_acquire_or_renew(&api).await {
+            let held = match self.try_acquire_or_renew(&api, &mut observed).await {
                 Ok((held, seen)) => {
                     if let LeaderView::Other {
                         identity,
@@ -143,6 +174,7 @@ impl LeaderElection {
     async fn try_acquire_or_renew(
         &self,
         api: &Api<Lease>,
+        observed: &mut Option<Observed>,
     ) -> Result<(bool, LeaderView), kube::Error> {
         let now = Timestamp::now();
         let Some(mut lease) = api.get_opt(&self.lease_name).await? else {
@@ -168,9 +200,12 @@ impl LeaderElection {
         let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty());
         let mine = holder == Some(self.identity.as_str());
         let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(MicroTime(renewed)), Some(seconds)) => renewed
-                .saturating_add(SignedDuration::from_secs(i64::from(seconds)))
-                .is_ok_and(|deadline| deadline < now),
+            (Some(MicroTime(renewed)), Some(seconds)) => Observed::expired(
+                observed,
+                (holder.map(str::to_string), Some(renewed.to_string())),
+                Duration::from_secs(u64::try_from(seconds).unwrap_or(0)),
+                tokio::time::Instant::now(),
+            ),
             _ => true,
         };
         if let Some(holder) = holder.filter(|_| !mine && !expired) {
@@ -246,5 +281,96 @@ impl LeaderElection {
         api.replace(&self.lease_name, &PostParams::default(), &lease)
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(holder: &str, renewed: &str) -> (Option<String>, Option<String>) {
+        (Some(holder.to_string()), Some(renewed.to_string()))
+    }
+
+    #[test]
+    fn lease_expires_after_its_duration_unchanged_by_the_local_clock() {
+        let duration = Duration::from_secs(15);
+        let start = tokio::time::Instant::now();
+        let mut observed = None;
+        // A renewTime far behind this node's clock, as a holder on a node whose clock is
+        // behind writes it: the first sight starts the count instead of expiring the Lease.
+        let behind = record("operator-1", "2001-01-01T00:00:00Z");
+        assert!(!Observed::expired(
+            &mut observed,
+            behind.clone(),
+            duration,
+            start
+        ));
+        let later = start + Duration::from_secs(14);
+        assert!(!Observed::expired(
+            &mut observed,
+            behind.clone(),
+            duration,
+            later
+        ));
+
+        // The holder renews: the count starts again from the change.
+        let renewed = record("operator-1", "2001-01-01T00:00:02Z");
+        let at = start + Duration::from_secs(16);
+        assert!(!Observed::expired(
+            &mut observed,
+            renewed.clone(),
+            duration,
+            at
+        ));
+        assert!(!Observed::expired(
+            &mut observed,
+            renewed.clone(),
+            duration,
+            at + Duration::from_secs(14)
+        ));
+        assert!(Observed::expired(
+            &mut observed,
+            renewed,
+            duration,
+            at + Duration::from_secs(15)
+        ));
+
+        // A renewTime far ahead of this node's clock still expires once it stops changing.
+        let mut observed = None;
+        let ahead = record("operator-2", "2999-01-01T00:00:00Z");
+        assert!(!Observed::expired(
+            &mut observed,
+            ahead.clone(),
+            duration,
+            start
+        ));
+        assert!(Observed::expired(
+            &mut observed,
+            ahead,
+            duration,
+            start + duration
+        ));
+    }
+
+    #[test]
+    fn new_holder_restarts_the_count() {
+        let duration = Duration::from_secs(15);
+        let start = tokio::time::Instant::now();
+        let mut observed = None;
+        let same_time = "2026-01-01T00:00:00Z";
+        assert!(!Observed::expired(
+            &mut observed,
+            record("operator-1", same_time),
+            duration,
+            start
+        ));
+        // Another holder with the same renewTime is a change.
+        assert!(!Observed::expired(
+            &mut observed,
+            record("operator-2", same_time),
+            duration,
+            start + Duration::from_secs(20)
+        ));
     }
 }
