@@ -89,7 +89,8 @@ pub struct WebhookOptions {
     pub address: SocketAddr,
     /// What to inject. `native_sidecars` is overridden by `sidecar_mode`.
     pub injection: webhook::inject::InjectionSettings,
-    /// `auto` (native sidecars on servers from 1.29), `native` or `classic`.
+    /// `auto` (native sidecars on API servers from 1.32, see [`MIN_AUTO_NATIVE_MINOR`]),
+    /// `native` or `classic`.
     pub sidecar_mode: SidecarMode,
     /// The `MutatingWebhookConfiguration` the leader applies.
     pub configuration: webhook::WebhookConfigSpec,
@@ -317,7 +318,7 @@ pub async fn serve_listeners(
         draining.start_draining();
         tracing::info!(
             drain_seconds = drain.as_secs_f64(),
-            "shutdown requested; /readyz answers 503 while the servers keep serving"
+            "shutdown requested; /readyz responds 503 while the servers keep serving"
         );
         tokio::time::sleep(drain).await;
     };
