@@ -157,9 +157,10 @@ pub const DEFAULT_MIN_EFFECTIVE_SAMPLE_SIZE: f64 = 0.0;
 /// takes. Under `greedy` exploration every correct propensity is 1 and no weight exceeds 1.
 pub const DEFAULT_MAX_IMPORTANCE_WEIGHT: f64 = 100.0;
 
-/// The cap on importance weights the gate uses: the route's `maxImportanceWeight`, else `K / ε`
-/// under ε-greedy exploration with `ε > 0` over `num_models` models (a correct propensity is at
-/// least `ε / K`, so no correct event is clipped), else [`DEFAULT_MAX_IMPORTANCE_WEIGHT`].
+/// Returns the gate's cap on importance weights: the route's `maxImportanceWeight`, else `K / ε`
+/// under ε-greedy exploration with `ε > 0` over `num_models` models, else
+/// [`DEFAULT_MAX_IMPORTANCE_WEIGHT`]. A correct propensity is at least `ε / K`, so `K / ε` clips
+/// no correctly logged event.
 pub fn max_importance_weight(
     configured: Option<f64>,
     exploration: Exploration,

@@ -286,8 +286,8 @@ fn gate_rejects_candidate_below_effective_sample_size() {
     assert_eq!(reasons(&plane).last().unwrap(), "GateRejected");
 }
 
-/// The first training run of `world` seed 1 (the candidate `better_candidate_is_promoted`
-/// promotes), with the last held-out event logged at propensity 1e-30.
+/// Runs the first training of `world` seed 1, whose candidate `better_candidate_is_promoted`
+/// promotes, with the last held-out event logged at propensity 1e-30, and returns `v2`.
 fn gate_with_tiny_propensity(training: &str) -> PolicyRecord {
     let dir = tempfile::tempdir().unwrap();
     let (plane, learning) = setup(dir.path(), &route_yaml(training, ROLLOUT));

@@ -293,7 +293,7 @@ mod tests {
     }
 
     #[test]
-    fn lease_expires_after_its_duration_unchanged_by_the_local_clock() {
+    fn lease_expiry_uses_local_clock() {
         let duration = Duration::from_secs(15);
         let start = tokio::time::Instant::now();
         let mut observed = None;

@@ -21,8 +21,8 @@ use crate::metrics::Metrics;
 use crate::serving::ClusterBackend;
 use crate::webhook::certs::CertResolver;
 
-/// What `/readyz` checks. A Service sends requests only to ready replicas, so a replica is
-/// ready when its control API and webhook can serve them.
+/// Readiness of a replica, as `/readyz` reports it. A Service sends requests only to ready
+/// replicas, so a replica is ready when its control API and webhook can serve them.
 pub struct Readiness {
     backend: Arc<ClusterBackend>,
     /// The webhook's certificate, when this replica serves the webhook.

@@ -484,6 +484,27 @@ impl Drop for OperatorProcess {
     }
 }
 
+/// Creates a pod annotated for the route `chat` as a server-side dry run, and returns it as the
+/// API server would store it, after the webhook.
+fn dry_run_pod(namespace: &str, name: &str) -> Option<Value> {
+    let output = kubectl(
+        &[
+            "-n",
+            namespace,
+            "run",
+            name,
+            "--image=busybox",
+            "--restart=Never",
+            "--annotations=llmroute.dev/route=chat",
+            "--dry-run=server",
+            "-o",
+            "json",
+        ],
+        None,
+    );
+    serde_json::from_slice(&output.stdout).ok()
+}
+
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -775,22 +796,7 @@ fn chart_installs_serves_and_injects_on_a_real_api_server() {
     // serves it the API server creates pods without the sidecar (failure policy Ignore). A
     // server-side dry run of an annotated pod shows when injection works.
     eventually("the webhook to inject a dry-run pod", || {
-        let output = kubectl(
-            &[
-                "-n",
-                &app_namespace,
-                "run",
-                "probe",
-                "--image=busybox",
-                "--restart=Never",
-                "--annotations=llmroute.dev/route=chat",
-                "--dry-run=server",
-                "-o",
-                "json",
-            ],
-            None,
-        );
-        let pod: Value = serde_json::from_slice(&output.stdout).ok()?;
+        let pod = dry_run_pod(&app_namespace, "probe")?;
         let injected = pod["spec"]["initContainers"]
             .as_array()?
             .iter()
@@ -841,22 +847,7 @@ fn chart_installs_serves_and_injects_on_a_real_api_server() {
         let (status, body) = http_get(ops, "/readyz")?;
         (status == 503 && body == "the operator is shutting down\n").then_some(())
     });
-    let output = kubectl(
-        &[
-            "-n",
-            &app_namespace,
-            "run",
-            "draining",
-            "--image=busybox",
-            "--restart=Never",
-            "--annotations=llmroute.dev/route=chat",
-            "--dry-run=server",
-            "-o",
-            "json",
-        ],
-        None,
-    );
-    let pod: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let pod = dry_run_pod(&app_namespace, "draining").expect("a dry-run pod");
     assert_eq!(
         pod["metadata"]["labels"]["llmroute.dev/injection"],
         "injected",

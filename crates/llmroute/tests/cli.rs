@@ -734,8 +734,8 @@ fn relative_cache_variable_is_ignored() {
 
 #[test]
 fn sidecar_names_admin_address_it_cannot_use() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let address = taken.local_addr().unwrap().to_string();
+    let occupied = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = occupied.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("sidecar.json");
     let sidecar = |admin: &str| {

@@ -93,9 +93,9 @@ pub struct PolicyComparison {
     pub stable: Estimates,
     /// `candidate − stable`, paired per event, with its own standard errors and intervals.
     pub difference: Estimates,
-    /// Kish's effective sample size `(Σᵢ ρᵢ)² / Σᵢ ρᵢ²` of the candidate's weights (clipped,
-    /// when a cap is set) at each preference, averaged over the preferences; in events, at most
-    /// `events`.
+    /// Kish's effective sample size `(Σᵢ ρᵢ)² / Σᵢ ρᵢ²` of the candidate's weights at each
+    /// preference, averaged over the preferences. The weights are the clipped ones when a cap is
+    /// set. In events, so never above `events`.
     pub candidate_effective_sample_size: f64,
     /// Share of the candidate's weights `ρ_ij`, over events and preferences, above the cap and
     /// clipped to it; 0 without a cap.
@@ -853,19 +853,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn offpolicy_estimators_match_hand_values() {
-        // Two events, τ = 1 USD and one preference point, 0.5, the median of w = 0.2 and 0.8.
-        // Rewards at w' = 0.5: r₀ = 0.5 · 1 − 0.5 · 0.2 = 0.4 and r₁ = 0.5 · 0.5 − 0 = 0.25.
-        let event = |action, propensity, quality, cost_usd, w_quality| LoggedEvent {
+    /// Builds an event of the hand-computed tests, all with the embedding `[1, 0]`.
+    fn hand_event(
+        action: usize,
+        propensity: f32,
+        quality: f32,
+        cost_usd: f32,
+        w_quality: f32,
+    ) -> LoggedEvent {
+        LoggedEvent {
             embedding: vec![1.0, 0.0],
             w_quality,
             action,
             propensity,
             quality,
             cost_usd,
-        };
-        let events = [event(0, 0.5, 1.0, 0.2, 0.2), event(1, 0.8, 0.5, 0.0, 0.8)];
+        }
+    }
+
+    #[test]
+    fn offpolicy_estimators_match_hand_values() {
+        // Two events, τ = 1 USD and one preference point, 0.5, the median of w = 0.2 and 0.8.
+        // Rewards at w' = 0.5: r₀ = 0.5 · 1 − 0.5 · 0.2 = 0.4 and r₁ = 0.5 · 0.5 − 0 = 0.25.
+        let events = [
+            hand_event(0, 0.5, 1.0, 0.2, 0.2),
+            hand_event(1, 0.8, 0.5, 0.0, 0.8),
+        ];
         let comparison = compare_policies(
             &Fixed([0.25, 0.75]),
             &Fixed([0.5, 0.5]),
@@ -928,15 +941,10 @@ mod tests {
         // The events of `offpolicy_estimators_match_hand_values`, with event 0 logged at
         // propensity 0.1: the candidate's ρ₀ = 0.25 / 0.1 = 2.5 is clipped to 2, ρ₁ = 0.9375 is
         // not, so IPS = (2 · 0.4 + 0.9375 · 0.25) / 2 and SNIPS = 1.034375 / 2.9375.
-        let event = |action, propensity, quality, cost_usd, w_quality| LoggedEvent {
-            embedding: vec![1.0, 0.0],
-            w_quality,
-            action,
-            propensity,
-            quality,
-            cost_usd,
-        };
-        let events = [event(0, 0.1, 1.0, 0.2, 0.2), event(1, 0.8, 0.5, 0.0, 0.8)];
+        let events = [
+            hand_event(0, 0.1, 1.0, 0.2, 0.2),
+            hand_event(1, 0.8, 0.5, 0.0, 0.8),
+        ];
         let compare = |cap| {
             compare_policies(
                 &Fixed([0.25, 0.75]),

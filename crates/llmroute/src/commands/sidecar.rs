@@ -46,9 +46,9 @@ pub struct SidecarArgs {
     #[arg(long, default_value_t = 8090)]
     pub port: u16,
     /// Also serve GET /healthz, /readyz and /metrics, and nothing else, on this address. In a
-    /// pod the injection webhook sets the pod's address (0.0.0.0:9099). There the kubelet can
-    /// probe the sidecar and Prometheus can scrape it, and the proxy stays on 127.0.0.1
-    /// [default: no admin listener; the proxy's port serves the same paths].
+    /// pod the injection webhook sets the pod's address (0.0.0.0:9099), so that the kubelet can
+    /// probe the sidecar and Prometheus can scrape it. The proxy stays on 127.0.0.1 [default:
+    /// no admin listener, and the proxy's port serves the same paths].
     #[arg(long, value_name = "ADDRESS:PORT")]
     pub admin_address: Option<SocketAddr>,
     /// Seconds between SIGTERM and the listener closing, during which /readyz responds 503 and
