@@ -24,27 +24,53 @@ pub fn argmax(probabilities: &[f32]) -> usize {
     best
 }
 
-/// Draws a model from non-empty `probabilities` under `exploration`.
-pub fn choose(probabilities: &[f32], exploration: Exploration, rng: &mut impl Rng) -> Choice {
-    let count = probabilities.len();
-    let greedy = argmax(probabilities);
-    match exploration {
+/// Draws a model from `probabilities` under `exploration`, among the models whose `available`
+/// entry is true (one entry per probability; a missing API key makes a model unavailable).
+/// The propensity is the probability of the draw under that restriction, which is what the
+/// off-policy evaluation of the logged events needs: under `sample` the policy's distribution
+/// renormalised over the available models, under `epsilonGreedy` `1 − ε + ε / n` for the
+/// greedy one and `ε / n` for each other, with `n` available models. Returns `None` when no
+/// model is available.
+pub fn choose(
+    probabilities: &[f32],
+    available: &[bool],
+    exploration: Exploration,
+    rng: &mut impl Rng,
+) -> Option<Choice> {
+    let candidates: Vec<usize> = probabilities
+        .iter()
+        .zip(available)
+        .enumerate()
+        .filter(|(_, (_, available))| **available)
+        .map(|(k, _)| k)
+        .collect();
+    let &first = candidates.first()?;
+    // The largest probability among the candidates; ties go to the lowest index.
+    let greedy = candidates.iter().copied().fold(first, |best, k| {
+        if probabilities[k] > probabilities[best] {
+            k
+        } else {
+            best
+        }
+    });
+    let choice = match exploration {
         Exploration::Greedy => Choice {
             index: greedy,
             propensity: 1.0,
         },
         Exploration::Sample => {
-            let total: f64 = probabilities.iter().map(|&p| f64::from(p.max(0.0))).sum();
+            let weight = |k: usize| f64::from(probabilities[k].max(0.0));
+            let total: f64 = candidates.iter().map(|&k| weight(k)).sum();
             if total <= 0.0 || !total.is_finite() {
-                return Choice {
+                return Some(Choice {
                     index: greedy,
                     propensity: 1.0,
-                };
+                });
             }
             let mut target = rng.random::<f64>() * total;
-            let mut index = count - 1;
-            for (k, &p) in probabilities.iter().enumerate() {
-                target -= f64::from(p.max(0.0));
+            let mut index = *candidates.last().expect("candidates is not empty");
+            for &k in &candidates {
+                target -= weight(k);
                 if target < 0.0 {
                     index = k;
                     break;
@@ -52,12 +78,13 @@ pub fn choose(probabilities: &[f32], exploration: Exploration, rng: &mut impl Rn
             }
             Choice {
                 index,
-                propensity: f64::from(probabilities[index].max(0.0)) / total,
+                propensity: weight(index) / total,
             }
         }
         Exploration::EpsilonGreedy { epsilon } => {
+            let count = candidates.len();
             let index = if rng.random::<f64>() < epsilon {
-                rng.random_range(0..count)
+                candidates[rng.random_range(0..count)]
             } else {
                 greedy
             };
@@ -69,7 +96,8 @@ pub fn choose(probabilities: &[f32], exploration: Exploration, rng: &mut impl Rn
             };
             Choice { index, propensity }
         }
-    }
+    };
+    Some(choice)
 }
 
 /// Orders model indices for retries: `first`, then the others by decreasing probability.
@@ -93,7 +121,7 @@ mod tests {
     #[test]
     fn greedy_takes_argmax_with_propensity_one() {
         let mut rng = StdRng::seed_from_u64(1);
-        let choice = choose(&[0.1, 0.7, 0.2], Exploration::Greedy, &mut rng);
+        let choice = choose(&[0.1, 0.7, 0.2], &[true; 3], Exploration::Greedy, &mut rng).unwrap();
         assert_eq!(choice.index, 1);
         assert_eq!(choice.propensity, 1.0);
     }
@@ -104,7 +132,7 @@ mod tests {
         let probabilities = [0.2f32, 0.5, 0.3];
         let mut counts = [0usize; 3];
         for _ in 0..20_000 {
-            let choice = choose(&probabilities, Exploration::Sample, &mut rng);
+            let choice = choose(&probabilities, &[true; 3], Exploration::Sample, &mut rng).unwrap();
             counts[choice.index] += 1;
             let expected = f64::from(probabilities[choice.index]);
             assert!((choice.propensity - expected).abs() < 1e-6);
@@ -124,7 +152,7 @@ mod tests {
         let mut seen = [None; 3];
         let mut counts = [0usize; 3];
         for _ in 0..20_000 {
-            let choice = choose(&probabilities, exploration, &mut rng);
+            let choice = choose(&probabilities, &[true; 3], exploration, &mut rng).unwrap();
             seen[choice.index] = Some(choice.propensity);
             counts[choice.index] += 1;
         }
@@ -134,6 +162,53 @@ mod tests {
         for (k, &count) in counts.iter().enumerate() {
             let share = count as f64 / 20_000.0;
             assert!((share - propensities[k]).abs() < 0.02, "model {k}: {share}");
+        }
+    }
+
+    #[test]
+    fn unavailable_models_are_never_drawn() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let probabilities = [0.2f32, 0.5, 0.3];
+        let available = [true, false, true];
+        let greedy = choose(&probabilities, &available, Exploration::Greedy, &mut rng).unwrap();
+        assert_eq!((greedy.index, greedy.propensity), (2, 1.0));
+        let mut counts = [0usize; 3];
+        for _ in 0..20_000 {
+            let choice = choose(&probabilities, &available, Exploration::Sample, &mut rng).unwrap();
+            counts[choice.index] += 1;
+            // Renormalised over models 0 and 2: 0.2 / 0.5 and 0.3 / 0.5.
+            let expected = [0.4, 0.0, 0.6][choice.index];
+            assert!((choice.propensity - expected).abs() < 1e-6, "{choice:?}");
+        }
+        assert_eq!(counts[1], 0);
+        assert!(
+            (counts[0] as f64 / 20_000.0 - 0.4).abs() < 0.02,
+            "{counts:?}"
+        );
+        let exploration = Exploration::EpsilonGreedy { epsilon: 0.3 };
+        let mut seen = [None; 3];
+        for _ in 0..20_000 {
+            let choice = choose(&probabilities, &available, exploration, &mut rng).unwrap();
+            seen[choice.index] = Some(choice.propensity);
+        }
+        // Two available models: 1 − 0.3 + 0.15 for the greedy one, 0.15 for the other.
+        assert_eq!(seen[1], None);
+        assert!((seen[2].unwrap() - 0.85).abs() < 1e-9, "{seen:?}");
+        assert!((seen[0].unwrap() - 0.15).abs() < 1e-9, "{seen:?}");
+    }
+
+    #[test]
+    fn no_available_model_draws_nothing() {
+        let mut rng = StdRng::seed_from_u64(5);
+        for exploration in [
+            Exploration::Greedy,
+            Exploration::Sample,
+            Exploration::EpsilonGreedy { epsilon: 0.1 },
+        ] {
+            assert_eq!(
+                choose(&[0.5, 0.5], &[false, false], exploration, &mut rng),
+                None
+            );
         }
     }
 

@@ -3,9 +3,12 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
+
+use crate::state::RouteState;
 
 /// Labels of a finished request.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,6 +53,7 @@ pub struct Metrics {
     pub feedback: Family<ReasonLabels, Counter>,
     pub events_dropped: Family<ReasonLabels, Counter>,
     pub events_sent: Counter,
+    pub model_available: Family<ModelLabels, Gauge>,
     pub decision_seconds: Histogram,
     pub request_seconds: Histogram,
 }
@@ -79,6 +83,7 @@ impl Metrics {
         let feedback = Family::<ReasonLabels, Counter>::default();
         let events_dropped = Family::<ReasonLabels, Counter>::default();
         let events_sent = Counter::default();
+        let model_available = Family::<ModelLabels, Gauge>::default();
         // 100 µs to about 52 s, doubling.
         let decision_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 20));
         let request_seconds = Histogram::new(exponential_buckets(1e-4, 2.0, 20));
@@ -124,6 +129,11 @@ impl Metrics {
             events_sent.clone(),
         );
         registry.register(
+            "model_available",
+            "1 for each model of the route that can be called, 0 for one whose API key is missing",
+            model_available.clone(),
+        );
+        registry.register(
             "decision_seconds",
             "Time to embed the prompt and run the policy",
             decision_seconds.clone(),
@@ -144,6 +154,7 @@ impl Metrics {
             feedback,
             events_dropped,
             events_sent,
+            model_available,
             decision_seconds,
             request_seconds,
         }
@@ -155,6 +166,20 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String does not fail");
         text
+    }
+
+    /// Sets `model_available` to the models of `state`, dropping the models of an earlier
+    /// configuration.
+    pub fn set_availability(&self, state: &RouteState) {
+        self.model_available.clear();
+        for model in &state.config.models {
+            self.model_available
+                .get_or_create(&ModelLabels {
+                    route: state.config.route.clone(),
+                    model: model.name.clone(),
+                })
+                .set(i64::from(state.is_available(&model.name)));
+        }
     }
 
     /// Counts one event of `family` for `route` and `reason`.

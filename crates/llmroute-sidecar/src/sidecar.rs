@@ -115,6 +115,7 @@ enum FallbackReason {
     NoPolicy,
     NoEncoder,
     DecisionFailed,
+    NoModelAvailable,
 }
 
 impl FallbackReason {
@@ -123,6 +124,7 @@ impl FallbackReason {
             FallbackReason::NoPolicy => "no_policy",
             FallbackReason::NoEncoder => "no_encoder",
             FallbackReason::DecisionFailed => "decision_failed",
+            FallbackReason::NoModelAvailable => "no_model_available",
         }
     }
 }
@@ -164,6 +166,7 @@ impl Sidecar {
             }
         });
         let client = options.upstream_tls.client();
+        metrics.set_availability(&state);
         let sidecar = Arc::new(Self {
             state: RwLock::new(Arc::new(state)),
             encoder,
@@ -193,6 +196,7 @@ impl Sidecar {
             canary = state.canary.as_ref().map(|p| p.version.as_str()).unwrap_or("none"),
             "serving a new route configuration"
         );
+        self.metrics.set_availability(&state);
         *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(state);
         self.ready.store(true, Ordering::Release);
     }
@@ -240,14 +244,25 @@ impl Sidecar {
                 return error_response(error.status, error.body);
             }
         };
+        // `None` when the client names a model of its own instead of asking for a route.
+        let requested = parsed.prompt.is_none().then(|| parsed.model.clone());
         let plan = match parsed.prompt {
             Some(prompt) => self.decide(&state, prompt, parsed.preference).await,
             None => Plan {
                 record: new_record(&state, &parsed.model, false, parsed.preference, None, None),
-                order: vec![parsed.model],
+                order: vec![parsed.model]
+                    .into_iter()
+                    .filter(|name| state.is_available(name))
+                    .collect(),
                 embedding: Vec::new(),
             },
         };
+        if plan.order.is_empty() {
+            let body = no_model_available(&state, requested.as_deref());
+            Metrics::count(&self.metrics.rejected, &route, "model_unavailable");
+            tracing::debug!(route = %route, reason = "model_unavailable", message = %body.error.message, "rejected a request");
+            return error_response(StatusCode::SERVICE_UNAVAILABLE, body);
+        }
         crate::proxy::forward(
             self,
             state,
@@ -361,9 +376,23 @@ impl Sidecar {
                 );
             }
         };
-        let choice = choose(&probabilities, config.exploration, &mut rand::rng());
+        let available: Vec<bool> = policy
+            .models
+            .iter()
+            .map(|model| state.is_available(model))
+            .collect();
+        let Some(choice) = choose(
+            &probabilities,
+            &available,
+            config.exploration,
+            &mut rand::rng(),
+        ) else {
+            // Every model of the policy lacks its API key; the route may list others.
+            return self.fallback_plan(state, preference, FallbackReason::NoModelAvailable, None);
+        };
         let order: Vec<String> = retry_order(&probabilities, choice.index)
             .into_iter()
+            .filter(|&k| available[k])
             .map(|k| policy.models[k].clone())
             .collect();
         let record = new_record(
@@ -389,22 +418,7 @@ impl Sidecar {
         failure: Option<(&Arc<LoadedPolicy>, String)>,
     ) -> Plan {
         let config = &state.config;
-        Metrics::count(&self.metrics.fallbacks, &config.route, reason.label());
-        match failure {
-            Some((policy, error)) => tracing::warn!(
-                route = %config.route,
-                policy_version = %policy.version,
-                fallback = %config.fallback,
-                error = %error,
-                "the policy failed; using the fallback model"
-            ),
-            None => tracing::debug!(
-                route = %config.route,
-                fallback = %config.fallback,
-                reason = reason.label(),
-                "no policy can run; using the fallback model"
-            ),
-        }
+        // The fallback first, then the route's other models, without those lacking a key.
         let order: Vec<String> = std::iter::once(config.fallback.clone())
             .chain(
                 config
@@ -413,9 +427,30 @@ impl Sidecar {
                     .map(|m| m.name.clone())
                     .filter(|name| *name != config.fallback),
             )
+            .filter(|name| state.is_available(name))
             .collect();
+        // With no model to call, the caller refuses the request; no fallback is counted.
+        if !order.is_empty() {
+            Metrics::count(&self.metrics.fallbacks, &config.route, reason.label());
+            match failure {
+                Some((policy, error)) => tracing::warn!(
+                    route = %config.route,
+                    policy_version = %policy.version,
+                    fallback = %order[0],
+                    error = %error,
+                    "the policy failed; using the fallback model"
+                ),
+                None => tracing::debug!(
+                    route = %config.route,
+                    fallback = %order[0],
+                    reason = reason.label(),
+                    "no policy can run, or none of its models can be called; using the fallback model"
+                ),
+            }
+        }
+        let first = order.first().unwrap_or(&config.fallback);
         Plan {
-            record: new_record(state, &config.fallback, false, preference, None, None),
+            record: new_record(state, first, false, preference, None, None),
             order,
             embedding: Vec::new(),
         }
@@ -573,6 +608,32 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The error body of a request that no model can serve because of missing API keys: the
+/// model the client named (`requested`), or every model of the route.
+fn no_model_available(state: &RouteState, requested: Option<&str>) -> ErrorBody {
+    let route = &state.config.route;
+    let message = match requested {
+        Some(model) => format!(
+            "model {model:?} of route {route} cannot be called: {}",
+            state
+                .unavailable()
+                .get(model)
+                .map_or("it is not available", String::as_str)
+        ),
+        None => format!(
+            "no model of route {route} can be called: {}",
+            state
+                .unavailable()
+                .iter()
+                .map(|(model, reason)| format!("{model}: {reason}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    };
+    ErrorBody::new("api_error", crate::request::bounded_message(message))
+        .with_code("model_unavailable")
 }
 
 fn new_record(

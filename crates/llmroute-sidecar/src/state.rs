@@ -1,11 +1,11 @@
 //! The route a sidecar serves: its checked configuration, the loaded stable and canary
 //! policies, and the API keys of its models.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use llmroute_api::{PolicyRef, SidecarConfig};
+use llmroute_api::{ApiKeyRef, PolicyRef, SidecarConfig};
 use llmroute_policy::policy::{InferenceError, OnnxPolicy};
 use ort::environment::Environment;
 
@@ -24,10 +24,6 @@ pub enum StateError {
         path: String,
         source: serde_json::Error,
     },
-    #[error(
-        "model {model:?} reads its API key from environment variable {env}, which is not set; set it or remove `apiKey`"
-    )]
-    MissingKey { model: String, env: String },
     #[error(
         "policy {version} (sha256 {sha256}) is not available; provide its file with --policy or publish it to the control plane"
     )]
@@ -134,6 +130,8 @@ pub struct RouteState {
     pub stable: Option<Arc<LoadedPolicy>>,
     pub canary: Option<Arc<LoadedPolicy>>,
     api_keys: HashMap<String, String>,
+    /// Models that cannot be called, with the reason: their API key is missing.
+    unavailable: BTreeMap<String, String>,
 }
 
 impl RouteState {
@@ -149,14 +147,28 @@ impl RouteState {
     ) -> Result<Self, StateError> {
         config.validate()?;
         let mut api_keys = HashMap::new();
+        let mut unavailable = BTreeMap::new();
         for model in &config.models {
-            if let Some(reference) = &model.api_key {
-                let env = reference.env_var();
-                let key = std::env::var(env).map_err(|_| StateError::MissingKey {
-                    model: model.name.clone(),
-                    env: env.to_string(),
-                })?;
-                api_keys.insert(model.name.clone(), key);
+            let Some(reference) = &model.api_key else {
+                continue;
+            };
+            match std::env::var(reference.env_var()) {
+                Ok(key) if !key.is_empty() => {
+                    api_keys.insert(model.name.clone(), key);
+                }
+                found => {
+                    let reason = missing_key_reason(reference, found.is_ok());
+                    // A missing key takes one model out of the pool, not the route: the
+                    // injected pod starts without the Secret (`optional: true`), and the other
+                    // models keep serving.
+                    tracing::error!(
+                        route = %config.route,
+                        config_version = config.version,
+                        model = %model.name,
+                        "{reason}; requests are routed to the other models"
+                    );
+                    unavailable.insert(model.name.clone(), reason);
+                }
             }
         }
         let load =
@@ -186,7 +198,18 @@ impl RouteState {
             stable,
             canary,
             api_keys,
+            unavailable,
         })
+    }
+
+    /// Tests whether `model` can be called: it needs no API key or has one.
+    pub fn is_available(&self, model: &str) -> bool {
+        !self.unavailable.contains_key(model)
+    }
+
+    /// Models that cannot be called, with the reason, sorted by name.
+    pub fn unavailable(&self) -> &BTreeMap<String, String> {
+        &self.unavailable
     }
 
     /// Returns the API key of `model`, if it has one.
@@ -200,6 +223,21 @@ impl RouteState {
             .flatten()
             .find(|p| p.sha256 == sha256)
             .cloned()
+    }
+}
+
+/// Says why a model's API key is missing and what fixes it. `empty` is true when the variable
+/// is set to the empty string.
+fn missing_key_reason(reference: &ApiKeyRef, empty: bool) -> String {
+    let env = reference.env_var();
+    let state = if empty { "is empty" } else { "is not set" };
+    match reference {
+        ApiKeyRef::Env(_) => {
+            format!("API key variable {env} {state}; set it, or remove the model's `apiKey`")
+        }
+        ApiKeyRef::Secret { name, key, .. } => format!(
+            "API key variable {env} {state}: Secret {name:?} or its key {key:?} was missing when the sidecar started; create it, then restart the pod, because the kubelet sets a container's environment when it starts"
+        ),
     }
 }
 

@@ -427,3 +427,153 @@ async fn sampling_reports_policy_propensity() {
     }
     harness.stop().await;
 }
+
+/// An environment variable that no test sets.
+const UNSET_KEY: &str = "LLMROUTE_TEST_KEY_NEVER_SET";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_without_api_key_is_routed_around() {
+    let setup = Setup {
+        edit: |config| {
+            // The model that the test policy prefers at quality=1 (quality grows with the
+            // index) and the fallback: both lack their key.
+            config.models[2].api_key = Some(llmroute_api::ApiKeyRef::Env(UNSET_KEY.into()));
+            config.fallback = config.models[2].name.clone();
+        },
+        ..Setup::default()
+    };
+    let mut harness = Harness::start(setup).await;
+    let url = format!("{}/v1/chat/completions", harness.base);
+    let missing = harness.dataset.models[2].clone();
+    let mut rows = 0;
+    for row in 0..40 {
+        let prompt = harness.dataset.test.prompts[row].clone();
+        let probabilities = harness.expected_probabilities(&prompt, 1.0);
+        if argmax(&probabilities) != 2 {
+            continue;
+        }
+        rows += 1;
+        let reply = post_json(
+            &url,
+            &[("x-llmroute-preference", "quality=1")],
+            &chat(ROUTE, &prompt),
+        )
+        .await;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        // Greedy among the two models left: the more probable one, with propensity 1.
+        let expected = if probabilities[0] > probabilities[1] {
+            0
+        } else {
+            1
+        };
+        assert_eq!(
+            reply.header("x-llmroute-model").as_deref(),
+            Some(harness.dataset.models[expected].as_str()),
+            "row {row}: {probabilities:?}"
+        );
+        assert_eq!(reply.header("x-llmroute-routed").as_deref(), Some("true"));
+        assert_eq!(reply.header("x-llmroute-propensity").as_deref(), Some("1"));
+        assert_eq!(reply.header("x-llmroute-attempts").as_deref(), Some("1"));
+    }
+    assert!(
+        rows >= 3,
+        "the policy preferred model 2 for only {rows} prompts"
+    );
+
+    // Asked for by name, the model without its key is refused with the reason and the fix.
+    let prompt = harness.dataset.test.prompts[0].clone();
+    let reply = post_json(&url, &[], &chat(&missing, &prompt)).await;
+    assert_eq!(reply.status, 503);
+    let error = reply.openai_error();
+    assert_eq!(error["code"], "model_unavailable");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains(&missing) && message.contains(UNSET_KEY) && message.contains("is not set"),
+        "{message}"
+    );
+
+    let metrics = harness.sidecar.metrics().encode();
+    for (k, model) in harness.dataset.models.iter().enumerate() {
+        let line = format!(
+            "llmroute_model_available{{route=\"chat\",model=\"{model}\"}} {}",
+            i32::from(k != 2)
+        );
+        assert!(metrics.contains(&line), "no {line} in {metrics}");
+    }
+    assert!(
+        metrics.contains(
+            "llmroute_rejected_requests_total{route=\"chat\",reason=\"model_unavailable\"} 1"
+        ),
+        "{metrics}"
+    );
+    let events = harness.stop().await;
+    assert_eq!(events.len(), rows, "the refused request leaves no event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_without_api_key_goes_to_the_next_model() {
+    let setup = Setup {
+        with_policy: false,
+        edit: |config| {
+            config.models[0].api_key = Some(llmroute_api::ApiKeyRef::Env(UNSET_KEY.into()));
+        },
+        ..Setup::default()
+    };
+    let harness = Harness::start(setup).await;
+    let url = format!("{}/v1/chat/completions", harness.base);
+    let prompt = harness.dataset.test.prompts[1].clone();
+    let reply = post_json(&url, &[], &chat(ROUTE, &prompt)).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(
+        reply.header("x-llmroute-model").as_deref(),
+        Some(harness.dataset.models[1].as_str())
+    );
+    assert_eq!(reply.header("x-llmroute-attempts").as_deref(), Some("1"));
+    harness.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_without_any_api_key_is_refused() {
+    let setup = Setup {
+        edit: |config| {
+            for model in &mut config.models {
+                model.api_key = Some(llmroute_api::ApiKeyRef::Env(UNSET_KEY.into()));
+            }
+        },
+        ..Setup::default()
+    };
+    let harness = Harness::start(setup).await;
+    let url = format!("{}/v1/chat/completions", harness.base);
+    let prompt = harness.dataset.test.prompts[2].clone();
+    let reply = post_json(&url, &[], &chat(ROUTE, &prompt)).await;
+    assert_eq!(reply.status, 503);
+    let error = reply.openai_error();
+    assert_eq!(error["code"], "model_unavailable");
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("no model of route chat can be called: "),
+        "{message}"
+    );
+    for model in &harness.dataset.models {
+        assert!(message.contains(model.as_str()), "{message}");
+    }
+    let metrics = harness.sidecar.metrics().encode();
+    assert!(
+        metrics.contains(
+            "llmroute_rejected_requests_total{route=\"chat\",reason=\"model_unavailable\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("llmroute_fallbacks_total{"), "{metrics}");
+    assert!(harness.stop().await.is_empty());
+}

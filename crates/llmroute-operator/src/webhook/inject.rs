@@ -450,9 +450,12 @@ fn sidecar_container(
     ];
     for model in &route.spec.models {
         if let Some(secret) = &model.api_key_secret_ref {
+            // Optional, so that a missing Secret or key does not keep the kubelet from starting
+            // the container (and, with a native sidecar, the whole pod): the sidecar then
+            // serves the route without that model and reports it.
             env.push(json!({
                 "name": llmroute_control::route::api_key_env(&model.name),
-                "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
+                "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key, "optional": true}},
             }));
         }
     }
@@ -844,8 +847,8 @@ mod tests {
             .unwrap();
         let secret = key.value_from.clone().unwrap().secret_key_ref.unwrap();
         assert_eq!(
-            (secret.name.as_str(), secret.key.as_str()),
-            ("keys", "openai")
+            (secret.name.as_str(), secret.key.as_str(), secret.optional),
+            ("keys", "openai", Some(true))
         );
         let app_env = spec.containers[0].env.clone().unwrap();
         assert!(app_env.iter().any(|e| e.name == "OPENAI_BASE_URL"
