@@ -25,12 +25,13 @@ pub fn argmax(probabilities: &[f32]) -> usize {
 }
 
 /// Draws a model from `probabilities` under `exploration`, among the models whose `available`
-/// entry is true (one entry per probability; a missing API key makes a model unavailable).
-/// The propensity is the probability of the draw under that restriction, which is what the
-/// off-policy evaluation of the logged events needs: under `sample` the policy's distribution
-/// renormalised over the available models, under `epsilonGreedy` `1 − ε + ε / n` for the
-/// greedy one and `ε / n` for each other, with `n` available models. Returns `None` when no
-/// model is available.
+/// entry is true. `available` has one entry per probability, false for a missing API key.
+///
+/// The propensity is the probability of the draw under that restriction, because the
+/// off-policy evaluation of the logged events needs it. Under `sample` it is the policy's
+/// probability renormalised over the available models. Under `epsilonGreedy` it is
+/// `1 − ε + ε / n` for the greedy model and `ε / n` for each other, with `n` available models.
+/// Returns `None` when no model is available.
 pub fn choose(
     probabilities: &[f32],
     available: &[bool],
@@ -45,7 +46,7 @@ pub fn choose(
         .map(|(k, _)| k)
         .collect();
     let &first = candidates.first()?;
-    // The largest probability among the candidates; ties go to the lowest index.
+    // The largest probability among the candidates. Ties go to the lowest index.
     let greedy = candidates.iter().copied().fold(first, |best, k| {
         if probabilities[k] > probabilities[best] {
             k

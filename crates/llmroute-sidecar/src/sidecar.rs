@@ -244,7 +244,7 @@ impl Sidecar {
                 return error_response(error.status, error.body);
             }
         };
-        // `None` when the client names a model of its own instead of asking for a route.
+        // The model the client names, or `None` when it requests a route.
         let requested = parsed.prompt.is_none().then(|| parsed.model.clone());
         let plan = match parsed.prompt {
             Some(prompt) => self.decide(&state, prompt, parsed.preference).await,
@@ -387,7 +387,7 @@ impl Sidecar {
             config.exploration,
             &mut rand::rng(),
         ) else {
-            // Every model of the policy lacks its API key; the route may list others.
+            // Every model of the policy lacks its API key. The route may list others.
             return self.fallback_plan(state, preference, FallbackReason::NoModelAvailable, None);
         };
         let order: Vec<String> = retry_order(&probabilities, choice.index)
@@ -429,7 +429,7 @@ impl Sidecar {
             )
             .filter(|name| state.is_available(name))
             .collect();
-        // With no model to call, the caller refuses the request; no fallback is counted.
+        // With no model to call, the caller rejects the request, so no fallback is counted.
         if !order.is_empty() {
             Metrics::count(&self.metrics.fallbacks, &config.route, reason.label());
             match failure {
@@ -610,8 +610,8 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The error body of a request that no model can serve because of missing API keys: the
-/// model the client named (`requested`), or every model of the route.
+/// Builds the error body of a request that no model can serve because of missing API keys.
+/// It names the model the client requested (`requested`), or else every model of the route.
 fn no_model_available(state: &RouteState, requested: Option<&str>) -> ErrorBody {
     let route = &state.config.route;
     let message = match requested {

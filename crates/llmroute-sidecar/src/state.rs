@@ -226,7 +226,7 @@ impl RouteState {
     }
 }
 
-/// Says why a model's API key is missing and what fixes it. `empty` is true when the variable
+/// Describes why a model's API key is missing and how to fix it. `empty` is true when the variable
 /// is set to the empty string.
 fn missing_key_reason(reference: &ApiKeyRef, empty: bool) -> String {
     let env = reference.env_var();
