@@ -432,7 +432,7 @@ async fn sampling_reports_policy_propensity() {
 const UNSET_KEY: &str = "LLMROUTE_TEST_KEY_NEVER_SET";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn model_without_api_key_is_routed_around() {
+async fn model_without_key_is_skipped() {
     let setup = Setup {
         edit: |config| {
             // The model that the test policy prefers at quality=1 (quality grows with the
@@ -485,7 +485,7 @@ async fn model_without_api_key_is_routed_around() {
         "the policy preferred model 2 for only {rows} prompts"
     );
 
-    // Asked for by name, the model without its key is refused with the reason and the fix.
+    // Requested by name, the model without its key is rejected with the reason and the fix.
     let prompt = harness.dataset.test.prompts[0].clone();
     let reply = post_json(&url, &[], &chat(&missing, &prompt)).await;
     assert_eq!(reply.status, 503);
@@ -516,7 +516,7 @@ async fn model_without_api_key_is_routed_around() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fallback_without_api_key_goes_to_the_next_model() {
+async fn fallback_without_key_is_skipped() {
     let setup = Setup {
         with_policy: false,
         edit: |config| {
@@ -543,7 +543,7 @@ async fn fallback_without_api_key_goes_to_the_next_model() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn route_without_any_api_key_is_refused() {
+async fn route_without_keys_is_rejected() {
     let setup = Setup {
         edit: |config| {
             for model in &mut config.models {
@@ -557,6 +557,7 @@ async fn route_without_any_api_key_is_refused() {
     let prompt = harness.dataset.test.prompts[2].clone();
     let reply = post_json(&url, &[], &chat(ROUTE, &prompt)).await;
     assert_eq!(reply.status, 503);
+
     let error = reply.openai_error();
     assert_eq!(error["code"], "model_unavailable");
     let message = error["message"].as_str().unwrap();
@@ -567,6 +568,7 @@ async fn route_without_any_api_key_is_refused() {
     for model in &harness.dataset.models {
         assert!(message.contains(model.as_str()), "{message}");
     }
+
     let metrics = harness.sidecar.metrics().encode();
     assert!(
         metrics.contains(

@@ -450,9 +450,8 @@ fn sidecar_container(
     ];
     for model in &route.spec.models {
         if let Some(secret) = &model.api_key_secret_ref {
-            // Optional, so that a missing Secret or key does not keep the kubelet from starting
-            // the container (and, with a native sidecar, the whole pod): the sidecar then
-            // serves the route without that model and reports it.
+            // Optional, because a missing Secret or key would keep the kubelet from starting the
+            // container, and a native sidecar's whole pod. The sidecar serves the other models.
             env.push(json!({
                 "name": llmroute_control::route::api_key_env(&model.name),
                 "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key, "optional": true}},
