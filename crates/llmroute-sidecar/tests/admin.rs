@@ -94,3 +94,25 @@ async fn admin_reports_health_readiness_and_metrics() {
     task.await.unwrap().unwrap();
     harness.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_wildcard_serves_both_families() {
+    let listener = llmroute_sidecar::bind_admin("[::]:0".parse().unwrap()).unwrap();
+    let bound = listener.local_addr().unwrap();
+    let (_publish, target) = watch::channel(None);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(llmroute_sidecar::serve_admin(listener, target, async {
+        let _ = stopped.await;
+    }));
+    let mut urls = vec![format!("http://127.0.0.1:{}/healthz", bound.port())];
+    // A host without IPv6 gets 0.0.0.0 instead, and then only IPv4 can be checked.
+    if bound.is_ipv6() {
+        urls.push(format!("http://[::1]:{}/healthz", bound.port()));
+    }
+    for url in &urls {
+        let reply = send(Method::GET, url, &[], "").await;
+        assert_eq!(reply.status, 200, "{url}");
+    }
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}

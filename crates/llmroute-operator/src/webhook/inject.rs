@@ -482,10 +482,9 @@ fn sidecar_container(
     let mut ports =
         vec![json!({"name": "llmroute", "containerPort": settings.port, "protocol": "TCP"})];
     if let Some(admin_port) = settings.admin_port {
-        // The pod's every address, so that the kubelet and Prometheus reach it from outside.
-        // TODO: an IPv6-only pod has no IPv4 address for the kubelet to probe; bind [::] there,
-        // which IPv4-only nodes booted with ipv6.disable=1 refuse.
-        args.extend(["--admin-address".into(), format!("0.0.0.0:{admin_port}")]);
+        // Every address of the pod, so that the kubelet and Prometheus reach it from outside.
+        // The sidecar binds [::] for IPv4 and IPv6 alike, and 0.0.0.0 where the node has no IPv6.
+        args.extend(["--admin-address".into(), format!("[::]:{admin_port}")]);
         ports
             .push(json!({"name": ADMIN_PORT_NAME, "containerPort": admin_port, "protocol": "TCP"}));
     }
@@ -814,7 +813,7 @@ mod tests {
         // the probes name its port without a host, so they reach the pod's IP.
         assert!(
             args.windows(2)
-                .any(|pair| pair == ["--admin-address", "0.0.0.0:9099"]),
+                .any(|pair| pair == ["--admin-address", "[::]:9099"]),
             "{args:?}"
         );
         let ports = init[0].ports.clone().unwrap();

@@ -46,9 +46,10 @@ pub struct SidecarArgs {
     #[arg(long, default_value_t = 8090)]
     pub port: u16,
     /// Also serve GET /healthz, /readyz and /metrics, and nothing else, on this address. In a
-    /// pod the injection webhook sets the pod's address (0.0.0.0:9099), so that the kubelet can
-    /// probe the sidecar and Prometheus can scrape it. The proxy stays on 127.0.0.1 [default:
-    /// no admin listener, and the proxy's port serves the same paths].
+    /// pod the injection webhook sets every address of the pod ([::]:9099, IPv4 and IPv6, or
+    /// 0.0.0.0:9099 on a host without IPv6), so that the kubelet can probe the sidecar and
+    /// Prometheus can scrape it. The proxy stays on 127.0.0.1 [default: no admin listener, and
+    /// the proxy's port serves the same paths].
     #[arg(long, value_name = "ADDRESS:PORT")]
     pub admin_address: Option<SocketAddr>,
     /// Seconds between SIGTERM and the listener closing, during which /readyz responds 503 and
@@ -202,7 +203,7 @@ struct Admin {
 
 impl Admin {
     async fn start(address: SocketAddr) -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(address).await?;
+        let listener = llmroute_sidecar::bind_admin(address)?;
         println!(
             "admin endpoints listening on http://{}",
             listener.local_addr()?
