@@ -233,9 +233,9 @@ fn operator_args(options: &InstallOptions) -> Vec<String> {
     let sidecar_image = options.sidecar_image.as_deref().unwrap_or(&options.image);
     let mut args: Vec<String> = vec![
         "operator".into(),
-        format!("--control-listen=0.0.0.0:{}", options.control_port),
-        format!("--ops-listen=0.0.0.0:{}", options.ops_port),
-        format!("--webhook-listen=0.0.0.0:{}", options.webhook_port),
+        format!("--control-listen=[::]:{}", options.control_port),
+        format!("--ops-listen=[::]:{}", options.ops_port),
+        format!("--webhook-listen=[::]:{}", options.webhook_port),
         format!(
             "--webhook-failure-policy={}",
             options.webhook_failure_policy

@@ -187,28 +187,27 @@ pub async fn run_with_ingest(
     ingest: IngestSettings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let control_listener = TcpListener::bind(config.control_address)
-        .await
-        .map_err(|source| StartError::Listen {
-            address: config.control_address,
-            source,
+    let control_listener =
+        llmroute_api::listen::bind(config.control_address).map_err(|source| {
+            StartError::Listen {
+                address: config.control_address,
+                source,
+            }
         })?;
-    let ops_listener = TcpListener::bind(config.ops_address)
-        .await
-        .map_err(|source| StartError::Listen {
+    let ops_listener =
+        llmroute_api::listen::bind(config.ops_address).map_err(|source| StartError::Listen {
             address: config.ops_address,
             source,
         })?;
-    let webhook_listener =
-        match &config.webhook {
-            Some(options) => Some(TcpListener::bind(options.address).await.map_err(|source| {
-                StartError::Listen {
-                    address: options.address,
-                    source,
-                }
-            })?),
-            None => None,
-        };
+    let webhook_listener = match &config.webhook {
+        Some(options) => Some(
+            llmroute_api::listen::bind(options.address).map_err(|source| StartError::Listen {
+                address: options.address,
+                source,
+            })?,
+        ),
+        None => None,
+    };
     serve_listeners(
         client,
         config,

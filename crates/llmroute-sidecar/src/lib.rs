@@ -25,7 +25,7 @@ pub mod tls;
 pub use control::{ControlClient, TokenFile, follow};
 pub use events::{BatchSettings, EventSender, EventSink};
 pub use limits::Limits;
-pub use server::{AdminTarget, bind_admin, serve, serve_admin, serve_not_ready};
+pub use server::{AdminTarget, serve, serve_admin, serve_not_ready};
 pub use sidecar::{Sidecar, SidecarOptions};
 pub use state::{LoadedPolicy, RouteState, StateError, read_config};
 pub use tls::{TlsError, UpstreamTls};

@@ -2,7 +2,7 @@
 //! and health, and the background task that releases events whose feedback TTL passed.
 
 use std::convert::Infallible;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -219,55 +219,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Linux's `EAFNOSUPPORT`: the kernel has no IPv6 (booted with `ipv6.disable=1`).
-const EAFNOSUPPORT: i32 = 97;
-/// Linux's `EADDRNOTAVAIL`.
-const EADDRNOTAVAIL: i32 = 99;
-
-/// Binds the admin listener on `address`. The IPv6 wildcard `[::]` is bound dual-stack, with
-/// `IPV6_V6ONLY` off, so that one setting serves IPv4-only, dual-stack and IPv6-only pods.
-/// On a host without IPv6 it binds `0.0.0.0` on the same port instead and logs a warning.
-/// Must run inside a Tokio runtime.
-pub fn bind_admin(address: SocketAddr) -> std::io::Result<TcpListener> {
-    let SocketAddr::V6(v6) = address else {
-        return bind_std(address);
-    };
-    if !v6.ip().is_unspecified() {
-        return bind_std(address);
-    }
-    match bind_dual_stack(address) {
-        Ok(listener) => Ok(listener),
-        Err(error) if is_ipv6_unsupported(&error) => {
-            let fallback = SocketAddr::from((Ipv4Addr::UNSPECIFIED, address.port()));
-            tracing::warn!(%address, %fallback, %error, "IPv6 is not available on this host, so the admin endpoints listen on IPv4 only");
-            bind_std(fallback)
-        }
-        Err(error) => Err(error),
-    }
-}
-
-fn bind_std(address: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = std::net::TcpListener::bind(address)?;
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
-}
-
-fn bind_dual_stack(address: SocketAddr) -> std::io::Result<TcpListener> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_only_v6(false)?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&address.into())?;
-    socket.listen(1024)?;
-    socket.set_nonblocking(true)?;
-    TcpListener::from_std(socket.into())
-}
-
-/// Tests whether a failed IPv6 bind means that the host has no IPv6 at all.
-fn is_ipv6_unsupported(error: &std::io::Error) -> bool {
-    matches!(error.raw_os_error(), Some(EAFNOSUPPORT | EADDRNOTAVAIL))
-}
-
 /// The sidecar the admin listener reports on: `None` until it has its first configuration.
 pub type AdminTarget = tokio::sync::watch::Receiver<Option<Arc<Sidecar>>>;
 
@@ -452,21 +403,5 @@ async fn expire_feedback(sidecar: Arc<Sidecar>) {
                 sidecar.events.submit(event);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn missing_ipv6_is_recognised() {
-        for code in [EAFNOSUPPORT, EADDRNOTAVAIL] {
-            let error = std::io::Error::from_raw_os_error(code);
-            assert!(is_ipv6_unsupported(&error), "{error}");
-        }
-        // EADDRINUSE: the port is taken, which binding IPv4 instead would not fix.
-        let in_use = std::io::Error::from_raw_os_error(98);
-        assert!(!is_ipv6_unsupported(&in_use));
     }
 }

@@ -97,7 +97,7 @@ async fn admin_reports_health_readiness_and_metrics() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_wildcard_serves_both_families() {
-    let listener = llmroute_sidecar::bind_admin("[::]:0".parse().unwrap()).unwrap();
+    let listener = llmroute_api::listen::bind("[::]:0".parse().unwrap()).unwrap();
     let bound = listener.local_addr().unwrap();
     let (_publish, target) = watch::channel(None);
     let (stop, stopped) = oneshot::channel::<()>();

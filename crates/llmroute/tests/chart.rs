@@ -544,7 +544,7 @@ fn start_operator(
                 .replace("$(POD_NAME)", "llmroute-operator-0")
                 .replace("$(POD_IP)", "127.0.0.1");
             if let Some(rest) = arg.strip_prefix("--control-listen=") {
-                assert!(rest.starts_with("0.0.0.0:"), "{arg}");
+                assert!(rest.starts_with("[::]:"), "{arg}");
                 format!("--control-listen=127.0.0.1:{control}")
             } else if arg.starts_with("--ops-listen=") {
                 format!("--ops-listen=127.0.0.1:{ops}")

@@ -203,7 +203,7 @@ struct Admin {
 
 impl Admin {
     async fn start(address: SocketAddr) -> std::io::Result<Self> {
-        let listener = llmroute_sidecar::bind_admin(address)?;
+        let listener = llmroute_api::listen::bind(address)?;
         println!(
             "admin endpoints listening on http://{}",
             listener.local_addr()?
