@@ -479,6 +479,8 @@ fn sidecar_container(
         // while it finishes its own work.
         args.extend(["--drain-seconds".into(), CLASSIC_DRAIN_SECONDS.to_string()]);
     }
+    // The proxy listens on the pod's loopback only, so no Service reaches this port. It is
+    // declared so that the pod's spec shows the port as taken.
     let mut ports =
         vec![json!({"name": "llmroute", "containerPort": settings.port, "protocol": "TCP"})];
     if let Some(admin_port) = settings.admin_port {
