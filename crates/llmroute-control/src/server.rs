@@ -48,7 +48,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::{AuthError, Authenticator, Identity, bearer_token};
 use crate::plane::ControlPlane;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// What the control API serves: the routes' configurations, policy artifacts and the event
 /// store. `llmroute standalone` serves a [`ControlPlane`] of route files; the operator serves
@@ -192,6 +192,13 @@ struct ControlMetrics {
     events_duplicate: Counter,
     batches_rejected: Family<RejectLabels, Counter>,
     batches_forwarded: Family<ForwardLabels, Counter>,
+    batches_failed: Family<FailLabels, Counter>,
+}
+
+/// Reason a checked event batch was not stored: `store_full` or `store_error`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FailLabels {
+    reason: String,
 }
 
 /// Outcome of forwarding an event batch to the leader: the leader's status code, or `failed`
@@ -228,12 +235,19 @@ impl ControlMetrics {
             "Event batches forwarded to the leader, by the leader's status code or failed",
             batches_forwarded.clone(),
         );
+        let batches_failed = Family::<FailLabels, Counter>::default();
+        registry.register(
+            "event_batches_failed",
+            "Checked event batches that the event store failed to store, by reason (store_full or store_error)",
+            batches_failed.clone(),
+        );
         Self {
             registry,
             events_stored,
             events_duplicate,
             batches_rejected,
             batches_forwarded,
+            batches_failed,
         }
     }
 
@@ -294,6 +308,7 @@ struct Server {
     /// Client for forwarding event batches to the leader.
     forwarder: Client<HttpConnector, Full<Bytes>>,
     forward_log: LogLimiter,
+    store_log: LogLimiter,
 }
 
 type ResponseBody = BoxBody<Bytes, Infallible>;
@@ -734,11 +749,19 @@ async fn store_batch(
             )
         }
         Ok(Err(e)) => {
-            tracing::error!(route = %route, sidecar = %sidecar, error = %e, events = count, "failed to store events");
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("failed to store events: {e}"),
-            )
+            let (status, reason, message) = store_failure(&e);
+            server
+                .metrics
+                .batches_failed
+                .get_or_create(&FailLabels {
+                    reason: reason.to_string(),
+                })
+                .inc();
+            // Sidecars send a failed batch again, so a full volume would log every retry.
+            if let Some(suppressed) = server.store_log.allow() {
+                tracing::error!(route = %route, sidecar = %sidecar, error = %e, events = count, reason, suppressed, "failed to store events");
+            }
+            error(status, message)
         }
         Err(e) => {
             tracing::error!(route = %route, sidecar = %sidecar, error = %e, events = count, "the event store task failed");
@@ -748,6 +771,27 @@ async fn store_batch(
             )
         }
     }
+}
+
+/// Maps a failure of the event store to the response status, the `reason` label of
+/// `event_batches_failed` and the message. A full disk gets 507 Insufficient Storage and the
+/// fix. Sidecars send both statuses again later, so no event is lost while there is room in
+/// their queues.
+fn store_failure(error: &StoreError) -> (StatusCode, &'static str, String) {
+    if error.is_disk_full() {
+        return (
+            StatusCode::INSUFFICIENT_STORAGE,
+            "store_full",
+            format!(
+                "the event store is full: {error}; give its volume more space (on Kubernetes, resize the PersistentVolumeClaim data-llmroute-operator-N) or lower the event retention (events.maxPerRoute, a route's spec.retention)"
+            ),
+        );
+    }
+    (
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "store_error",
+        format!("failed to store events: {error}"),
+    )
 }
 
 /// Converts a route's `spec.retention` into (max age, max events), `None` when the route sets
@@ -875,6 +919,7 @@ pub async fn serve_with(
         rejection_log: LogLimiter::new(),
         forwarder: Client::builder(TokioExecutor::new()).build_http(),
         forward_log: LogLimiter::new(),
+        store_log: LogLimiter::new(),
     });
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -927,6 +972,26 @@ pub async fn serve_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn full_store_gets_507_and_the_fix() {
+        let failure = |disk_full| StoreError::GroupCommit {
+            path: "events.db".into(),
+            batches: 2,
+            message: "database or disk is full".into(),
+            disk_full,
+        };
+        let (status, reason, message) = store_failure(&failure(true));
+        assert_eq!(status, StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(reason, "store_full");
+        assert!(
+            message.contains("resize the PersistentVolumeClaim"),
+            "{message}"
+        );
+        let (status, reason, _) = store_failure(&failure(false));
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(reason, "store_error");
+    }
 
     #[test]
     fn query_parsing_checks_values() {

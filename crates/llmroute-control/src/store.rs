@@ -44,7 +44,27 @@ pub enum StoreError {
         path: PathBuf,
         batches: usize,
         message: String,
+        /// True when SQLite reported `SQLITE_FULL`.
+        disk_full: bool,
     },
+}
+
+impl StoreError {
+    /// Tests whether the failure is a full disk or database (`SQLITE_FULL`, or `ENOSPC` on a
+    /// file), which more space or less retention fixes and a retry alone does not.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Database { source, .. } => is_sqlite_full(source),
+            StoreError::GroupCommit { disk_full, .. } => *disk_full,
+            StoreError::Io { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
+    }
+}
+
+/// Tests whether SQLite failed with `SQLITE_FULL` ("database or disk is full").
+fn is_sqlite_full(error: &rusqlite::Error) -> bool {
+    error.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
 }
 
 /// SQLite's `synchronous` setting, which decides what a committed transaction survives. In
@@ -385,11 +405,13 @@ impl Store {
             }
             Err(error) => {
                 let message = error.to_string();
+                let disk_full = is_sqlite_full(&error);
                 for pending in &group {
                     pending.set(Err(StoreError::GroupCommit {
                         path: self.database.clone(),
                         batches: group.len(),
                         message: message.clone(),
+                        disk_full,
                     }));
                 }
             }
@@ -402,6 +424,7 @@ impl Store {
                 path: self.database.clone(),
                 batches: 0,
                 message: "the group commit that held this batch was abandoned".into(),
+                disk_full: false,
             })
         })
     }
@@ -536,12 +559,23 @@ fn commit_group(
     let mut outcomes = Vec::with_capacity(group.len());
     for batch in group {
         let savepoint = transaction.savepoint()?;
-        let inserted = insert_rows(&savepoint, batch, received_ms);
-        if inserted.is_ok() {
-            savepoint.commit()?;
+        match insert_rows(&savepoint, batch, received_ms) {
+            Ok(count) => {
+                savepoint.commit()?;
+                outcomes.push(Ok(count));
+            }
+            Err(error) => {
+                // Dropping a savepoint that was not committed rolls it back.
+                drop(savepoint);
+                // After some errors (SQLITE_FULL, SQLITE_IOERR, SQLITE_NOMEM) SQLite may roll
+                // back the whole transaction itself. Then no batch of the group is stored,
+                // and this error, not the failed commit's, is the cause.
+                if transaction.is_autocommit() {
+                    return Err(error);
+                }
+                outcomes.push(Err(error));
+            }
         }
-        // Dropping a savepoint that was not committed rolls it back.
-        outcomes.push(inserted);
     }
     transaction.commit()?;
     Ok(outcomes)
@@ -655,4 +689,75 @@ pub(crate) fn decode_embedding(bytes: &[u8]) -> Option<Vec<f32>> {
             .map(|chunk| f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]))
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use llmroute_api::{DecisionRecord, Outcome, Preference};
+
+    use super::*;
+
+    fn event(n: u32) -> CompletedEvent {
+        CompletedEvent {
+            decision: DecisionRecord {
+                decision_id: format!("{n:032x}"),
+                route: "chat".into(),
+                config_version: 1,
+                model: "small".into(),
+                routed: true,
+                preference: Preference::from_quality(0.5).unwrap(),
+                policy_version: Some("v1".into()),
+                propensity: Some(0.5),
+            },
+            served_model: "small".into(),
+            embedding: vec![0.25; 384],
+            quality: Some(0.5),
+            cost_usd: Some(1e-5),
+            prompt_tokens: Some(10),
+            completion_tokens: Some(20),
+            latency_ms: 12.5,
+            outcome: Outcome::Success,
+            attempts: 1,
+            timestamp_ms: u64::from(n),
+        }
+    }
+
+    #[test]
+    fn full_database_is_reported_as_disk_full() {
+        let folder = tempfile::tempdir().unwrap();
+        let store = Store::open(folder.path()).unwrap();
+        let first: Vec<CompletedEvent> = (0..10).map(event).collect();
+        assert_eq!(store.insert_events("chat", "s", &first).unwrap(), 10);
+        // SQLite fails with SQLITE_FULL once the database would grow past this many pages,
+        // as it does when the volume is full.
+        let pages: i64 = store
+            .with_connection(|c| c.query_row("PRAGMA page_count", [], |row| row.get(0)))
+            .unwrap();
+        store
+            .with_connection(|c| {
+                c.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            })
+            .unwrap();
+        let more: Vec<CompletedEvent> = (10..500).map(event).collect();
+        let error = store.insert_events("chat", "s", &more).unwrap_err();
+        assert!(error.is_disk_full(), "{error}");
+        assert!(error.to_string().contains("full"), "{error}");
+        // The failed batch was rolled back, and the events stored before it remain.
+        assert_eq!(store.count_events("chat").unwrap(), 10);
+    }
+
+    #[test]
+    fn other_failures_are_not_disk_full() {
+        let source = rusqlite::Error::QueryReturnedNoRows;
+        let error = StoreError::Database {
+            path: PathBuf::from("events.db"),
+            source,
+        };
+        assert!(!error.is_disk_full());
+        let io = StoreError::Io {
+            path: PathBuf::from("policies"),
+            source: std::io::Error::from(std::io::ErrorKind::StorageFull),
+        };
+        assert!(io.is_disk_full());
+    }
 }
