@@ -32,6 +32,10 @@ pub const INJECTION_LABEL: &str = "llmroute.dev/injection";
 pub const IMAGE_ANNOTATION: &str = "llmroute.dev/sidecar-image";
 pub const CPU_ANNOTATION: &str = "llmroute.dev/sidecar-cpu";
 pub const MEMORY_ANNOTATION: &str = "llmroute.dev/sidecar-memory";
+/// Per-pod limits of the sidecar. With each limit equal to its request the sidecar is
+/// Guaranteed, so a pod whose other containers are Guaranteed stays Guaranteed.
+pub const CPU_LIMIT_ANNOTATION: &str = "llmroute.dev/sidecar-cpu-limit";
+pub const MEMORY_LIMIT_ANNOTATION: &str = "llmroute.dev/sidecar-memory-limit";
 /// Name of the injected container.
 pub const SIDECAR_NAME: &str = "llmroute-sidecar";
 /// Default port of the sidecar's admin listener.
@@ -260,6 +264,8 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
 struct Overrides {
     image: String,
     cpu: String,
+    /// No CPU limit unless the pod's annotation sets one.
+    cpu_limit: Option<String>,
     memory: String,
     memory_limit: String,
 }
@@ -311,12 +317,45 @@ impl Overrides {
                 is_quantity,
                 "a memory quantity such as 256Mi",
             )?,
-            memory_limit: sidecar
-                .memory_limit
-                .clone()
-                .unwrap_or_else(|| settings.memory_limit.clone()),
+            cpu_limit: match annotations.get(CPU_LIMIT_ANNOTATION) {
+                None => None,
+                Some(_) => Some(get(
+                    CPU_LIMIT_ANNOTATION,
+                    "",
+                    is_quantity,
+                    "a CPU quantity such as 500m or 2",
+                )?),
+            },
+            memory_limit: get(
+                MEMORY_LIMIT_ANNOTATION,
+                &sidecar
+                    .memory_limit
+                    .clone()
+                    .unwrap_or_else(|| settings.memory_limit.clone()),
+                is_quantity,
+                "a memory quantity such as 512Mi",
+            )?,
         };
+        overrides.check_cpu_limit()?;
         overrides.fit_memory_limit(annotations, sidecar.memory_limit.is_some())
+    }
+
+    /// Rejects a CPU limit below the CPU request, which the API server would reject.
+    fn check_cpu_limit(&self) -> Result<(), (SkipReason, String)> {
+        let Some(limit) = &self.cpu_limit else {
+            return Ok(());
+        };
+        match (quantity_value(&self.cpu), quantity_value(limit)) {
+            (Some(request), Some(limit_cores)) if request > limit_cores => Err((
+                SkipReason::InvalidAnnotation,
+                format!(
+                    "{CPU_LIMIT_ANNOTATION} is {}, less than the sidecar's CPU request {:?}; raise the limit or lower the request ({CPU_ANNOTATION})",
+                    quoted(limit),
+                    self.cpu
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Keeps the memory request within the memory limit, which the API server requires. A
@@ -335,6 +374,16 @@ impl Overrides {
         };
         if request <= limit {
             return Ok(self);
+        }
+        if annotations.contains_key(MEMORY_LIMIT_ANNOTATION) {
+            return Err((
+                SkipReason::InvalidAnnotation,
+                format!(
+                    "{MEMORY_LIMIT_ANNOTATION} is {}, less than the sidecar's memory request {:?}; raise the limit or lower the request ({MEMORY_ANNOTATION})",
+                    quoted(&self.memory_limit),
+                    self.memory
+                ),
+            ));
         }
         if !route_sets_limit {
             self.memory_limit = self.memory.clone();
@@ -490,6 +539,10 @@ fn sidecar_container(
         ports
             .push(json!({"name": ADMIN_PORT_NAME, "containerPort": admin_port, "protocol": "TCP"}));
     }
+    let mut limits = json!({"memory": overrides.memory_limit});
+    if let Some(cpu_limit) = &overrides.cpu_limit {
+        limits["cpu"] = json!(cpu_limit);
+    }
     let mut container = json!({
         "name": SIDECAR_NAME,
         "image": overrides.image,
@@ -498,7 +551,7 @@ fn sidecar_container(
         "ports": ports,
         "resources": {
             "requests": {"cpu": overrides.cpu, "memory": overrides.memory},
-            "limits": {"memory": overrides.memory_limit},
+            "limits": limits,
         },
         "securityContext": {
             "runAsNonRoot": true,
@@ -1520,6 +1573,69 @@ mod tests {
             ),
             "{decision:?}"
         );
+    }
+
+    #[test]
+    fn limit_annotations_make_sidecar_guaranteed() {
+        let settings = InjectionSettings::default();
+        let annotated = pod(
+            json!({
+                ROUTE_ANNOTATION: "chat",
+                CPU_ANNOTATION: "500m",
+                CPU_LIMIT_ANNOTATION: "500m",
+                MEMORY_ANNOTATION: "512Mi",
+                MEMORY_LIMIT_ANNOTATION: "512Mi",
+            }),
+            app_spec(),
+        );
+        let decision = decide(&annotated, Some(&route()), &settings);
+        assert!(matches!(decision, Decision::Inject { .. }), "{decision:?}");
+        let injected = apply(&annotated, &decision);
+        let sidecar = injected.spec.unwrap().init_containers.unwrap().remove(0);
+        let resources = sidecar.resources.unwrap();
+        // Requests equal to limits for CPU and memory: the Guaranteed QoS class.
+        assert_eq!(resources.requests, resources.limits);
+        assert_eq!(resources.limits.unwrap()["cpu"].0, "500m");
+
+        // Without the annotation there is no CPU limit.
+        let plain = pod(json!({ROUTE_ANNOTATION: "chat"}), app_spec());
+        let injected = apply(&plain, &decide(&plain, Some(&route()), &settings));
+        let sidecar = injected.spec.unwrap().init_containers.unwrap().remove(0);
+        assert!(
+            !sidecar
+                .resources
+                .unwrap()
+                .limits
+                .unwrap()
+                .contains_key("cpu")
+        );
+
+        // Limits below their requests, or not quantities, skip the pod and name the value.
+        for (annotations, expected) in [
+            (
+                json!({ROUTE_ANNOTATION: "chat", CPU_ANNOTATION: "1", CPU_LIMIT_ANNOTATION: "500m"}),
+                "llmroute.dev/sidecar-cpu-limit is \"500m\", less than the sidecar's CPU request \"1\"",
+            ),
+            (
+                json!({ROUTE_ANNOTATION: "chat", MEMORY_LIMIT_ANNOTATION: "64Mi"}),
+                "llmroute.dev/sidecar-memory-limit is \"64Mi\", less than the sidecar's memory request",
+            ),
+            (
+                json!({ROUTE_ANNOTATION: "chat", CPU_LIMIT_ANNOTATION: "lots"}),
+                "llmroute.dev/sidecar-cpu-limit is \"lots\"; expected a CPU quantity",
+            ),
+        ] {
+            let limited = pod(annotations, app_spec());
+            let decision = decide(&limited, Some(&route()), &settings);
+            let Decision::Skip {
+                reason, message, ..
+            } = &decision
+            else {
+                panic!("{decision:?}");
+            };
+            assert_eq!(*reason, SkipReason::InvalidAnnotation);
+            assert!(message.contains(expected), "{message}");
+        }
     }
 
     #[test]
