@@ -12,6 +12,7 @@ pub mod decision;
 mod encoder_thread;
 pub mod events;
 pub mod feedback;
+pub mod keys;
 pub mod limits;
 pub mod metrics;
 mod proxy;

@@ -44,7 +44,7 @@ impl Sidecar {
             }
             (Method::GET, "/v1/models") => self.list_models(),
             (Method::POST, "/v1/feedback") => self.post_feedback(request).await,
-            (Method::GET, "/metrics") => metrics_response(self.metrics()),
+            (Method::GET, "/metrics") => metrics_response(&self),
             (Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
             (Method::GET, "/readyz") => {
                 if self.is_draining() {
@@ -275,7 +275,7 @@ fn admin_response(
             _ => text_response(StatusCode::SERVICE_UNAVAILABLE, NOT_CONFIGURED),
         },
         (&Method::GET, "/metrics") => match sidecar {
-            Some(sidecar) => metrics_response(sidecar.metrics()),
+            Some(sidecar) => metrics_response(sidecar),
             None => text_response(StatusCode::SERVICE_UNAVAILABLE, NOT_CONFIGURED),
         },
         (method, "/healthz" | "/readyz" | "/metrics") => text_response(
@@ -292,8 +292,11 @@ fn admin_response(
     }
 }
 
-/// Encodes the metrics registry as an OpenMetrics response.
-fn metrics_response(metrics: &Metrics) -> Response<ResponseBody> {
+/// Encodes the metrics registry as an OpenMetrics response, with each model's availability
+/// as of now: a key file may have appeared or gone since the configuration arrived.
+fn metrics_response(sidecar: &Sidecar) -> Response<ResponseBody> {
+    let metrics = sidecar.metrics();
+    metrics.set_availability(&sidecar.state());
     let mut response = text_response(StatusCode::OK, metrics.encode());
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -1,13 +1,15 @@
 //! The route a sidecar serves: its checked configuration, the loaded stable and canary
 //! policies, and the API keys of its models.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use llmroute_api::{ApiKeyRef, PolicyRef, SidecarConfig};
+use llmroute_api::{PolicyRef, SidecarConfig};
 use llmroute_policy::policy::{InferenceError, OnnxPolicy};
 use ort::environment::Environment;
+
+use crate::keys::ApiKeys;
 
 /// A configuration or policy that the sidecar cannot serve.
 #[derive(Debug, thiserror::Error)]
@@ -129,9 +131,7 @@ pub struct RouteState {
     pub config: SidecarConfig,
     pub stable: Option<Arc<LoadedPolicy>>,
     pub canary: Option<Arc<LoadedPolicy>>,
-    api_keys: HashMap<String, String>,
-    /// Models that cannot be called, with the reason: their API key is missing.
-    unavailable: BTreeMap<String, String>,
+    api_keys: ApiKeys,
 }
 
 impl RouteState {
@@ -146,31 +146,7 @@ impl RouteState {
         previous: Option<&RouteState>,
     ) -> Result<Self, StateError> {
         config.validate()?;
-        let mut api_keys = HashMap::new();
-        let mut unavailable = BTreeMap::new();
-        for model in &config.models {
-            let Some(reference) = &model.api_key else {
-                continue;
-            };
-            match std::env::var(reference.env_var()) {
-                Ok(key) if !key.is_empty() => {
-                    api_keys.insert(model.name.clone(), key);
-                }
-                found => {
-                    let reason = missing_key_reason(reference, found.is_ok());
-                    // A missing key takes one model out of the pool, not the route: the
-                    // injected pod starts without the Secret (`optional: true`), and the other
-                    // models keep serving.
-                    tracing::error!(
-                        route = %config.route,
-                        config_version = config.version,
-                        model = %model.name,
-                        "{reason}; requests are routed to the other models"
-                    );
-                    unavailable.insert(model.name.clone(), reason);
-                }
-            }
-        }
+        let api_keys = ApiKeys::read(&config.route, &config.models);
         let load =
             |reference: &Option<PolicyRef>| -> Result<Option<Arc<LoadedPolicy>>, StateError> {
                 let Some(reference) = reference else {
@@ -198,23 +174,23 @@ impl RouteState {
             stable,
             canary,
             api_keys,
-            unavailable,
         })
     }
 
     /// Tests whether `model` can be called: it needs no API key or has one.
     pub fn is_available(&self, model: &str) -> bool {
-        !self.unavailable.contains_key(model)
+        !matches!(self.api_keys.get(model), Some(Err(_)))
     }
 
-    /// Models that cannot be called, with the reason, sorted by name.
-    pub fn unavailable(&self) -> &BTreeMap<String, String> {
-        &self.unavailable
+    /// Models that cannot be called because their API key is missing, with the reason, sorted
+    /// by name.
+    pub fn unavailable(&self) -> BTreeMap<String, String> {
+        self.api_keys.missing()
     }
 
     /// Returns the API key of `model`, if it has one.
-    pub fn api_key(&self, model: &str) -> Option<&str> {
-        self.api_keys.get(model).map(String::as_str)
+    pub fn api_key(&self, model: &str) -> Option<String> {
+        self.api_keys.get(model)?.ok()
     }
 
     fn policy_by_digest(&self, sha256: &str) -> Option<Arc<LoadedPolicy>> {
@@ -223,21 +199,6 @@ impl RouteState {
             .flatten()
             .find(|p| p.sha256 == sha256)
             .cloned()
-    }
-}
-
-/// Describes why a model's API key is missing and how to fix it. `empty` is true when the variable
-/// is set to the empty string.
-fn missing_key_reason(reference: &ApiKeyRef, empty: bool) -> String {
-    let env = reference.env_var();
-    let state = if empty { "is empty" } else { "is not set" };
-    match reference {
-        ApiKeyRef::Env(_) => {
-            format!("API key variable {env} {state}; set it, or remove the model's `apiKey`")
-        }
-        ApiKeyRef::Secret { name, key, .. } => format!(
-            "API key variable {env} {state}: Secret {name:?} or its key {key:?} was missing when the sidecar started; create it, then restart the pod, because the kubelet sets a container's environment when it starts"
-        ),
     }
 }
 

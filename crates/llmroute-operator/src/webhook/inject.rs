@@ -49,6 +49,8 @@ const CLASSIC_DRAIN_SECONDS: u32 = 5;
 pub const TOKEN_VOLUME: &str = "llmroute-token";
 /// Where the sidecar reads its token for the control API.
 pub const TOKEN_PATH: &str = "/var/run/secrets/llmroute.dev/serviceaccount";
+/// Folder of the token volume with one file per API key, named by the model's key variable.
+const KEYS_FOLDER: &str = "keys";
 /// Maximum total size of a pod's annotation keys and values, in bytes, that the API server
 /// accepts (`TotalAnnotationSizeLimitB` in k8s.io/apimachinery `pkg/api/validation/objectmeta.go`).
 /// A patch that goes over it makes the pod's creation fail.
@@ -222,7 +224,8 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
     };
     let namespace = pod.metadata.namespace.clone().unwrap_or_default();
     let container = sidecar_container(route, &namespace, route_name, &overrides, settings);
-    let hash = injection_hash(&container, settings);
+    let volume = token_volume(route, settings);
+    let hash = injection_hash(&container, &volume, settings);
     let record = format!("{}/{hash}", settings.version);
     if annotations.get(INJECTED_ANNOTATION) == Some(&record) && has_sidecar(&spec) {
         let labelled = pod
@@ -255,7 +258,7 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
         );
     }
     Decision::Inject {
-        patch: inject_patch(pod, container, &record, settings),
+        patch: inject_patch(pod, container, volume, &record, settings),
         hash,
     }
 }
@@ -497,13 +500,14 @@ fn sidecar_container(
     let mut env = vec![
         json!({"name": "LLMROUTE_CONTROL_TOKEN_FILE", "value": format!("{TOKEN_PATH}/token")}),
     ];
+    // The keys are files of the token volume (`token_volume`), which the kubelet rewrites
+    // when a Secret changes, so that a rotated key needs no restart.
     for model in &route.spec.models {
-        if let Some(secret) = &model.api_key_secret_ref {
-            // Optional, because a missing Secret or key would keep the kubelet from starting the
-            // container, and a native sidecar's whole pod. The sidecar serves the other models.
+        if model.api_key_secret_ref.is_some() {
+            let variable = llmroute_control::route::api_key_env(&model.name);
             env.push(json!({
-                "name": llmroute_control::route::api_key_env(&model.name),
-                "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key, "optional": true}},
+                "name": format!("{variable}_FILE"),
+                "value": format!("{TOKEN_PATH}/{KEYS_FOLDER}/{variable}"),
             }));
         }
     }
@@ -573,9 +577,10 @@ fn sidecar_container(
 }
 
 /// sha256 (first 16 hex digits) over the container and the settings that shape the patch.
-fn injection_hash(container: &Value, settings: &InjectionSettings) -> String {
+fn injection_hash(container: &Value, volume: &Value, settings: &InjectionSettings) -> String {
     let mut hasher = Sha256::new();
     hasher.update(container.to_string());
+    hasher.update(volume.to_string());
     hasher.update([u8::from(settings.native_sidecars)]);
     hasher.update(&settings.token_audience);
     for secret in &settings.image_pull_secrets {
@@ -583,6 +588,37 @@ fn injection_hash(container: &Value, settings: &InjectionSettings) -> String {
         hasher.update(secret);
     }
     hex::encode(hasher.finalize())[..16].to_string()
+}
+
+/// Builds the sidecar's projected volume: the service-account token with its own audience, for
+/// the control API, and the route's API keys as `keys/<variable>`, one file per model.
+fn token_volume(route: &LlmRoute, settings: &InjectionSettings) -> Value {
+    let mut sources = vec![json!({"serviceAccountToken": {
+        "audience": settings.token_audience,
+        "expirationSeconds": 3600,
+        "path": "token",
+    }})];
+    // One source per Secret, in the order the models name them.
+    let mut secrets: Vec<(String, Vec<Value>)> = Vec::new();
+    for model in &route.spec.models {
+        let Some(secret) = &model.api_key_secret_ref else {
+            continue;
+        };
+        let item = json!({
+            "key": secret.key,
+            "path": format!("{KEYS_FOLDER}/{}", llmroute_control::route::api_key_env(&model.name)),
+        });
+        match secrets.iter_mut().find(|(name, _)| *name == secret.name) {
+            Some((_, items)) => items.push(item),
+            None => secrets.push((secret.name.clone(), vec![item])),
+        }
+    }
+    for (name, items) in secrets {
+        // Optional, because a missing Secret or key would keep the kubelet from starting the
+        // pod. The sidecar serves the other models until the file appears.
+        sources.push(json!({"secret": {"name": name, "items": items, "optional": true}}));
+    }
+    json!({"name": TOKEN_VOLUME, "projected": {"sources": sources}})
 }
 
 fn has_sidecar(spec: &k8s_openapi::api::core::v1::PodSpec) -> bool {
@@ -665,6 +701,7 @@ fn annotation_fits(pod: &Pod, key: &str, value: &str) -> bool {
 fn inject_patch(
     pod: &Pod,
     container: Value,
+    token: Value,
     record: &str,
     settings: &InjectionSettings,
 ) -> Vec<Value> {
@@ -715,15 +752,6 @@ fn inject_patch(
         patch.push(json!({"op": "add", "path": "/spec/containers/-", "value": container}));
     }
 
-    // The projected token, with its own audience, for the control API.
-    let token = json!({
-        "name": TOKEN_VOLUME,
-        "projected": {"sources": [{"serviceAccountToken": {
-            "audience": settings.token_audience,
-            "expirationSeconds": 3600,
-            "path": "token",
-        }}]},
-    });
     if volumes.iter().all(|v| v.name == TOKEN_VOLUME) {
         patch.push(json!({"op": "add", "path": "/spec/volumes", "value": [token]}));
     } else {
@@ -894,15 +922,16 @@ mod tests {
             );
         }
         let env = init[0].env.clone().unwrap();
+        // The key is a file of the token volume, not a variable fixed at the container's start.
         let key = env
             .iter()
-            .find(|e| e.name == "LLMROUTE_API_KEY_GPT_4O")
+            .find(|e| e.name == "LLMROUTE_API_KEY_GPT_4O_FILE")
             .unwrap();
-        let secret = key.value_from.clone().unwrap().secret_key_ref.unwrap();
         assert_eq!(
-            (secret.name.as_str(), secret.key.as_str(), secret.optional),
-            ("keys", "openai", Some(true))
+            key.value.as_deref(),
+            Some("/var/run/secrets/llmroute.dev/serviceaccount/keys/LLMROUTE_API_KEY_GPT_4O")
         );
+        assert!(!env.iter().any(|e| e.value_from.is_some()), "{env:?}");
         let app_env = spec.containers[0].env.clone().unwrap();
         assert!(app_env.iter().any(|e| e.name == "OPENAI_BASE_URL"
             && e.value.as_deref() == Some("http://127.0.0.1:8099/v1")));
@@ -918,11 +947,17 @@ mod tests {
             "the pod's own value stays"
         );
         let volume = &spec.volumes.unwrap()[0];
-        let source = volume.projected.clone().unwrap().sources.unwrap()[0]
-            .service_account_token
-            .clone()
-            .unwrap();
-        assert_eq!(source.audience.as_deref(), Some("llmroute.dev"));
+        let sources = volume.projected.clone().unwrap().sources.unwrap();
+        let token = sources[0].service_account_token.clone().unwrap();
+        assert_eq!(token.audience.as_deref(), Some("llmroute.dev"));
+        // Optional, so that a missing Secret or key does not keep the pod from starting.
+        let secret = sources[1].secret.clone().unwrap();
+        assert_eq!(secret.name, "keys");
+        assert_eq!(secret.optional, Some(true));
+        let items = secret.items.unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].key, "openai");
+        assert_eq!(items[0].path, "keys/LLMROUTE_API_KEY_GPT_4O");
         let annotations = injected.metadata.annotations.clone().unwrap();
         assert!(annotations[INJECTED_ANNOTATION].starts_with(env!("CARGO_PKG_VERSION")));
         assert_eq!(

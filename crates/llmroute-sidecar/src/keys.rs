@@ -1,0 +1,277 @@
+//! The API keys of a route's models. A key comes from the file that `<VARIABLE>_FILE` names
+//! when that variable is set, and from `<VARIABLE>` itself otherwise. The injection webhook
+//! uses files: the kubelet rewrites them when the Secret changes, and the sidecar reads them
+//! again every few seconds, so a rotated key needs no restart.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use llmroute_api::{ApiKeyRef, ModelEndpoint};
+
+/// Age after which a key file is read again.
+pub const KEY_FILE_REFRESH: Duration = Duration::from_secs(5);
+
+/// The API key of each model that has one, or why it is missing.
+#[derive(Debug)]
+pub struct ApiKeys {
+    route: String,
+    keys: BTreeMap<String, KeySource>,
+    refresh: Duration,
+}
+
+/// Where one model's key comes from.
+#[derive(Debug)]
+enum KeySource {
+    /// An environment variable, read once: a container's environment is fixed when it starts.
+    Fixed(Result<String, String>),
+    /// A file, read again when the last read is older than the refresh interval.
+    File {
+        path: PathBuf,
+        reference: ApiKeyRef,
+        cache: Mutex<Option<(Instant, Result<String, String>)>>,
+    },
+}
+
+impl ApiKeys {
+    /// Finds the key of every model of `models` that names one, through the process's
+    /// environment, and logs each key that is missing.
+    pub fn read(route: &str, models: &[ModelEndpoint]) -> Self {
+        Self::read_with(
+            route,
+            models,
+            |name| std::env::var(name).ok(),
+            KEY_FILE_REFRESH,
+        )
+    }
+
+    fn read_with(
+        route: &str,
+        models: &[ModelEndpoint],
+        variable: impl Fn(&str) -> Option<String>,
+        refresh: Duration,
+    ) -> Self {
+        let mut keys = BTreeMap::new();
+        for model in models {
+            let Some(reference) = &model.api_key else {
+                continue;
+            };
+            let env = reference.env_var();
+            let source = match variable(&format!("{env}_FILE")) {
+                Some(path) => KeySource::File {
+                    path: PathBuf::from(path),
+                    reference: reference.clone(),
+                    cache: Mutex::new(None),
+                },
+                None => KeySource::Fixed(match variable(env) {
+                    Some(key) if !key.is_empty() => Ok(key),
+                    found => Err(missing_variable(reference, found.is_some())),
+                }),
+            };
+            keys.insert(model.name.clone(), source);
+        }
+        let keys = Self {
+            route: route.to_string(),
+            keys,
+            refresh,
+        };
+        // A missing key takes one model out of the pool, not the route: the injected pod
+        // starts without the Secret, and the other models keep serving.
+        for (model, source) in &keys.keys {
+            match source {
+                KeySource::Fixed(Err(reason)) => {
+                    tracing::error!(route = %keys.route, model = %model, "{reason}; requests are routed to the other models");
+                }
+                KeySource::Fixed(Ok(_)) => {}
+                // The first read logs a missing file.
+                KeySource::File { .. } => {
+                    keys.get(model);
+                }
+            }
+        }
+        keys
+    }
+
+    /// Returns the key of `model`: `None` when it needs none, else the key or why it is
+    /// missing. A key file older than the refresh interval is read again first.
+    pub fn get(&self, model: &str) -> Option<Result<String, String>> {
+        match self.keys.get(model)? {
+            KeySource::Fixed(key) => Some(key.clone()),
+            KeySource::File {
+                path,
+                reference,
+                cache,
+            } => {
+                let mut cache = cache.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((read_at, key)) = &*cache
+                    && read_at.elapsed() < self.refresh
+                {
+                    return Some(key.clone());
+                }
+                let key = read_key_file(path, reference);
+                self.log_change(model, cache.as_ref().map(|(_, old)| old), &key);
+                *cache = Some((Instant::now(), key.clone()));
+                Some(key)
+            }
+        }
+    }
+
+    /// Models whose key is missing, with the reason, sorted by name.
+    pub fn missing(&self) -> BTreeMap<String, String> {
+        self.keys
+            .keys()
+            .filter_map(|model| match self.get(model) {
+                Some(Err(reason)) => Some((model.clone(), reason)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Logs a key file that appeared, went missing or changed, without the key itself.
+    fn log_change(
+        &self,
+        model: &str,
+        old: Option<&Result<String, String>>,
+        new: &Result<String, String>,
+    ) {
+        let route = &self.route;
+        match (old, new) {
+            (Some(Ok(old)), Ok(new)) if old != new => {
+                tracing::info!(route = %route, model = %model, "read a rotated API key");
+            }
+            (Some(Err(_)) | None, Ok(_)) => {
+                tracing::info!(route = %route, model = %model, "read the model's API key");
+            }
+            (Some(Ok(_)) | None, Err(reason)) => {
+                tracing::error!(route = %route, model = %model, "{reason}; requests are routed to the other models");
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reads a key file, without the whitespace around the key (`kubectl create secret
+/// --from-file` keeps a file's last newline).
+fn read_key_file(path: &std::path::Path, reference: &ApiKeyRef) -> Result<String, String> {
+    let fix = match reference {
+        ApiKeyRef::Secret { name, key, .. } => format!(
+            "create Secret {name:?} with the key {key:?} in the pod's namespace, and the kubelet writes the file within its sync period"
+        ),
+        ApiKeyRef::Env(env) => format!("write the key to the file that {env}_FILE names"),
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
+        Ok(_) => Err(format!("API key file {} is empty; {fix}", path.display())),
+        Err(error) => Err(format!(
+            "failed to read API key file {}: {error}; {fix}",
+            path.display()
+        )),
+    }
+}
+
+/// Describes why a model's key variable gives no key and how to fix it. `empty` is true when
+/// the variable is set to the empty string.
+fn missing_variable(reference: &ApiKeyRef, empty: bool) -> String {
+    let env = reference.env_var();
+    let state = if empty { "is empty" } else { "is not set" };
+    match reference {
+        ApiKeyRef::Env(_) => format!(
+            "API key variable {env} {state}; set it or {env}_FILE, or remove the model's `apiKey`"
+        ),
+        ApiKeyRef::Secret { name, key, .. } => format!(
+            "API key variable {env} {state}: Secret {name:?} or its key {key:?} was missing when the sidecar started; create it, then restart the pod, because the kubelet sets a container's environment when it starts"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn models(references: &[Option<ApiKeyRef>]) -> Vec<ModelEndpoint> {
+        references
+            .iter()
+            .enumerate()
+            .map(|(k, reference)| {
+                serde_json::from_value::<ModelEndpoint>(serde_json::json!({
+                    "name": format!("m{k}"),
+                    "endpoint": "http://127.0.0.1:9/v1",
+                    "upstreamModel": "u",
+                    "pricing": {"inputUsdPerMillionTokens": 1.0, "outputUsdPerMillionTokens": 1.0},
+                }))
+                .map(|mut model| {
+                    model.api_key = reference.clone();
+                    model
+                })
+                .unwrap()
+            })
+            .collect()
+    }
+
+    fn secret(env: &str) -> Option<ApiKeyRef> {
+        Some(ApiKeyRef::Secret {
+            name: "llm-keys".into(),
+            key: "openai".into(),
+            env: env.into(),
+        })
+    }
+
+    #[test]
+    fn variables_give_fixed_keys() {
+        let models = models(&[
+            None,
+            Some(ApiKeyRef::Env("SET".into())),
+            Some(ApiKeyRef::Env("EMPTY".into())),
+            secret("UNSET"),
+        ]);
+        let variable = |name: &str| match name {
+            "SET" => Some("sk-1".to_string()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        };
+        let keys = ApiKeys::read_with("chat", &models, variable, KEY_FILE_REFRESH);
+        assert_eq!(keys.get("m0"), None);
+        assert_eq!(keys.get("m1"), Some(Ok("sk-1".into())));
+        let empty = keys.get("m2").unwrap().unwrap_err();
+        assert!(empty.contains("EMPTY is empty"), "{empty}");
+        let unset = keys.get("m3").unwrap().unwrap_err();
+        assert!(
+            unset.contains("UNSET is not set") && unset.contains("restart the pod"),
+            "{unset}"
+        );
+        let missing: Vec<String> = keys.missing().into_keys().collect();
+        assert_eq!(missing, ["m2", "m3"]);
+    }
+
+    #[test]
+    fn key_file_is_read_again_after_refresh() {
+        let folder = tempfile::tempdir().unwrap();
+        let path = folder.path().join("key");
+        let path_text = path.display().to_string();
+        let models = models(&[secret("KEY")]);
+        let variable = |name: &str| (name == "KEY_FILE").then(|| path_text.clone());
+        let keys = ApiKeys::read_with("chat", &models, variable, Duration::from_millis(50));
+
+        // No file yet: the Secret did not exist when the pod started.
+        let missing = keys.get("m0").unwrap().unwrap_err();
+        assert!(missing.contains(&path_text), "{missing}");
+        assert!(missing.contains("create Secret \"llm-keys\""), "{missing}");
+
+        std::fs::write(&path, "sk-old\n").unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(keys.get("m0"), Some(Ok("sk-old".into())));
+
+        // A rotated key is seen after the refresh interval, not before.
+        std::fs::write(&path, "sk-new").unwrap();
+        assert_eq!(keys.get("m0"), Some(Ok("sk-old".into())));
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(keys.get("m0"), Some(Ok("sk-new".into())));
+
+        std::fs::write(&path, "  \n").unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        let empty = keys.get("m0").unwrap().unwrap_err();
+        assert!(empty.contains("is empty"), "{empty}");
+        assert_eq!(keys.missing().len(), 1);
+    }
+}
