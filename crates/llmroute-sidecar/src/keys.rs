@@ -21,7 +21,7 @@ pub struct ApiKeys {
     refresh: Duration,
 }
 
-/// Where one model's key comes from.
+/// The source of one model's key.
 #[derive(Debug)]
 enum KeySource {
     /// An environment variable, read once: a container's environment is fixed when it starts.
