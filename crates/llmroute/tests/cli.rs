@@ -946,3 +946,139 @@ fn failed_setup_names_missing_asset() {
     );
     assert!(stderr.contains("pip download"), "{stderr}");
 }
+
+/// Starts an OpenAI-style upstream on 127.0.0.1 that answers every request with a chat
+/// completion and records each request's `Authorization` header. Returns its port.
+fn recording_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>) {
+    use std::io::{BufRead, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        // Bounded: the test sends far fewer requests, and the thread ends with the process.
+        for stream in listener.incoming().take(200) {
+            let Ok(stream) = stream else { continue };
+            let mut reader = std::io::BufReader::new(stream);
+            let mut authorization = None;
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                let (name, value) = line.split_once(':').unwrap_or((&line, ""));
+                match name.to_ascii_lowercase().as_str() {
+                    "authorization" => authorization = Some(value.trim().to_string()),
+                    "content-length" => length = value.trim().parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = reader.read_exact(&mut body);
+            record.lock().unwrap().push(authorization);
+            let completion = serde_json::json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "s",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+            })
+            .to_string();
+            let _ = write!(
+                reader.get_mut(),
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{completion}",
+                completion.len()
+            );
+        }
+    });
+    (port, seen)
+}
+
+#[test]
+fn sidecar_reads_rotated_key_file() {
+    let (port, seen) = recording_upstream();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("openai");
+    std::fs::write(&key_file, "sk-first\n").unwrap();
+    let config = dir.path().join("sidecar.json");
+    let route = serde_json::json!({
+        "route": "chat",
+        "version": 1,
+        "models": [{
+            "name": "small",
+            "endpoint": format!("http://127.0.0.1:{port}/v1"),
+            "upstreamModel": "s",
+            "apiKey": {"secret": {"name": "llm-keys", "key": "openai", "env": "LLMROUTE_API_KEY_SMALL"}},
+            "pricing": {"inputUsdPerMillionTokens": 0.1, "outputUsdPerMillionTokens": 0.2}
+        }],
+        "defaultPreference": {"quality": 0.5},
+        "fallback": "small"
+    });
+    std::fs::write(&config, route.to_string()).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
+        .args(["sidecar", "--config", path_arg(&config), "--port", "0"])
+        .env("LLMROUTE_API_KEY_SMALL_FILE", &key_file)
+        .env_remove("LLMROUTE_API_KEY_SMALL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("llmroute starts");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let address = lines
+        .find_map(|line| {
+            let line = line.ok()?;
+            let rest = line.split_once("listening on http://")?.1;
+            Some(rest.trim_end_matches("/v1").to_string())
+        })
+        .expect("the sidecar prints its address");
+    let chat = || -> Option<u16> {
+        use std::io::{Read, Write};
+        let body = r#"{"model":"small","messages":[{"role":"user","content":"hi"}]}"#;
+        let mut stream = std::net::TcpStream::connect(&address).ok()?;
+        write!(
+            stream,
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        response.split_whitespace().nth(1)?.parse().ok()
+    };
+    let last_key = || seen.lock().unwrap().last().cloned().flatten();
+
+    assert_eq!(chat(), Some(200));
+    assert_eq!(last_key().as_deref(), Some("Bearer sk-first"));
+
+    // The kubelet rewrites the file when the Secret changes; the sidecar reads it again within
+    // a few seconds, without a restart.
+    std::fs::write(&key_file, "sk-second").unwrap();
+    let mut rotated = false;
+    for _ in 0..40 {
+        assert_eq!(chat(), Some(200));
+        if last_key().as_deref() == Some("Bearer sk-second") {
+            rotated = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert!(rotated, "the sidecar kept sending {:?}", last_key());
+
+    // Without the file the model cannot be called, and the request is rejected before any
+    // upstream call.
+    std::fs::remove_file(&key_file).unwrap();
+    let mut rejected = false;
+    for _ in 0..40 {
+        if chat() == Some(503) {
+            rejected = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    assert!(
+        rejected,
+        "the sidecar still called the model without its key"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
