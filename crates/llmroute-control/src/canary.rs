@@ -15,11 +15,13 @@
 //!   variance, `z = (ê_c − ê_s − δ) / √(ê(1 − ê)(1/n_c + 1/n_s))`, `p = 1 − Φ(z)`;
 //! - mean cost per request in USD: Welch's test of `H₀: μ_cand ≤ (1 + max increase) · μ_stable`
 //!   when the route limits it;
-//! - p95 latency (milliseconds): compared as a ratio, candidate at most `(1 + max increase)`
-//!   times the stable one, because percentiles have no simple sampling distribution.
+//! - p95 latency (milliseconds): the candidate's may be at most `L = (1 + max increase)` times
+//!   the stable one's. When its p95 is above `L`, an exact one-sided binomial test of
+//!   `H₀: P(latency > L) ≤ 0.05` (a p95 at most `L`) on the candidate's `k` of `n` latencies
+//!   above `L` gives `p = P(X ≥ k)`, `X ~ Binomial(n, 0.05)`. A few slow requests of a loaded
+//!   machine then move the p95 of a small sample without aborting the step.
 //!
-//! A step aborts when a test rejects at the route's confidence (or the latency ratio is
-//! exceeded), advances when the candidate's mean reward is within the tolerance of the
+//! A step aborts when a test rejects at the route's confidence, advances when the candidate's mean reward is within the tolerance of the
 //! stable one, and holds otherwise, for up to [`HOLD_FACTOR`] times the step's minimum events;
 //! a step still undecided then aborts as inconclusive.
 
@@ -112,6 +114,9 @@ pub struct StepAnalysis {
     pub error_p: Option<f64>,
     /// One-sided p-value of "the candidate costs more than allowed".
     pub cost_p: Option<f64>,
+    /// One-sided p-value of "the candidate's p95 latency is above the allowed one", computed
+    /// only when its sample p95 is above it.
+    pub latency_p: Option<f64>,
     /// Reason for the verdict, in one sentence with the numbers.
     pub message: String,
 }
@@ -135,6 +140,7 @@ pub fn analyse_step(
         reward_p: None,
         error_p: None,
         cost_p: None,
+        latency_p: None,
         message: String::new(),
     };
     // The stable arm needs events too. With a weight of 1 it gets none, so such a step has
@@ -199,6 +205,13 @@ pub fn analyse_step(
         (Some(c), Some(s)) if s > 0.0 => Some(c / s),
         _ => None,
     };
+    let allowed_ratio = 1.0 + settings.max_latency_increase;
+    if let (Some(ratio), Some(stable_p95)) = (latency_ratio, stable_figures.p95_latency_ms)
+        && ratio > allowed_ratio
+    {
+        analysis.latency_p =
+            exceedance_p(&candidate.latencies_ms, allowed_ratio * stable_p95, 0.05);
+    }
     let abort_reason = if analysis.reward_p.is_some_and(|p| p < alpha) {
         Some(format!("reward is lower: {numbers}"))
     } else if let Some(p) = analysis.error_p.filter(|p| *p < alpha) {
@@ -207,9 +220,11 @@ pub fn analyse_step(
             fmt(candidate_figures.error_rate),
             fmt(stable_figures.error_rate)
         ))
-    } else if let Some(ratio) = latency_ratio.filter(|r| *r > 1.0 + settings.max_latency_increase) {
+    } else if let (Some(p), Some(ratio)) =
+        (analysis.latency_p.filter(|p| *p < alpha), latency_ratio)
+    {
         Some(format!(
-            "p95 latency {:.0} ms vs {:.0} ms is {:.0} % higher, above the {:.0} % allowed ({numbers})",
+            "p95 latency {:.0} ms vs {:.0} ms is {:.0} % higher, above the {:.0} % allowed (latency p = {p:.3}, {numbers})",
             candidate_figures.p95_latency_ms.unwrap_or_default(),
             stable_figures.p95_latency_ms.unwrap_or_default(),
             (ratio - 1.0) * 100.0,
@@ -274,6 +289,33 @@ pub fn percentile(values: &[f64], q: f64) -> Option<f64> {
     sorted.sort_by(f64::total_cmp);
     let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     Some(sorted[rank - 1])
+}
+
+/// One-sided p-value of "more than `share` of `samples` are above `limit`": the binomial tail
+/// `P(X ≥ k)` with `X ~ Binomial(n, share)`, `n` the samples and `k` those above `limit`.
+/// Summed in log space, because `(1 − share)ⁿ` underflows for tens of thousands of samples.
+pub fn exceedance_p(samples: &[f64], limit: f64, share: f64) -> Option<f64> {
+    let n = samples.len();
+    if n == 0 || !(0.0..1.0).contains(&share) || share == 0.0 {
+        return None;
+    }
+    let k = samples.iter().filter(|&&x| x > limit).count();
+    // ln P(X = i), from ln P(X = 0) = n ln(1 − share) by P(X = i + 1) / P(X = i) =
+    // (n − i) / (i + 1) · share / (1 − share).
+    let odds = (share / (1.0 - share)).ln();
+    let mut log_term = n as f64 * (1.0 - share).ln();
+    let mut tail = Vec::with_capacity(n + 1 - k);
+    for i in 0..=n {
+        if i >= k {
+            tail.push(log_term);
+        }
+        if i < n {
+            log_term += ((n - i) as f64 / (i + 1) as f64).ln() + odds;
+        }
+    }
+    let largest = tail.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let sum: f64 = tail.iter().map(|t| (t - largest).exp()).sum();
+    Some((largest + sum.ln()).exp().min(1.0))
 }
 
 /// Standard normal CDF `Φ(x)`, from the complementary error function.
@@ -517,8 +559,58 @@ mod tests {
         assert!(
             analysis
                 .message
-                .contains("p95 latency 20 ms vs 10 ms is 100 % higher")
+                .contains("p95 latency 20 ms vs 10 ms is 100 % higher"),
+            "{}",
+            analysis.message
         );
+    }
+
+    #[test]
+    fn few_slow_requests_do_not_abort() {
+        // Stable: 1 to 200 ms, p95 190 ms, so at most 237.5 ms is allowed. Candidate: 140
+        // requests of 100 ms and 10 of 300 ms, a p95 of 300 ms from 6.7 % of its requests
+        // (p = 0.219).
+        let mut stable = arm((0..200).map(|i| (i % 10) as f64 / 10.0), 10.0);
+        stable.latencies_ms = (1..=200).map(f64::from).collect();
+        let mut candidate = arm((0..150).map(|i| (i % 10) as f64 / 10.0), 100.0);
+        candidate.latencies_ms[..10].fill(300.0);
+        let analysis = analyse_step(0, &settings(), &candidate, &stable);
+        assert_eq!(analysis.candidate.p95_latency_ms, Some(300.0));
+        let p = analysis.latency_p.unwrap();
+        assert!(p > 0.05, "{p}");
+        assert_eq!(analysis.verdict, Verdict::Advance, "{}", analysis.message);
+
+        // Thirty slow requests (20 %) are no accident.
+        candidate.latencies_ms[..30].fill(300.0);
+        let analysis = analyse_step(0, &settings(), &candidate, &stable);
+        assert_eq!(analysis.verdict, Verdict::Abort, "{}", analysis.message);
+        assert!(
+            analysis.message.contains("latency p = 0.000"),
+            "{}",
+            analysis.message
+        );
+    }
+
+    #[test]
+    fn exceedance_p_matches_binomial_tail() {
+        // P(X ≥ 1) for X ~ Binomial(2, 0.05) = 1 − 0.95² = 0.0975.
+        let p = exceedance_p(&[1.0, 5.0], 2.0, 0.05).unwrap();
+        assert!((p - 0.0975).abs() < 1e-12, "{p}");
+        // P(X ≥ 2) = 0.05² = 0.0025, and nothing above the limit gives p = 1.
+        let p = exceedance_p(&[5.0, 5.0], 2.0, 0.05).unwrap();
+        assert!((p - 0.0025).abs() < 1e-12, "{p}");
+        assert_eq!(exceedance_p(&[1.0, 1.0], 2.0, 0.05), Some(1.0));
+        // 10 of 150 at 5 %: 0.219116 (the tail summed with log-gamma terms in Python).
+        let mut samples = vec![1.0; 150];
+        samples[..10].fill(5.0);
+        let p = exceedance_p(&samples, 2.0, 0.05).unwrap();
+        assert!((p - 0.219_116_454).abs() < 1e-8, "{p}");
+        // 2,500 of 50,000: 0.502865. (1 − 0.05)ⁿ underflows, the log-space sum does not.
+        let mut many = vec![1.0; 50_000];
+        many[..2_500].fill(5.0);
+        let p = exceedance_p(&many, 2.0, 0.05).unwrap();
+        assert!((p - 0.502_865_141).abs() < 1e-6, "{p}");
+        assert_eq!(exceedance_p(&[], 2.0, 0.05), None);
     }
 
     #[test]
