@@ -73,14 +73,16 @@ fn default_timeout_ms() -> u64 {
     DEFAULT_TIMEOUT_MS
 }
 
-/// Reference to an API key; the key itself never appears in a configuration.
+/// Reference to an API key; the key itself never appears in a configuration. The sidecar
+/// reads the key from the file that the variable `<env>_FILE` names when it is set, again
+/// every few seconds, and from the variable `<env>` otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum ApiKeyRef {
     /// Name of an environment variable of the sidecar's process.
     Env(String),
-    /// A key of a Kubernetes Secret; the operator mounts it as an environment variable
-    /// named by `env`.
+    /// A key of a Kubernetes Secret. The injection webhook mounts it as a file of the
+    /// sidecar's projected volume and sets `<env>_FILE` to that file's path.
     #[serde(rename_all = "camelCase")]
     Secret {
         name: String,
