@@ -12,6 +12,9 @@ use llmroute_api::{ApiKeyRef, ModelEndpoint};
 
 /// Age after which a key file is read again.
 pub const KEY_FILE_REFRESH: Duration = Duration::from_secs(5);
+/// Largest key file read, in bytes. API keys are far shorter, and a path that names a large
+/// file by mistake is then not read into memory every few seconds.
+pub const MAX_KEY_BYTES: u64 = 16 * 1024;
 
 /// The API key of each model that has one, or why it is missing.
 #[derive(Debug)]
@@ -65,7 +68,8 @@ impl ApiKeys {
                     cache: Mutex::new(None),
                 },
                 None => KeySource::Fixed(match variable(env) {
-                    Some(key) if !key.is_empty() => Ok(key),
+                    Some(key) if !key.is_empty() => check_key(key.trim())
+                        .map_err(|problem| format!("API key variable {env} {problem}")),
                     found => Err(missing_variable(reference, found.is_some())),
                 }),
             };
@@ -160,12 +164,31 @@ fn read_key_file(path: &std::path::Path, reference: &ApiKeyRef) -> Result<String
         ),
         ApiKeyRef::Env(env) => format!("write the key to the file that {env}_FILE names"),
     };
-    match std::fs::read_to_string(path) {
-        Ok(text) if !text.trim().is_empty() => Ok(text.trim().to_string()),
-        Ok(_) => Err(format!("API key file {} is empty; {fix}", path.display())),
+    use std::io::Read;
+    let mut text = String::new();
+    let read = std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_KEY_BYTES + 1).read_to_string(&mut text));
+    let file = path.display();
+    match read {
         Err(error) => Err(format!(
-            "failed to read API key file {}: {error}; {fix}",
-            path.display()
+            "failed to read API key file {file}: {error}; {fix}"
+        )),
+        Ok(_) if text.len() as u64 > MAX_KEY_BYTES => Err(format!(
+            "API key file {file} is larger than {MAX_KEY_BYTES} bytes, so it holds no API key; {fix}"
+        )),
+        Ok(_) if text.trim().is_empty() => Err(format!("API key file {file} is empty; {fix}")),
+        Ok(_) => check_key(text.trim())
+            .map_err(|problem| format!("API key file {file} {problem}; {fix}")),
+    }
+}
+
+/// Checks that `key` can follow `Bearer ` in an `Authorization` header: visible ASCII only.
+/// Returns the problem otherwise, without the key.
+fn check_key(key: &str) -> Result<String, String> {
+    match key.bytes().position(|b| !b.is_ascii_graphic()) {
+        None => Ok(key.to_string()),
+        Some(at) => Err(format!(
+            "contains a character that an HTTP header cannot carry at byte {at} (only visible ASCII is allowed)"
         )),
     }
 }
@@ -273,5 +296,28 @@ mod tests {
         let empty = keys.get("m0").unwrap().unwrap_err();
         assert!(empty.contains("is empty"), "{empty}");
         assert_eq!(keys.missing().len(), 1);
+    }
+
+    #[test]
+    fn unusable_key_files_are_rejected() {
+        let folder = tempfile::tempdir().unwrap();
+        let reference = secret("KEY").unwrap();
+        let path = folder.path().join("key");
+        let cases: [(Vec<u8>, &str); 3] = [
+            (
+                vec![b'k'; MAX_KEY_BYTES as usize + 1],
+                "is larger than 16384 bytes",
+            ),
+            (b"sk-1\nsk-2".to_vec(), "HTTP header cannot carry at byte 4"),
+            (b"sk-\x01".to_vec(), "at byte 3"),
+        ];
+        for (content, expected) in cases {
+            std::fs::write(&path, &content).unwrap();
+            let error = read_key_file(&path, &reference).unwrap_err();
+            assert!(error.contains(expected), "{error}");
+            assert!(!error.contains("sk-"), "the message shows the key: {error}");
+        }
+        std::fs::write(&path, "sk-ok\r\n").unwrap();
+        assert_eq!(read_key_file(&path, &reference), Ok("sk-ok".into()));
     }
 }
