@@ -780,26 +780,38 @@ fn operator_rejects_sidecar_ports_that_cannot_work() {
     );
 }
 
-#[test]
-fn sidecar_keeps_serving_while_it_drains() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("sidecar.json");
+/// Writes a sidecar configuration for route `chat` with one model, `small`, at `endpoint`,
+/// with the `apiKey` reference `api_key` when given, and returns the file's path.
+fn write_sidecar_config(
+    dir: &Path,
+    endpoint: &str,
+    api_key: Option<serde_json::Value>,
+) -> std::path::PathBuf {
+    let mut model = serde_json::json!({
+        "name": "small",
+        "endpoint": endpoint,
+        "upstreamModel": "s",
+        "pricing": {"inputUsdPerMillionTokens": 0.1, "outputUsdPerMillionTokens": 0.2}
+    });
+    if let Some(api_key) = api_key {
+        model["apiKey"] = api_key;
+    }
     let route = serde_json::json!({
         "route": "chat",
         "version": 1,
-        "models": [{
-            "name": "small",
-            "endpoint": "http://127.0.0.1:9/v1",
-            "upstreamModel": "s",
-            "pricing": {"inputUsdPerMillionTokens": 0.1, "outputUsdPerMillionTokens": 0.2}
-        }],
+        "models": [model],
         "defaultPreference": {"quality": 0.5},
         "fallback": "small"
     });
+    let config = dir.join("sidecar.json");
     std::fs::write(&config, route.to_string()).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
-        .args(["sidecar", "--config", path_arg(&config), "--port", "0"])
-        .args(["--drain-seconds", "5"])
+    config
+}
+
+/// Starts `command` (an `llmroute sidecar` on port 0) and returns it with the `host:port` it
+/// prints.
+fn spawn_sidecar(mut command: Command) -> (std::process::Child, String) {
+    let mut child = command
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -813,6 +825,18 @@ fn sidecar_keeps_serving_while_it_drains() {
             Some(rest.trim_end_matches("/v1").to_string())
         })
         .expect("the sidecar prints its address");
+    (child, address)
+}
+
+#[test]
+fn sidecar_keeps_serving_while_it_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_sidecar_config(dir.path(), "http://127.0.0.1:9/v1", None);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_llmroute"));
+    command
+        .args(["sidecar", "--config", path_arg(&config), "--port", "0"])
+        .args(["--drain-seconds", "5"]);
+    let (mut child, address) = spawn_sidecar(command);
     let get = |path: &str| -> Option<(u16, String)> {
         use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(&address).ok()?;
@@ -947,7 +971,7 @@ fn failed_setup_names_missing_asset() {
     assert!(stderr.contains("pip download"), "{stderr}");
 }
 
-/// Starts an OpenAI-style upstream on 127.0.0.1 that answers every request with a chat
+/// Starts an OpenAI-style upstream on 127.0.0.1 that responds to every request with a chat
 /// completion and records each request's `Authorization` header. Returns its port.
 fn recording_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Option<String>>>>) {
     use std::io::{BufRead, Read, Write};
@@ -999,38 +1023,19 @@ fn sidecar_reads_rotated_key_file() {
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("openai");
     std::fs::write(&key_file, "sk-first\n").unwrap();
-    let config = dir.path().join("sidecar.json");
-    let route = serde_json::json!({
-        "route": "chat",
-        "version": 1,
-        "models": [{
-            "name": "small",
-            "endpoint": format!("http://127.0.0.1:{port}/v1"),
-            "upstreamModel": "s",
-            "apiKey": {"secret": {"name": "llm-keys", "key": "openai", "env": "LLMROUTE_API_KEY_SMALL"}},
-            "pricing": {"inputUsdPerMillionTokens": 0.1, "outputUsdPerMillionTokens": 0.2}
-        }],
-        "defaultPreference": {"quality": 0.5},
-        "fallback": "small"
-    });
-    std::fs::write(&config, route.to_string()).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
+    let config = write_sidecar_config(
+        dir.path(),
+        &format!("http://127.0.0.1:{port}/v1"),
+        Some(
+            serde_json::json!({"secret": {"name": "llm-keys", "key": "openai", "env": "LLMROUTE_API_KEY_SMALL"}}),
+        ),
+    );
+    let mut command = Command::new(env!("CARGO_BIN_EXE_llmroute"));
+    command
         .args(["sidecar", "--config", path_arg(&config), "--port", "0"])
         .env("LLMROUTE_API_KEY_SMALL_FILE", &key_file)
-        .env_remove("LLMROUTE_API_KEY_SMALL")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("llmroute starts");
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
-    let address = lines
-        .find_map(|line| {
-            let line = line.ok()?;
-            let rest = line.split_once("listening on http://")?.1;
-            Some(rest.trim_end_matches("/v1").to_string())
-        })
-        .expect("the sidecar prints its address");
+        .env_remove("LLMROUTE_API_KEY_SMALL");
+    let (mut child, address) = spawn_sidecar(command);
     let chat = || -> Option<u16> {
         use std::io::{Read, Write};
         let body = r#"{"model":"small","messages":[{"role":"user","content":"hi"}]}"#;
