@@ -1055,7 +1055,7 @@ fn sidecar_reads_rotated_key_file() {
     assert_eq!(chat(), Some(200));
     assert_eq!(last_key().as_deref(), Some("Bearer sk-first"));
 
-    // The kubelet rewrites the file when the Secret changes; the sidecar reads it again within
+    // The kubelet rewrites the file when the Secret changes. The sidecar reads it again within
     // a few seconds, without a restart.
     std::fs::write(&key_file, "sk-second").unwrap();
     let mut rotated = false;

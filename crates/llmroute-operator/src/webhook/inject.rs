@@ -616,6 +616,8 @@ fn token_volume(route: &LlmRoute, settings: &InjectionSettings) -> Value {
     for (name, items) in secrets {
         // Optional, because a missing Secret or key would keep the kubelet from starting the
         // pod. The sidecar serves the other models until the file appears.
+        // NOTE: no test runs a kubelet. That it writes a Secret created or changed after the
+        // pod started into these files is its documented behaviour, not checked here.
         sources.push(json!({"secret": {"name": name, "items": items, "optional": true}}));
     }
     json!({"name": TOKEN_VOLUME, "projected": {"sources": sources}})
