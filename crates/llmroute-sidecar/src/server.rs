@@ -23,6 +23,7 @@ use crate::feedback::Joined;
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::request::unknown_path_error;
+use crate::shutdown::{SHUTDOWN_PATH, ShutdownSwitch};
 use crate::sidecar::Sidecar;
 
 /// Time that open connections get to finish when the sidecar stops.
@@ -46,6 +47,11 @@ impl Sidecar {
             (Method::POST, "/v1/feedback") => self.post_feedback(request).await,
             (Method::GET, "/metrics") => metrics_response(&self),
             (Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
+            (_, SHUTDOWN_PATH) => crate::shutdown::respond(
+                &method,
+                &self.state().config.route,
+                self.options.shutdown.as_ref(),
+            ),
             (Method::GET, "/readyz") => {
                 if self.is_draining() {
                     text_response(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN)
@@ -306,13 +312,24 @@ fn metrics_response(sidecar: &Sidecar) -> Response<ResponseBody> {
 }
 
 /// Serves a not-ready sidecar on `listener` until `ready` completes: `/healthz` responds 200,
-/// `/readyz` 503, and every other request gets a 503 OpenAI-style error. Connections still open
-/// then get [`SHUTDOWN_GRACE`] to finish, so that the caller can serve the same listener.
-pub async fn serve_not_ready(listener: &TcpListener, ready: impl std::future::Future<Output = ()>) {
+/// `/readyz` 503, `/shutdown` turns `shutdown` on when there is one, and every other request
+/// gets a 503 OpenAI-style error. Connections still open then get [`SHUTDOWN_GRACE`] to
+/// finish, so that the caller can serve the same listener.
+pub async fn serve_not_ready(
+    listener: &TcpListener,
+    route: &str,
+    shutdown: Option<&ShutdownSwitch>,
+    ready: impl std::future::Future<Output = ()>,
+) {
     let graceful = GracefulShutdown::new();
     let service = || {
-        service_fn(|request: Request<Incoming>| async move {
+        let route = route.to_string();
+        let shutdown = shutdown.cloned();
+        service_fn(move |request: Request<Incoming>| {
             let response = match (request.method(), request.uri().path()) {
+                (method, SHUTDOWN_PATH) => {
+                    crate::shutdown::respond(method, &route, shutdown.as_ref())
+                }
                 (&Method::GET, "/healthz") => text_response(StatusCode::OK, "ok\n"),
                 (&Method::GET, "/readyz") => text_response(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -327,7 +344,7 @@ pub async fn serve_not_ready(listener: &TcpListener, ready: impl std::future::Fu
                     .with_code("not_ready"),
                 ),
             };
-            Ok::<_, Infallible>(response)
+            std::future::ready(Ok::<_, Infallible>(response))
         })
     };
     accept_until(listener, &Limits::default(), &graceful, ready, service).await;

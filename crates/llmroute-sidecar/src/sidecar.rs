@@ -22,6 +22,7 @@ use crate::metrics::{Metrics, ModelLabels, RequestLabels, TokenLabels};
 use crate::request::{
     ParsedRequest, RequestError, RequestHead, body_too_large, check_head, parse_request,
 };
+use crate::shutdown::ShutdownSwitch;
 use crate::sse::Usage;
 use crate::state::{LoadedPolicy, RouteState};
 use crate::tls::{UpstreamClient, UpstreamTls};
@@ -70,6 +71,8 @@ pub struct SidecarOptions {
     /// `SSL_CERT_FILE` and `SSL_CERT_DIR` when set), plus the CA certificates of an optional
     /// PEM file loaded with [`UpstreamTls::with_ca_file`].
     pub upstream_tls: UpstreamTls,
+    /// Turns on `POST /shutdown`, which turns this switch on (`None`: the endpoint is off).
+    pub shutdown: Option<ShutdownSwitch>,
 }
 
 impl Default for SidecarOptions {
@@ -83,6 +86,7 @@ impl Default for SidecarOptions {
             sidecar_id: "sidecar".to_string(),
             sink: EventSink::Discard,
             upstream_tls: UpstreamTls::default(),
+            shutdown: None,
         }
     }
 }

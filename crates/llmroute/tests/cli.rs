@@ -870,6 +870,136 @@ fn sidecar_keeps_serving_while_it_drains() {
     assert!(status.success(), "{status}");
 }
 
+/// Sends one HTTP/1.1 request to `address` and returns the status and body.
+fn http_request(address: &str, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, response.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+/// Waits up to a minute for `child` to exit after POST /shutdown, and kills it after that.
+fn exit_within_a_minute(child: &mut std::process::Child) -> std::process::ExitStatus {
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    panic!("the sidecar still runs a minute after POST /shutdown");
+}
+
+/// The app of a Job's pod stops a sidecar that runs as a regular container with POST
+/// /shutdown: the sidecar exits with status 0, skips the drain and first writes the event
+/// still waiting for feedback.
+#[test]
+fn sidecar_stops_on_post_shutdown() {
+    let (port, _seen) = recording_upstream();
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_sidecar_config(dir.path(), &format!("http://127.0.0.1:{port}/v1"), None);
+    let events = dir.path().join("events.jsonl");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_llmroute"));
+    command
+        .args(["sidecar", "--config", path_arg(&config), "--port", "0"])
+        .args(["--events", path_arg(&events), "--shutdown-endpoint"])
+        // As the webhook starts a regular-container sidecar; the drain follows SIGTERM only.
+        .args(["--drain-seconds", "3600"]);
+    let (mut child, address) = spawn_sidecar(command);
+    let chat = r#"{"model":"small","messages":[{"role":"user","content":"hi"}]}"#;
+    assert_eq!(
+        http_request(&address, "POST", "/v1/chat/completions", chat).map(|r| r.0),
+        Some(200)
+    );
+    let get = http_request(&address, "GET", "/shutdown", "");
+    assert_eq!(get.map(|r| r.0), Some(405), "GET does not stop the sidecar");
+    assert_eq!(
+        http_request(&address, "POST", "/shutdown", ""),
+        Some((200, "shutting down\n".to_string()))
+    );
+    // With the hour-long drain that SIGTERM would start, the wait would run out.
+    let status = exit_within_a_minute(&mut child);
+    assert!(status.success(), "{status}");
+    let written = std::fs::read_to_string(&events).unwrap();
+    assert_eq!(written.lines().count(), 1, "{written}");
+}
+
+/// A sidecar still waiting for its first configuration, from a control API that refuses
+/// connections, also stops on POST /shutdown, so a Job whose app failed early still completes.
+#[test]
+fn sidecar_stops_on_post_shutdown_before_its_configuration() {
+    // Two free ports. Nothing listens on the control port, so the control API refuses
+    // connections.
+    let free_port = || {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let (control, port) = (free_port(), free_port());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_llmroute"))
+        .args([
+            "sidecar",
+            "--control",
+            &format!("http://127.0.0.1:{control}"),
+        ])
+        .args(["--route", "default/chat", "--port", &port.to_string()])
+        .arg("--shutdown-endpoint")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("llmroute starts");
+    let address = format!("127.0.0.1:{port}");
+    let mut waiting = None;
+    for _ in 0..600 {
+        if let Some(response) = http_request(&address, "GET", "/readyz", "") {
+            waiting = Some(response);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if waiting.as_ref().map(|r| r.0) != Some(503) {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        panic!("expected a sidecar waiting for its configuration, got {waiting:?}");
+    }
+    assert_eq!(
+        http_request(&address, "POST", "/shutdown", "").map(|r| r.0),
+        Some(200)
+    );
+    let status = exit_within_a_minute(&mut child);
+    assert!(status.success(), "{status}");
+}
+
+/// Without --shutdown-endpoint, POST /shutdown is refused with the flag that turns it on, and
+/// the sidecar keeps serving.
+#[test]
+fn sidecar_refuses_shutdown_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_sidecar_config(dir.path(), "http://127.0.0.1:9/v1", None);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_llmroute"));
+    command.args(["sidecar", "--config", path_arg(&config), "--port", "0"]);
+    let (mut child, address) = spawn_sidecar(command);
+    let (status, body) = http_request(&address, "POST", "/shutdown", "").unwrap();
+    assert_eq!(status, 404);
+    assert!(body.contains("--shutdown-endpoint"), "{body}");
+    assert_eq!(
+        http_request(&address, "GET", "/readyz", "").map(|r| r.0),
+        Some(200)
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the sidecar stopped");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[test]
 fn sidecar_without_source_names_both_flags() {
     let stderr = llmroute_fails(&["sidecar"]);

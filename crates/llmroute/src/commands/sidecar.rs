@@ -11,8 +11,8 @@ use llmroute_api::PolicyRef;
 use llmroute_policy::encoder::Encoder;
 use llmroute_policy::policy::OnnxPolicy;
 use llmroute_sidecar::{
-    ControlClient, EventSink, Limits, RouteState, Sidecar, SidecarOptions, TokenFile, follow,
-    read_config, serve, serve_admin, serve_not_ready,
+    ControlClient, EventSink, Limits, RouteState, ShutdownSwitch, Sidecar, SidecarOptions,
+    TokenFile, follow, read_config, serve, serve_admin, serve_not_ready,
 };
 
 use crate::args::parse_count;
@@ -57,6 +57,12 @@ pub struct SidecarArgs {
     /// regular container, which gets SIGTERM together with the app.
     #[arg(long, default_value_t = 0)]
     pub drain_seconds: u64,
+    /// Serve POST /shutdown on the proxy's port, which stops the sidecar as SIGTERM does, but
+    /// without the drain, and exits with status 0. The last step of a Job's app calls it, so
+    /// that a pod whose sidecar runs as a regular container completes. The injection webhook
+    /// sets it for such pods of a Job (annotation llmroute.dev/sidecar-shutdown-endpoint).
+    #[arg(long)]
+    pub shutdown_endpoint: bool,
     /// Appends completed events to this JSON Lines file [default: the control API with
     /// --control, else events are counted as dropped].
     #[arg(long, value_name = "FILE")]
@@ -172,6 +178,7 @@ pub fn run(workspace: &Workspace, args: &SidecarArgs) -> Result<()> {
                 .with_context(|| format!("invalid --upstream-ca-file {}", path.display()))?,
             None => llmroute_sidecar::UpstreamTls::default(),
         },
+        shutdown: args.shutdown_endpoint.then(ShutdownSwitch::new),
         ..SidecarOptions::default()
     };
 
@@ -243,6 +250,23 @@ async fn serve_route(
         .await
         .with_context(|| format!("failed to bind {address}; pick another --port"))?;
     let bound = listener.local_addr()?;
+    let switch = options.shutdown.clone();
+    // Completes on SIGINT, SIGTERM or POST /shutdown, and returns true for a signal.
+    let stop_requested = || {
+        let switch = switch.clone();
+        async move {
+            let requested = async {
+                match &switch {
+                    Some(switch) => switch.requested().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = crate::shutdown::signal() => true,
+                () = requested => false,
+            }
+        }
+    };
 
     let file_sink = args.events.clone().map(EventSink::File);
     let (state, encoder, environment, control) = match (&args.config, &args.control) {
@@ -265,16 +289,14 @@ async fn serve_route(
             let (ready, became_ready) = tokio::sync::oneshot::channel::<()>();
             let wait_for_state = async {
                 let state = client
-                    .first_state(
-                        Some(&environment),
-                        encoder.digest(),
-                        crate::shutdown::signal(),
-                    )
+                    .first_state(Some(&environment), encoder.digest(), async {
+                        stop_requested().await;
+                    })
                     .await;
                 let _ = ready.send(());
                 state
             };
-            let not_ready = serve_not_ready(&listener, async {
+            let not_ready = serve_not_ready(&listener, route, switch.as_ref(), async {
                 let _ = became_ready.await;
             });
             let (first, ()) = tokio::join!(wait_for_state, not_ready);
@@ -317,8 +339,11 @@ async fn serve_route(
     let drain = Duration::from_secs(args.drain_seconds);
     let draining = sidecar.clone();
     let shutdown = async move {
-        crate::shutdown::signal().await;
-        if !drain.is_zero() {
+        let signalled = stop_requested().await;
+        if !signalled {
+            // The app requested the stop, so it makes no more calls and there is nothing to drain.
+            draining.start_draining();
+        } else if !drain.is_zero() {
             draining.start_draining();
             tracing::info!(
                 drain_seconds = drain.as_secs(),
