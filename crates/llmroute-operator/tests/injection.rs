@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Container, Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -51,12 +52,13 @@ struct Setup {
     ops: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
+    sidecar_mode: SidecarMode,
     _data: tempfile::TempDir,
 }
 
 impl Setup {
     async fn new(test: &str, lifetimes: Lifetimes) -> Self {
-        Self::with_certificate(test, managed(lifetimes), None).await
+        Self::with_certificate(test, managed(lifetimes), None, SidecarMode::Auto).await
     }
 
     /// `injector_ca`: the CA that the test writes into the webhook configuration, as
@@ -65,6 +67,7 @@ impl Setup {
         test: &str,
         certificate: CertificateSource,
         injector_ca: Option<String>,
+        sidecar_mode: SidecarMode,
     ) -> Self {
         let client = client().await;
         let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -126,6 +129,7 @@ impl Setup {
             ops: String::new(),
             stop: None,
             task: None,
+            sidecar_mode,
             _data: tempfile::tempdir().unwrap(),
         };
         setup.start(certificate, injector_ca).await;
@@ -165,7 +169,7 @@ impl Setup {
                     control_url: "http://127.0.0.1:8090".into(),
                     ..InjectionSettings::default()
                 },
-                sidecar_mode: SidecarMode::Auto,
+                sidecar_mode: self.sidecar_mode,
                 configuration: WebhookConfigSpec {
                     name: self.configuration.clone(),
                     namespace_labels: Some(labels),
@@ -455,6 +459,73 @@ async fn deployment_pods_are_injected_once_and_skips_are_visible() {
     setup.finish().await;
 }
 
+/// With regular-container sidecars, the pod that the Job controller creates gets a sidecar
+/// with POST /shutdown, which its app calls so that the pod can complete.
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn job_pod_gets_stoppable_sidecar() {
+    let setup = Setup::with_certificate(
+        "job",
+        managed(Lifetimes::default()),
+        None,
+        SidecarMode::Classic,
+    )
+    .await;
+    let jobs: Api<Job> = Api::namespaced(setup.client.clone(), &setup.namespace);
+    let job: Job = serde_json::from_value(json!({
+        "metadata": {"name": "nightly-eval"},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"annotations": {"llmroute.dev/route": "chat"}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "eval", "image": "app:1"}]
+                }
+            }
+        }
+    }))
+    .unwrap();
+    jobs.create(&PostParams::default(), &job).await.unwrap();
+    let pod = eventually("the Job's pod", || async {
+        let pods = setup
+            .pods()
+            .list(&ListParams::default().labels("batch.kubernetes.io/job-name=nightly-eval"))
+            .await
+            .ok()?
+            .items;
+        pods.into_iter().next()
+    })
+    .await;
+    let injected = sidecars(&pod);
+    assert_eq!(injected.len(), 1, "{pod:?}");
+    assert!(
+        injected[0].restart_policy.is_none(),
+        "a regular container: {:?}",
+        injected[0].restart_policy
+    );
+    let args = injected[0].args.clone().unwrap();
+    assert!(
+        args.contains(&"--shutdown-endpoint".to_string()),
+        "{args:?}"
+    );
+    assert!(
+        args.windows(2).any(|pair| pair == ["--drain-seconds", "5"]),
+        "{args:?}"
+    );
+
+    // A pod that no Job controls gets no endpoint.
+    let single = setup
+        .create_pod("single", json!({"llmroute.dev/route": "chat"}), false)
+        .await;
+    let args = sidecars(&single)[0].args.clone().unwrap();
+    assert!(
+        !args.contains(&"--shutdown-endpoint".to_string()),
+        "{args:?}"
+    );
+    setup.finish().await;
+}
+
 #[tokio::test]
 #[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
 async fn webhook_down_with_ignore_still_creates_pods() {
@@ -567,7 +638,8 @@ async fn certificate_files_from_another_tool_are_served_and_reloaded() {
     let source = CertificateSource::Files {
         folder: folder.path().to_path_buf(),
     };
-    let setup = Setup::with_certificate("files", source, Some(set.ca_pem.clone())).await;
+    let setup =
+        Setup::with_certificate("files", source, Some(set.ca_pem.clone()), SidecarMode::Auto).await;
     let first = setup
         .create_pod("first", json!({"llmroute.dev/route": "chat"}), false)
         .await;

@@ -36,6 +36,10 @@ pub const MEMORY_ANNOTATION: &str = "llmroute.dev/sidecar-memory";
 /// Guaranteed, so a pod whose other containers are Guaranteed stays Guaranteed.
 pub const CPU_LIMIT_ANNOTATION: &str = "llmroute.dev/sidecar-cpu-limit";
 pub const MEMORY_LIMIT_ANNOTATION: &str = "llmroute.dev/sidecar-memory-limit";
+/// Per-pod switch of the sidecar's `POST /shutdown` (`"true"` or `"false"`). By default it is
+/// on for a pod of a Job whose sidecar runs as a regular container, the one case where the
+/// pod cannot complete until the app stops the sidecar.
+pub const SHUTDOWN_ENDPOINT_ANNOTATION: &str = "llmroute.dev/sidecar-shutdown-endpoint";
 /// Name of the injected container.
 pub const SIDECAR_NAME: &str = "llmroute-sidecar";
 /// Default port of the sidecar's admin listener.
@@ -218,7 +222,7 @@ pub fn decide(pod: &Pod, route: Option<&LlmRoute>, settings: &InjectionSettings)
             ),
         );
     };
-    let overrides = match Overrides::read(&annotations, route, settings) {
+    let overrides = match Overrides::read(&annotations, route, settings, is_job_pod(pod)) {
         Ok(overrides) => overrides,
         Err((reason, message)) => return skip(reason, message),
     };
@@ -271,6 +275,8 @@ struct Overrides {
     cpu_limit: Option<String>,
     memory: String,
     memory_limit: String,
+    /// Whether the sidecar serves `POST /shutdown`.
+    shutdown_endpoint: bool,
 }
 
 impl Overrides {
@@ -280,6 +286,7 @@ impl Overrides {
         annotations: &BTreeMap<String, String>,
         route: &LlmRoute,
         settings: &InjectionSettings,
+        job_pod: bool,
     ) -> Result<Self, (SkipReason, String)> {
         let sidecar = route.spec.sidecar.clone().unwrap_or_default();
         let image = sidecar.image.unwrap_or_else(|| settings.image.clone());
@@ -338,6 +345,24 @@ impl Overrides {
                 is_quantity,
                 "a memory quantity such as 512Mi",
             )?,
+            shutdown_endpoint: match annotations.get(SHUTDOWN_ENDPOINT_ANNOTATION) {
+                // A native sidecar stops after the app by itself, and the kubelet would
+                // restart one that exits earlier.
+                None => job_pod && !settings.native_sidecars,
+                Some(value) => match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => {
+                        return Err((
+                            SkipReason::InvalidAnnotation,
+                            format!(
+                                "{SHUTDOWN_ENDPOINT_ANNOTATION} is {}; use \"true\" or \"false\"",
+                                quoted(other)
+                            ),
+                        ));
+                    }
+                },
+            },
         };
         overrides.check_cpu_limit()?;
         overrides.fit_memory_limit(annotations, sidecar.memory_limit.is_some())
@@ -409,6 +434,15 @@ impl Overrides {
             )
         })
     }
+}
+
+/// Returns whether a Job owns `pod`, as the Job controller records it when it creates the pod.
+fn is_job_pod(pod: &Pod) -> bool {
+    pod.metadata.owner_references.iter().flatten().any(|owner| {
+        owner.kind == "Job"
+            && owner.api_version.starts_with("batch/")
+            && owner.controller == Some(true)
+    })
 }
 
 /// Returns whether `value` can be an image reference such as `registry:5000/llmroute:0.1.0` or
@@ -531,6 +565,9 @@ fn sidecar_container(
         // A regular container gets SIGTERM together with the app, which may still call it
         // while it finishes its own work.
         args.extend(["--drain-seconds".into(), CLASSIC_DRAIN_SECONDS.to_string()]);
+    }
+    if overrides.shutdown_endpoint {
+        args.push("--shutdown-endpoint".into());
     }
     // The proxy listens on the pod's loopback only, so no Service reaches this port. It is
     // declared so that the pod's spec shows the port as taken.
@@ -1078,6 +1115,71 @@ mod tests {
             .clone()
             .unwrap();
         assert!(!native_args.contains(&"--drain-seconds".to_string()));
+    }
+
+    /// A Job's pod with a regular-container sidecar gets POST /shutdown, so that its app can
+    /// stop the sidecar and the pod completes. The annotation overrides the default.
+    #[test]
+    fn job_pod_gets_shutdown_endpoint() {
+        let classic = InjectionSettings {
+            native_sidecars: false,
+            ..InjectionSettings::default()
+        };
+        let native = InjectionSettings::default();
+        let job_pod = |annotations: Value| {
+            let mut pod = pod(annotations, app_spec());
+            pod.metadata.owner_references = Some(vec![
+                serde_json::from_value(json!({
+                    "apiVersion": "batch/v1", "kind": "Job", "name": "nightly-eval",
+                    "uid": "5f0c", "controller": true, "blockOwnerDeletion": true
+                }))
+                .unwrap(),
+            ]);
+            pod
+        };
+        let has_flag = |pod: &Pod, settings: &InjectionSettings| {
+            let spec = apply(pod, &decide(pod, Some(&route()), settings))
+                .spec
+                .unwrap();
+            let sidecar = if settings.native_sidecars {
+                spec.init_containers.unwrap().remove(0)
+            } else {
+                spec.containers.into_iter().last().unwrap()
+            };
+            assert_eq!(sidecar.name, SIDECAR_NAME);
+            sidecar
+                .args
+                .unwrap()
+                .contains(&"--shutdown-endpoint".to_string())
+        };
+        let chat = json!({ROUTE_ANNOTATION: "chat"});
+        assert!(has_flag(&job_pod(chat.clone()), &classic));
+        assert!(
+            !has_flag(&job_pod(chat.clone()), &native),
+            "a native sidecar stops after the app by itself"
+        );
+        assert!(
+            !has_flag(&pod(chat.clone(), app_spec()), &classic),
+            "not a Job's pod"
+        );
+        let off = json!({ROUTE_ANNOTATION: "chat", SHUTDOWN_ENDPOINT_ANNOTATION: "false"});
+        assert!(!has_flag(&job_pod(off), &classic));
+        let on = json!({ROUTE_ANNOTATION: "chat", SHUTDOWN_ENDPOINT_ANNOTATION: "true"});
+        assert!(has_flag(&pod(on, app_spec()), &native));
+
+        let wrong = json!({ROUTE_ANNOTATION: "chat", SHUTDOWN_ENDPOINT_ANNOTATION: "yes"});
+        match decide(&job_pod(wrong), Some(&route()), &classic) {
+            Decision::Skip {
+                reason, message, ..
+            } => {
+                assert_eq!(reason, SkipReason::InvalidAnnotation);
+                assert_eq!(
+                    message,
+                    "llmroute.dev/sidecar-shutdown-endpoint is \"yes\"; use \"true\" or \"false\""
+                );
+            }
+            other => panic!("expected a skip, got {other:?}"),
+        }
     }
 
     #[test]
