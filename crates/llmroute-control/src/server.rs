@@ -783,7 +783,7 @@ fn store_failure(error: &StoreError) -> (StatusCode, &'static str, String) {
             StatusCode::INSUFFICIENT_STORAGE,
             "store_full",
             format!(
-                "the event store is full: {error}; give its volume more space (on Kubernetes, resize the PersistentVolumeClaim data-llmroute-operator-N) or lower the event retention (events.maxPerRoute, a route's spec.retention)"
+                "the event store is full: {error}; give its volume more space (on Kubernetes, resize the PersistentVolumeClaim data-llmroute-operator-N), lower the event retention (events.maxPerRoute, a route's spec.retention) or set a size limit (--event-max-store-size, events.maxStoreSize)"
             ),
         );
     }
@@ -805,15 +805,20 @@ pub fn retention_limits(
     Some((Some(max_age), Some(settings.max_events)))
 }
 
-/// Limits of the events kept per route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Limits of the events kept per route, and of the whole event store.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetentionSettings {
     /// Events received longer ago are deleted; `None` keeps them regardless of age.
     pub max_age: Option<Duration>,
     /// Only the newest this many events of a route are kept; `None` sets no limit.
     pub max_events: Option<u64>,
-    /// Time between two retention runs.
+    /// Time between two runs of the age and count limits.
     pub interval: Duration,
+    /// Limit of the whole store's size, checked every `size_interval`.
+    pub max_store: StoreSizeLimit,
+    /// Time between two checks of `max_store`. A check reads two SQLite pragmas, so it can run
+    /// far more often than the age and count limits.
+    pub size_interval: Duration,
 }
 
 impl Default for RetentionSettings {
@@ -822,6 +827,83 @@ impl Default for RetentionSettings {
             max_age: Some(Duration::from_secs(30 * 24 * 3600)),
             max_events: Some(1_000_000),
             interval: Duration::from_secs(600),
+            max_store: StoreSizeLimit::Auto,
+            size_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Limit of the bytes that the event store's database may use ([`Store::used_bytes`]), as
+/// Prometheus limits its storage with `--storage.tsdb.retention.size`. Over it, the oldest
+/// events of the routes with the most events are deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreSizeLimit {
+    /// No limit: the store grows until the volume is full, and event batches then get 507.
+    Off,
+    /// [`AUTO_STORE_FRACTION`] of the size of the file system that contains the store, read at
+    /// each check, so that a resized volume raises the limit without a restart.
+    Auto,
+    /// A number of bytes.
+    Bytes(u64),
+}
+
+/// Share of the file system that [`StoreSizeLimit::Auto`] lets the database use. The rest is
+/// left for the write-ahead log (which grows by the pages of one deletion chunk between
+/// checkpoints), the policy files in the same folder, and the events that arrive between two
+/// checks.
+pub const AUTO_STORE_FRACTION: f64 = 0.8;
+
+/// Smallest accepted [`StoreSizeLimit::Bytes`]: 16 MiB, about 6,000 events.
+pub const MIN_STORE_BYTES: u64 = 16 << 20;
+
+impl StoreSizeLimit {
+    /// Parses `auto`, `0` (off), or a size in bytes with an optional suffix (Ki, Mi, Gi, Ti,
+    /// k, M, G, T) as in a Kubernetes quantity, for example `800Mi`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "auto" => return Ok(Self::Auto),
+            "0" => return Ok(Self::Off),
+            _ => {}
+        }
+        let bytes = llmroute_api::crd::quantity_value(value)
+            .filter(|bytes| bytes.fract() == 0.0 && *bytes >= 0.0)
+            .ok_or_else(|| {
+                format!(
+                    "invalid event store size {value:?}: use auto, 0 (no limit) or a size such as 800Mi or 2Gi"
+                )
+            })?;
+        if bytes < MIN_STORE_BYTES as f64 {
+            return Err(format!(
+                "invalid event store size {value:?}: use at least 16Mi, or 0 for no limit"
+            ));
+        }
+        Ok(Self::Bytes(bytes.min(u64::MAX as f64) as u64))
+    }
+
+    /// Returns the limit in bytes for a store in `folder`, `None` when there is no limit.
+    pub fn bytes(self, folder: &std::path::Path) -> std::io::Result<Option<u64>> {
+        match self {
+            Self::Off => Ok(None),
+            Self::Bytes(bytes) => Ok(Some(bytes)),
+            Self::Auto => {
+                let stats = rustix::fs::statvfs(folder)?;
+                let total = stats.f_blocks.saturating_mul(stats.f_frsize);
+                Ok(Some((total as f64 * AUTO_STORE_FRACTION) as u64))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for StoreSizeLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Off => write!(f, "off"),
+            Self::Auto => write!(
+                f,
+                "auto ({:.0} % of the volume)",
+                AUTO_STORE_FRACTION * 100.0
+            ),
+            Self::Bytes(bytes) => write!(f, "{bytes} bytes"),
         }
     }
 }
@@ -829,7 +911,7 @@ impl Default for RetentionSettings {
 /// Applies `settings` to every route the backend serves, now and then every
 /// `settings.interval`, until `shutdown` completes. Events of routes no longer served are
 /// left alone: the operator deletes them with the route, and a standalone route file may come
-/// back.
+/// back. The store's size limit is checked every `settings.size_interval`, over all routes.
 pub async fn run_retention(
     backend: Backend,
     settings: RetentionSettings,
@@ -839,43 +921,119 @@ pub async fn run_retention(
         max_age_seconds = settings.max_age.map(|d| d.as_secs()),
         max_events = settings.max_events,
         interval_seconds = settings.interval.as_secs(),
+        max_store = %settings.max_store,
+        size_interval_seconds = settings.size_interval.as_secs(),
         "event retention starting"
     );
     tokio::pin!(shutdown);
     let mut ticker = tokio::time::interval(settings.interval.max(Duration::from_secs(1)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut size_ticker =
+        tokio::time::interval(settings.size_interval.max(Duration::from_millis(100)));
+    size_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut size_check = SizeCheck::default();
     loop {
         tokio::select! {
-            _ = ticker.tick() => {}
-            () = &mut shutdown => break,
-        }
-        for route in backend.route_names() {
-            let store_backend = backend.clone();
-            let key = route.clone();
-            let (max_age, max_events) = backend
-                .route_retention(&route)
-                .unwrap_or((settings.max_age, settings.max_events));
-            let result = tokio::task::spawn_blocking(move || {
-                store_backend
-                    .store()
-                    .apply_retention(&key, max_age, max_events)
-            })
-            .await;
-            match result {
-                Ok(Ok(0)) => {}
-                Ok(Ok(deleted)) => {
-                    tracing::info!(route = %route, deleted, "deleted events past the retention limits")
-                }
-                Ok(Err(error)) => {
-                    tracing::error!(route = %route, error = %error, "failed to apply event retention; retrying at the next run")
-                }
-                Err(error) => {
-                    tracing::error!(route = %route, error = %error, "the event retention task failed; retrying at the next run")
-                }
+            _ = ticker.tick() => apply_route_limits(&backend, &settings).await,
+            _ = size_ticker.tick() => {
+                size_check.run(&backend, settings.max_store).await;
             }
+            () = &mut shutdown => break,
         }
     }
     tracing::info!("event retention stopped");
+}
+
+/// Applies each served route's age and count limits: its own `spec.retention`, else those of
+/// `settings`.
+async fn apply_route_limits(backend: &Backend, settings: &RetentionSettings) {
+    for route in backend.route_names() {
+        let store_backend = backend.clone();
+        let key = route.clone();
+        let (max_age, max_events) = backend
+            .route_retention(&route)
+            .unwrap_or((settings.max_age, settings.max_events));
+        let result = tokio::task::spawn_blocking(move || {
+            store_backend
+                .store()
+                .apply_retention(&key, max_age, max_events)
+        })
+        .await;
+        match result {
+            Ok(Ok(0)) => {}
+            Ok(Ok(deleted)) => {
+                tracing::info!(route = %route, deleted, "deleted events past the retention limits")
+            }
+            Ok(Err(error)) => {
+                tracing::error!(route = %route, error = %error, "failed to apply event retention; retrying at the next run")
+            }
+            Err(error) => {
+                tracing::error!(route = %route, error = %error, "the event retention task failed; retrying at the next run")
+            }
+        }
+    }
+}
+
+/// State of the store's size checks between runs, so that a condition that lasts is logged
+/// once, not at every check.
+#[derive(Debug, Default)]
+struct SizeCheck {
+    /// The last check found the store over its limit with no event left to delete.
+    warned_no_events: bool,
+    /// The last check failed to read the file system's size.
+    warned_statvfs: bool,
+}
+
+impl SizeCheck {
+    async fn run(&mut self, backend: &Backend, limit: StoreSizeLimit) {
+        let folder = backend.store().folder().to_path_buf();
+        let max_bytes = match limit.bytes(&folder) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return,
+            Err(error) => {
+                if !std::mem::replace(&mut self.warned_statvfs, true) {
+                    tracing::error!(folder = %folder.display(), error = %error, "failed to read the size of the event store's file system; no size limit until it can be read");
+                }
+                return;
+            }
+        };
+        if self.warned_statvfs {
+            tracing::info!(folder = %folder.display(), "read the size of the event store's file system again");
+            self.warned_statvfs = false;
+        }
+        let store_backend = backend.clone();
+        let result =
+            tokio::task::spawn_blocking(move || store_backend.store().apply_size_limit(max_bytes))
+                .await;
+        match result {
+            Ok(Ok(applied)) => {
+                for (route, deleted) in &applied.deleted {
+                    tracing::info!(
+                        route = %route,
+                        deleted,
+                        used_bytes = applied.used_bytes,
+                        max_bytes,
+                        "deleted the oldest events to keep the event store within its size limit"
+                    );
+                }
+                let over = applied.used_bytes > max_bytes;
+                if over && !self.warned_no_events {
+                    tracing::warn!(
+                        used_bytes = applied.used_bytes,
+                        max_bytes,
+                        "the event store is over its size limit with no event left to delete; raise the limit"
+                    );
+                }
+                self.warned_no_events = over;
+            }
+            Ok(Err(error)) => {
+                tracing::error!(error = %error, "failed to apply the event store's size limit; retrying at the next check")
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "the event store's size check failed; retrying at the next check")
+            }
+        }
+    }
 }
 
 /// Serves the control API on `listener` without authentication until `shutdown` completes.
@@ -972,6 +1130,38 @@ pub async fn serve_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn store_size_limit_parses_quantities() {
+        assert_eq!(StoreSizeLimit::parse("auto"), Ok(StoreSizeLimit::Auto));
+        assert_eq!(StoreSizeLimit::parse("0"), Ok(StoreSizeLimit::Off));
+        assert_eq!(
+            StoreSizeLimit::parse("800Mi"),
+            Ok(StoreSizeLimit::Bytes(800 << 20))
+        );
+        assert_eq!(
+            StoreSizeLimit::parse("2G"),
+            Ok(StoreSizeLimit::Bytes(2_000_000_000))
+        );
+        let small = StoreSizeLimit::parse("15Mi").unwrap_err();
+        assert!(small.contains("at least 16Mi"), "{small}");
+        for wrong in ["lots", "-1Gi", "1.5", "100m", ""] {
+            let message = StoreSizeLimit::parse(wrong).unwrap_err();
+            assert!(message.contains("800Mi"), "{wrong}: {message}");
+        }
+    }
+
+    #[test]
+    fn auto_store_limit_is_share_of_file_system() {
+        let folder = tempfile::tempdir().unwrap();
+        let stats = rustix::fs::statvfs(folder.path()).unwrap();
+        let total = stats.f_blocks * stats.f_frsize;
+        let limit = StoreSizeLimit::Auto.bytes(folder.path()).unwrap().unwrap();
+        assert_eq!(limit, (total as f64 * AUTO_STORE_FRACTION) as u64);
+        assert_eq!(StoreSizeLimit::Off.bytes(folder.path()).unwrap(), None);
+        let missing = folder.path().join("missing");
+        assert!(StoreSizeLimit::Auto.bytes(&missing).is_err());
+    }
 
     #[test]
     fn full_store_gets_507_and_the_fix() {

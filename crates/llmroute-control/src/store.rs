@@ -180,6 +180,44 @@ const SCHEMA_VERSION: i64 = 2;
 /// one short transaction at most instead of the whole deletion.
 const RETENTION_CHUNK: i64 = 5_000;
 
+/// Passes of [`Store::apply_size_limit`] at most.
+const SIZE_LIMIT_PASSES: usize = 8;
+
+/// Result of [`Store::apply_size_limit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SizeRetention {
+    /// Events deleted per route, only routes that lost some.
+    pub deleted: Vec<(String, u64)>,
+    /// [`Store::used_bytes`] afterwards.
+    pub used_bytes: u64,
+}
+
+/// Returns the largest count `level` such that lowering every route above it to `level`
+/// deletes at least `excess` events: Σ max(0, count − level) ≥ excess. With `excess` above
+/// the total, every event goes (level 0).
+fn common_level(counts: &[(String, u64)], excess: u64) -> u64 {
+    let over = |level: u64| -> u64 {
+        counts
+            .iter()
+            .map(|(_, count)| count.saturating_sub(level))
+            .sum()
+    };
+    // over(low) ≥ excess stays true throughout, and over(high + 1) < excess.
+    let (mut low, mut high) = (0, counts.iter().map(|(_, count)| *count).max().unwrap_or(0));
+    if over(0) < excess {
+        return 0;
+    }
+    while low < high {
+        let middle = low + (high - low).div_ceil(2);
+        if over(middle) >= excess {
+            low = middle;
+        } else {
+            high = middle - 1;
+        }
+    }
+    low
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -248,6 +286,11 @@ impl Store {
             path: self.database.clone(),
             source,
         })
+    }
+
+    /// Returns the state folder.
+    pub fn folder(&self) -> &Path {
+        &self.folder
     }
 
     /// Path of the artifact with this digest.
@@ -479,6 +522,73 @@ impl Store {
         Ok(deleted)
     }
 
+    /// Returns the bytes of the database's pages that hold data: (`page_count` −
+    /// `freelist_count`) × `page_size`. A deletion moves pages to the free list, where later
+    /// inserts reuse them, and the file keeps its size, so retention lowers this figure only.
+    pub fn used_bytes(&self) -> Result<u64, StoreError> {
+        self.with_connection(|connection| {
+            let pragma = |name: &str| {
+                connection.query_row(&format!("PRAGMA {name}"), [], |row| row.get::<_, i64>(0))
+            };
+            let pages = pragma("page_count")? - pragma("freelist_count")?;
+            Ok(pages.max(0) as u64 * pragma("page_size")?.max(0) as u64)
+        })
+    }
+
+    /// Counts the stored events of each route, in route order.
+    pub fn event_counts(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.with_connection(|connection| {
+            let mut statement = connection
+                .prepare("SELECT route, COUNT(*) FROM events GROUP BY route ORDER BY route")?;
+            let rows = statement.query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)?.max(0) as u64,
+                ))
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Deletes the oldest events of the routes that have the most, until the pages in use
+    /// ([`Store::used_bytes`]) take at most `max_bytes`. Each pass estimates the events to
+    /// delete from the bytes per event, then lowers the largest routes to one common count,
+    /// so a busy route gives up events before a quiet one loses any. Stops when no events
+    /// are left. Returns the events deleted per route.
+    pub fn apply_size_limit(&self, max_bytes: u64) -> Result<SizeRetention, StoreError> {
+        let mut deleted: Vec<(String, u64)> = Vec::new();
+        let mut used = self.used_bytes()?;
+        // The estimate overshoots a little (it counts the pages of other tables as events'),
+        // so one pass is the rule and the bound only guards against a wrong estimate.
+        for _ in 0..SIZE_LIMIT_PASSES {
+            if used <= max_bytes {
+                break;
+            }
+            let counts = self.event_counts()?;
+            let total: u64 = counts.iter().map(|(_, count)| count).sum();
+            if total == 0 {
+                break;
+            }
+            let per_event = used.div_ceil(total).max(1);
+            let excess = (used - max_bytes).div_ceil(per_event).clamp(1, total);
+            let level = common_level(&counts, excess);
+            for (route, count) in &counts {
+                if *count > level {
+                    let removed = self.apply_retention(route, None, Some(level))?;
+                    match deleted.iter_mut().find(|(name, _)| name == route) {
+                        Some((_, sum)) => *sum += removed,
+                        None => deleted.push((route.clone(), removed)),
+                    }
+                }
+            }
+            used = self.used_bytes()?;
+        }
+        Ok(SizeRetention {
+            deleted,
+            used_bytes: used,
+        })
+    }
+
     /// Deletes the events of `route` with ids up to `last`, oldest first, in chunks.
     fn delete_through(&self, route: &str, last: i64) -> Result<u64, StoreError> {
         let mut deleted = 0;
@@ -696,6 +806,42 @@ mod tests {
     use llmroute_api::{DecisionRecord, Outcome, Preference};
 
     use super::*;
+
+    #[test]
+    fn common_level_lowers_largest_first() {
+        let counts = |values: &[u64]| -> Vec<(String, u64)> {
+            values
+                .iter()
+                .enumerate()
+                .map(|(index, count)| (format!("route-{index}"), *count))
+                .collect()
+        };
+
+        // Lowering 100 to 60 deletes 40, and the routes below 60 keep every event.
+        assert_eq!(common_level(&counts(&[100, 50, 10]), 40), 60);
+        assert_eq!(common_level(&counts(&[100, 50, 10]), 41), 59);
+        // Level 15 deletes 85 + 35 = 120, level 16 only 84 + 34 = 118.
+        assert_eq!(common_level(&counts(&[100, 50, 10]), 120), 15);
+        assert_eq!(common_level(&counts(&[100, 50, 10]), 160), 0);
+        assert_eq!(common_level(&counts(&[100, 50, 10]), 1_000), 0);
+        assert_eq!(common_level(&counts(&[]), 5), 0);
+
+        let routes = counts(&[100, 50, 10]);
+        let over = |level: u64| -> u64 {
+            routes
+                .iter()
+                .map(|(_, count)| count.saturating_sub(level))
+                .sum()
+        };
+        for excess in 1..=160 {
+            let level = common_level(&routes, excess);
+            assert!(over(level) >= excess, "excess {excess}, level {level}");
+            assert!(
+                over(level + 1) < excess,
+                "excess {excess}: level {level} is not the largest"
+            );
+        }
+    }
 
     fn event(n: u32) -> CompletedEvent {
         CompletedEvent {

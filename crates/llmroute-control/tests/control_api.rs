@@ -218,3 +218,47 @@ async fn control_api_serves_routes() {
     assert_eq!(receiver.borrow().version, 3);
     assert_eq!(plane.store().count_events("chat").unwrap(), 2);
 }
+
+/// The retention task keeps the store within its size limit between the runs of the age and
+/// count limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_store_within_size_limit() {
+    use llmroute_control::server::{RetentionSettings, StoreSizeLimit, run_retention};
+
+    let routes = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(routes.path().join("chat.yaml"), ROUTE).unwrap();
+    let store = Arc::new(Store::open(state.path()).unwrap());
+    let (plane, _) = ControlPlane::new(routes.path(), store.clone());
+    // About 2.1 KB each: 10,000 events take more than 16 MiB.
+    let events: Vec<CompletedEvent> = (0..10_000).map(|n| event(&format!("{n:032x}"))).collect();
+    store.insert_events("chat", "pod", &events).unwrap();
+    let limit = 16 << 20;
+    assert!(store.used_bytes().unwrap() > limit);
+
+    let settings = RetentionSettings {
+        max_age: None,
+        max_events: None,
+        interval: Duration::from_secs(3600),
+        max_store: StoreSizeLimit::Bytes(limit),
+        size_interval: Duration::from_millis(100),
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let retention = tokio::spawn(run_retention(plane, settings, async {
+        let _ = stopped.await;
+    }));
+    let mut used = store.used_bytes().unwrap();
+    for _ in 0..300 {
+        if used <= limit {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        used = store.used_bytes().unwrap();
+    }
+    stop.send(()).unwrap();
+    retention.await.unwrap();
+    assert!(used <= limit, "{used} bytes used, limit {limit}");
+    let kept = store.events("chat").unwrap();
+    assert!(!kept.is_empty());
+    assert_eq!(kept.last(), events.last(), "the newest events are kept");
+}

@@ -1,5 +1,5 @@
 //! The event store: embeddings in their own column, databases of the first schema version,
-//! and retention by age and by count.
+//! and retention by age, by count and by the store's size.
 
 use std::time::Duration;
 
@@ -148,6 +148,52 @@ fn retention_deletes_oldest_first() {
     assert_eq!(store.events("chat").unwrap()[0], chat[11_400]);
     assert_eq!(store.apply_retention("chat", day, Some(1_000)).unwrap(), 0);
     assert_eq!(store.count_events("chat").unwrap(), 600);
+}
+
+/// The size limit takes events from the busiest route, oldest first, until the pages in use
+/// fit, and a quiet route keeps all of its events.
+#[test]
+fn size_limit_deletes_from_busiest_route() {
+    let state = tempfile::tempdir().unwrap();
+    let store = Store::open(state.path()).unwrap();
+    let busy: Vec<CompletedEvent> = (0..12_000).map(|n| event("busy", n)).collect();
+    let quiet: Vec<CompletedEvent> = (100_000..102_000).map(|n| event("quiet", n)).collect();
+    store.insert_events("busy", "pod", &busy).unwrap();
+    store.insert_events("quiet", "pod", &quiet).unwrap();
+    let full = store.used_bytes().unwrap();
+    // About 2.1 KB per event, three to an 8 KiB page.
+    assert!(full > 14_000 * 2_000, "{full} bytes for 14,000 events");
+    let file = std::fs::metadata(state.path().join("state.sqlite3"))
+        .unwrap()
+        .len();
+
+    let unchanged = store.apply_size_limit(full).unwrap();
+    assert!(unchanged.deleted.is_empty(), "{unchanged:?}");
+
+    let limit = full / 2;
+    let applied = store.apply_size_limit(limit).unwrap();
+    assert!(applied.used_bytes <= limit, "{applied:?} over {limit}");
+    assert_eq!(applied.used_bytes, store.used_bytes().unwrap());
+    assert_eq!(applied.deleted.len(), 1, "{applied:?}");
+    assert_eq!(applied.deleted[0].0, "busy");
+    assert_eq!(store.count_events("quiet").unwrap(), 2_000);
+    let kept = store.events("busy").unwrap();
+    assert_eq!(kept.len() as u64, 12_000 - applied.deleted[0].1);
+    assert_eq!(kept.last(), busy.last(), "the newest events are kept");
+    assert_eq!(kept[0], busy[12_000 - kept.len()], "the oldest go first");
+    // Fewer than half of the events go: the other tables and indexes take pages too, so
+    // the estimate of bytes per event is high.
+    assert!(kept.len() > 4_000, "kept {}", kept.len());
+    let after = std::fs::metadata(state.path().join("state.sqlite3"))
+        .unwrap()
+        .len();
+    assert!(after >= file, "the file keeps its pages for later inserts");
+
+    // A limit below what the other tables take deletes every event, then stops.
+    let empty = store.apply_size_limit(1).unwrap();
+    assert!(empty.used_bytes > 1);
+    assert_eq!(store.event_counts().unwrap(), Vec::new());
+    assert_eq!(store.apply_size_limit(1).unwrap().deleted, Vec::new());
 }
 
 /// Batches sent at the same time may share one commit. Each caller gets the count of its own

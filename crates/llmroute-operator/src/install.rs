@@ -43,6 +43,8 @@ pub struct InstallOptions {
     pub event_max_age_days: u64,
     /// Newest events kept per route (0 sets no limit).
     pub event_max_per_route: u64,
+    /// Limit of each replica's event store: `auto`, `0` or a size such as 800Mi.
+    pub event_max_store_size: String,
     /// Seconds between two passes of the leader's learning loop (0 turns it off).
     pub learning_interval_seconds: u64,
 }
@@ -68,6 +70,7 @@ impl Default for InstallOptions {
             storage_class: None,
             event_max_age_days: 30,
             event_max_per_route: 1_000_000,
+            event_max_store_size: "auto".into(),
             learning_interval_seconds: 10,
         }
     }
@@ -256,6 +259,7 @@ fn operator_args(options: &InstallOptions) -> Vec<String> {
         format!("--sidecar-admin-port={}", options.sidecar_admin_port),
         format!("--event-max-age-days={}", options.event_max_age_days),
         format!("--event-max-per-route={}", options.event_max_per_route),
+        format!("--event-max-store-size={}", options.event_max_store_size),
         format!(
             "--learning-interval-seconds={}",
             options.learning_interval_seconds

@@ -185,6 +185,7 @@ fn chart_settings_match_llmroute_install() {
             "persistence.storageClass=fast-ssd",
             "events.maxAgeDays=7",
             "events.maxPerRoute=50000",
+            "events.maxStoreSize=4Gi",
             "learning.intervalSeconds=0",
         ],
     );
@@ -204,6 +205,7 @@ fn chart_settings_match_llmroute_install() {
         storage_class: Some("fast-ssd".into()),
         event_max_age_days: 7,
         event_max_per_route: 50_000,
+        event_max_store_size: "4Gi".into(),
         learning_interval_seconds: 0,
         ..InstallOptions::default()
     };

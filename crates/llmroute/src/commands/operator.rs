@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use llmroute_control::server::RetentionSettings;
+use llmroute_control::server::{RetentionSettings, StoreSizeLimit};
 use llmroute_operator::leader::LeaderElection;
 use llmroute_operator::webhook::inject::InjectionSettings;
 use llmroute_operator::webhook::{WebhookConfigSpec, WebhookTarget};
@@ -124,6 +124,11 @@ pub struct OperatorArgs {
     /// Keeps at most this many of the newest events per route (0 sets no limit).
     #[arg(long, default_value_t = 1_000_000)]
     pub event_max_per_route: u64,
+    /// Limit of the event store's size: `auto` (80 % of the size of the file system that contains
+    /// the store, read at each check), `0` (no limit) or a size such as 800Mi or 2Gi. Over it,
+    /// the oldest events of the routes with the most events are deleted, checked every 10 s.
+    #[arg(long, default_value = "auto", value_name = "SIZE", value_parser = StoreSizeLimit::parse)]
+    pub event_max_store_size: StoreSizeLimit,
     /// Seconds between two runs of the event retention.
     #[arg(long, default_value_t = 600)]
     pub retention_interval_seconds: u64,
@@ -150,6 +155,8 @@ impl OperatorArgs {
                 .then(|| Duration::from_secs(self.event_max_age_days.saturating_mul(24 * 3600))),
             max_events: (self.event_max_per_route > 0).then_some(self.event_max_per_route),
             interval: Duration::from_secs(self.retention_interval_seconds),
+            max_store: self.event_max_store_size,
+            ..RetentionSettings::default()
         };
         Ok(IngestSettings {
             retention,

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use llmroute_control::auth::{Authenticator, StaticTokenAuthenticator};
-use llmroute_control::server::{RetentionSettings, ServerOptions, run_retention, serve_with};
+use llmroute_control::server::{
+    RetentionSettings, ServerOptions, StoreSizeLimit, run_retention, serve_with,
+};
 use llmroute_control::store::Synchronous;
 use llmroute_control::{ControlPlane, LearningLoop, Store};
 use llmroute_policy::encoder::{EMBEDDING_DIM, digest_of_files};
@@ -46,6 +48,11 @@ pub struct StandaloneArgs {
     /// Keeps at most this many of the newest events per route (0 sets no limit).
     #[arg(long, default_value_t = 1_000_000)]
     pub event_max_per_route: u64,
+    /// Limit of the event store's size: `auto` (80 % of the size of the file system that contains
+    /// the store, read at each check), `0` (no limit) or a size such as 800Mi or 2Gi. Over it,
+    /// the oldest events of the routes with the most events are deleted, checked every 10 s.
+    #[arg(long, default_value = "auto", value_name = "SIZE", value_parser = StoreSizeLimit::parse)]
+    pub event_max_store_size: StoreSizeLimit,
     /// Seconds between two runs of the event retention.
     #[arg(long, default_value_t = 600)]
     pub retention_interval_seconds: u64,
@@ -74,6 +81,8 @@ impl StandaloneArgs {
             max_age,
             max_events,
             interval: Duration::from_secs(self.retention_interval_seconds),
+            max_store: self.event_max_store_size,
+            ..RetentionSettings::default()
         })
     }
 }
