@@ -11,6 +11,7 @@ pub mod canary;
 pub mod history;
 pub mod learning;
 pub mod plane;
+pub mod replication;
 pub mod route;
 pub mod server;
 pub mod store;

@@ -46,8 +46,9 @@ use prometheus_client::registry::Registry;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::auth::{AuthError, Authenticator, Identity, bearer_token};
+use crate::auth::{AuthError, Authenticator, Identity, StaticTokenAuthenticator, bearer_token};
 use crate::plane::ControlPlane;
+use crate::replication::{REPLICATION_PATH, ReplicationPage, parse_page_query};
 use crate::store::{Store, StoreError};
 
 /// What the control API serves: the routes' configurations, policy artifacts and the event
@@ -156,6 +157,9 @@ pub struct ServerOptions {
     pub embedding_dim: usize,
     /// Maximum events per batch.
     pub max_batch_events: usize,
+    /// The replicas' shared token, which `GET /v1/replication/events` requires. `None` turns
+    /// the endpoint off.
+    pub replication: Option<Arc<StaticTokenAuthenticator>>,
 }
 
 impl Default for ServerOptions {
@@ -164,6 +168,7 @@ impl Default for ServerOptions {
             authenticator: None,
             embedding_dim: DEFAULT_EMBEDDING_DIM,
             max_batch_events: MAX_BATCH_EVENTS,
+            replication: None,
         }
     }
 }
@@ -174,6 +179,7 @@ impl std::fmt::Debug for ServerOptions {
             .field("authentication", &self.authenticator.is_some())
             .field("embedding_dim", &self.embedding_dim)
             .field("max_batch_events", &self.max_batch_events)
+            .field("replication", &self.replication.is_some())
             .finish()
     }
 }
@@ -356,6 +362,9 @@ async fn handle(server: Arc<Server>, request: Request<Incoming>) -> Response<Res
     if method == Method::POST && path == "/v1/events" {
         return post_events(&server, request).await;
     }
+    if method == Method::GET && path == REPLICATION_PATH {
+        return get_replication_page(&server, request).await;
+    }
     if method == Method::GET
         && let Some(route) = path
             .strip_prefix("/v1/routes/")
@@ -371,9 +380,73 @@ async fn handle(server: Arc<Server>, request: Request<Incoming>) -> Response<Res
     error(
         StatusCode::NOT_FOUND,
         format!(
-            "no endpoint {method} {path}; the control API serves GET /v1/routes/<route>/config, GET /v1/policies/<sha256>, POST /v1/events, GET /healthz and GET /metrics"
+            "no endpoint {method} {path}; the control API serves GET /v1/routes/<route>/config, GET /v1/policies/<sha256>, POST /v1/events, GET {REPLICATION_PATH}, GET /healthz and GET /metrics"
         ),
     )
+}
+
+/// Serves one page of this store's events to a replica that presents the replication token.
+async fn get_replication_page(
+    server: &Server,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
+    let peer = request
+        .extensions()
+        .get::<SocketAddr>()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let Some(authenticator) = &server.options.replication else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "replication is off on this control API: only the operator's replicas serve it, with the token of their replication Secret".to_string(),
+        );
+    };
+    let token = match bearer_token(request.headers().get(header::AUTHORIZATION)) {
+        Ok(token) => token,
+        Err(failure) => {
+            tracing::warn!(peer = %peer, error = %failure, "rejected a replication request");
+            return error(StatusCode::UNAUTHORIZED, failure.to_string());
+        }
+    };
+    if authenticator.authenticate(token).await.is_err() {
+        tracing::warn!(peer = %peer, "rejected a replication request with a wrong token");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "the token does not match the replicas' replication Secret".to_string(),
+        );
+    }
+    let (after, limit) = match parse_page_query(request.uri().query().unwrap_or("")) {
+        Ok(query) => query,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let backend = server.backend.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let store = backend.store();
+        let events = store.events_after(after, limit)?;
+        let page = ReplicationPage {
+            store: store.id().to_string(),
+            events,
+        };
+        Ok::<_, StoreError>(serde_json::to_vec(&page).expect("a page serialises"))
+    })
+    .await;
+    match read {
+        Ok(Ok(body)) => respond(StatusCode::OK, "application/json", body),
+        Ok(Err(failure)) => {
+            tracing::error!(peer = %peer, after, error = %failure, "failed to read events for replication");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("failed to read events after id {after}: {failure}"),
+            )
+        }
+        Err(failure) => {
+            tracing::error!(peer = %peer, error = %failure, "the replication read task failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "failed to read events for replication".to_string(),
+            )
+        }
+    }
 }
 
 /// Reads `version` and `waitSeconds` from a query string.

@@ -110,6 +110,10 @@ impl std::fmt::Display for Synchronous {
 pub struct Store {
     folder: PathBuf,
     database: PathBuf,
+    /// Random identity of this database, made when it was created. Replicas that copy its
+    /// events keep their place in it under this name, so a new database (a replaced volume)
+    /// is copied from its start.
+    id: String,
     connection: Mutex<Connection>,
     /// Event batches waiting for the next group commit (see [`Store::insert_events`]).
     pending: Mutex<Vec<Arc<PendingBatch>>>,
@@ -168,6 +172,15 @@ CREATE TABLE IF NOT EXISTS events (
     embedding BLOB
 );
 CREATE INDEX IF NOT EXISTS events_by_route ON events (route, id);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', lower(hex(randomblob(16))));
+CREATE TABLE IF NOT EXISTS replication_cursors (
+    source TEXT PRIMARY KEY,
+    last_id INTEGER NOT NULL
+);
 ";
 
 /// Schema version in `PRAGMA user_version`. Version 1 (the databases written before the
@@ -267,8 +280,14 @@ impl Store {
             });
         }
         migrate(&connection, version).map_err(db_error)?;
+        let id: String = connection
+            .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |row| {
+                row.get(0)
+            })
+            .map_err(db_error)?;
         Ok(Self {
             folder: folder.to_path_buf(),
+            id,
             database,
             connection: Mutex::new(connection),
             pending: Mutex::new(Vec::new()),
@@ -291,6 +310,11 @@ impl Store {
     /// Returns the state folder.
     pub fn folder(&self) -> &Path {
         &self.folder
+    }
+
+    /// Returns the database's random identity (32 hex digits).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Path of the artifact with this digest.
@@ -632,6 +656,116 @@ impl Store {
         })
     }
 
+    /// Reads up to `limit` events of every route with ids above `after`, in id order, with
+    /// the route, sender and reception time that another store needs to keep them as here.
+    pub fn events_after(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<ReplicatedEvent>, StoreError> {
+        type Row = (i64, String, String, i64, String, Option<Vec<u8>>);
+        let rows: Vec<Row> = self.with_connection(|connection| {
+            let mut statement = connection.prepare(
+                "SELECT id, route, sidecar, received_ms, event, embedding FROM events
+                 WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = statement.query_map(
+                params![after, limit.min(i64::MAX as usize) as i64],
+                |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                        row.get(5)?,
+                    ))
+                },
+            )?;
+            rows.collect()
+        })?;
+        rows.into_iter()
+            .map(|(id, route, sidecar, received_ms, text, embedding)| {
+                Ok(ReplicatedEvent {
+                    id,
+                    route,
+                    sidecar,
+                    received_ms,
+                    event: decode_row(&text, embedding.as_deref())?,
+                })
+            })
+            .collect()
+    }
+
+    /// Returns the id of the last event copied from the store `source`, 0 before the first.
+    pub fn replication_cursor(&self, source: &str) -> Result<i64, StoreError> {
+        self.with_connection(|connection| {
+            connection
+                .query_row(
+                    "SELECT last_id FROM replication_cursors WHERE source = ?1",
+                    params![source],
+                    |row| row.get(0),
+                )
+                .optional()
+                .map(Option::unwrap_or_default)
+        })
+    }
+
+    /// Stores events copied from the store `source` with their route, sender and reception
+    /// time, skips those already stored (same decision id), and moves the cursor of `source`
+    /// to `last_id`, all in one transaction. Returns the number of new events.
+    pub fn insert_replicated(
+        &self,
+        source: &str,
+        events: &[ReplicatedEvent],
+        last_id: i64,
+    ) -> Result<usize, StoreError> {
+        let rows = events
+            .iter()
+            .map(|copy| {
+                let without_embedding = without_embedding(&copy.event);
+                let json = serde_json::to_string(&without_embedding)?;
+                Ok((copy, json, encode_embedding(&copy.event.embedding)))
+            })
+            .collect::<Result<Vec<_>, serde_json::Error>>()?;
+        self.with_connection(|connection| {
+            let transaction = connection.transaction()?;
+            let mut inserted = 0;
+            {
+                let mut statement = transaction.prepare_cached(
+                    "INSERT OR IGNORE INTO events
+                     (route, sidecar, decision_id, model, routed, policy_version, propensity,
+                      quality, cost_usd, received_ms, event, embedding)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                )?;
+                for (copy, json, embedding) in &rows {
+                    let event = &copy.event;
+                    inserted += statement.execute(params![
+                        copy.route,
+                        copy.sidecar,
+                        event.decision.decision_id,
+                        event.served_model,
+                        event.decision.routed,
+                        event.decision.policy_version,
+                        event.decision.propensity,
+                        event.quality,
+                        event.cost_usd,
+                        copy.received_ms,
+                        json,
+                        embedding,
+                    ])?;
+                }
+            }
+            transaction.execute(
+                "INSERT INTO replication_cursors (source, last_id) VALUES (?1, ?2)
+                 ON CONFLICT (source) DO UPDATE SET last_id = excluded.last_id",
+                params![source, last_id],
+            )?;
+            transaction.commit()?;
+            Ok(inserted)
+        })
+    }
+
     /// Reads the stored events of `route`, oldest first.
     pub fn events(&self, route: &str) -> Result<Vec<CompletedEvent>, StoreError> {
         let rows: Vec<(String, Option<Vec<u8>>)> = self.with_connection(|connection| {
@@ -641,20 +775,34 @@ impl Store {
             rows.collect()
         })?;
         rows.iter()
-            .map(|(text, embedding)| {
-                let mut event: CompletedEvent = serde_json::from_str(text)?;
-                // Rows of schema version 1 have no column value and keep the JSON's embedding.
-                if let Some(bytes) = embedding {
-                    event.embedding =
-                        decode_embedding(bytes).ok_or_else(|| StoreError::Embedding {
-                            decision_id: event.decision.decision_id.clone(),
-                            bytes: bytes.len(),
-                        })?;
-                }
-                Ok(event)
-            })
+            .map(|(text, embedding)| decode_row(text, embedding.as_deref()))
             .collect()
     }
+}
+
+/// An event as another store copies it: its id here (the copier's place), route, sender and
+/// the time the control API received it (milliseconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicatedEvent {
+    pub id: i64,
+    pub route: String,
+    pub sidecar: String,
+    pub received_ms: i64,
+    pub event: CompletedEvent,
+}
+
+/// Decodes a stored event from its JSON text and its embedding column.
+fn decode_row(text: &str, embedding: Option<&[u8]>) -> Result<CompletedEvent, StoreError> {
+    let mut event: CompletedEvent = serde_json::from_str(text)?;
+    // Rows of schema version 1 have no column value and keep the JSON's embedding.
+    if let Some(bytes) = embedding {
+        event.embedding = decode_embedding(bytes).ok_or_else(|| StoreError::Embedding {
+            decision_id: event.decision.decision_id.clone(),
+            bytes: bytes.len(),
+        })?;
+    }
+    Ok(event)
 }
 
 /// Stores the batches of one group commit in one transaction, each under a savepoint. Returns

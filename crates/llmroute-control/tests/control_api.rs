@@ -262,3 +262,98 @@ async fn retention_keeps_store_within_size_limit() {
     assert!(!kept.is_empty());
     assert_eq!(kept.last(), events.last(), "the newest events are kept");
 }
+
+/// A follower's store copies the leader's events page by page, keeps its place across pulls,
+/// and gets nothing without the replicas' token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_copies_leader_events() {
+    use llmroute_control::auth::StaticTokenAuthenticator;
+    use llmroute_control::replication::{PullError, Puller, REPLICATION_PATH};
+    use llmroute_control::server::{ServerOptions, serve_with};
+
+    const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+    let routes = tempfile::tempdir().unwrap();
+    std::fs::write(routes.path().join("chat.yaml"), ROUTE).unwrap();
+    let (leader_state, follower_state) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let leader_store = Arc::new(Store::open(leader_state.path()).unwrap());
+    let follower_store = Arc::new(Store::open(follower_state.path()).unwrap());
+    assert_ne!(leader_store.id(), follower_store.id());
+    let (leader, _) = ControlPlane::new(routes.path(), leader_store.clone());
+    let (follower, _) = ControlPlane::new(routes.path(), follower_store.clone());
+    // More than two pages of 256.
+    let first: Vec<CompletedEvent> = (0..600).map(|n| event(&format!("{n:032x}"))).collect();
+    leader_store.insert_events("chat", "pod-a", &first).unwrap();
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let options = ServerOptions {
+        replication: Some(Arc::new(StaticTokenAuthenticator::new(TOKEN).unwrap())),
+        ..ServerOptions::default()
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve_with(listener, leader.clone(), options, async {
+        let _ = stopped.await;
+    }));
+
+    let wrong = Puller::new("fedcba9876543210fedcba9876543210")
+        .pull(&address, follower.clone())
+        .await;
+    match wrong {
+        Err(PullError::Status { status, .. }) => assert_eq!(status, StatusCode::UNAUTHORIZED),
+        other => panic!("expected 401, got {other:?}"),
+    }
+    let (status, _) = request(
+        Method::GET,
+        &format!("http://{address}{REPLICATION_PATH}"),
+        vec![],
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "no token");
+
+    let puller = Puller::new(TOKEN);
+    let report = puller.pull(&address, follower.clone()).await.unwrap();
+    assert_eq!(report.source, leader_store.id());
+    assert_eq!((report.read, report.stored), (600, 600));
+    assert!(report.caught_up);
+    assert_eq!(follower_store.events("chat").unwrap(), first);
+    let copied = follower_store.events_after(0, 1).unwrap().remove(0);
+    let original = leader_store.events_after(0, 1).unwrap().remove(0);
+    assert_eq!(copied.sidecar, "pod-a");
+    assert_eq!(
+        copied.received_ms, original.received_ms,
+        "reception time kept"
+    );
+
+    // The next pull starts at the cursor: only the new events.
+    let second: Vec<CompletedEvent> = (600..610).map(|n| event(&format!("{n:032x}"))).collect();
+    leader_store
+        .insert_events("chat", "pod-b", &second)
+        .unwrap();
+    let report = puller.pull(&address, follower.clone()).await.unwrap();
+    assert_eq!((report.read, report.stored), (10, 10));
+    assert_eq!(follower_store.count_events("chat").unwrap(), 610);
+    let report = puller.pull(&address, follower.clone()).await.unwrap();
+    assert_eq!((report.read, report.stored), (0, 0));
+
+    // A store that serves itself copies nothing.
+    let report = puller.pull(&address, leader.clone()).await.unwrap();
+    assert_eq!((report.read, report.stored), (0, 0));
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+
+    // Without a token the endpoint is off.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, leader, async {
+        let _ = stopped.await;
+    }));
+    match puller.pull(&address, follower).await {
+        Err(PullError::Status { status, .. }) => assert_eq!(status, StatusCode::NOT_FOUND),
+        other => panic!("expected 404, got {other:?}"),
+    }
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}

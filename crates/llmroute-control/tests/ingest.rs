@@ -119,6 +119,7 @@ impl Server {
             authenticator: Some(Arc::new(FakeReview)),
             embedding_dim: DIM,
             max_batch_events: MAX_EVENTS,
+            replication: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(serve_with(listener, backend.clone(), options, async {
