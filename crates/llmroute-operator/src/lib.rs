@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod names;
 pub mod ops;
 pub mod reconcile;
+pub mod replication;
 pub mod serving;
 pub mod tokenreview;
 pub mod webhook;
@@ -169,6 +170,8 @@ pub enum StartError {
         "failed to reach the Kubernetes API server: {0}; check KUBECONFIG or the in-cluster service account"
     )]
     Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Replication(#[from] replication::TokenError),
 }
 
 /// Runs the operator until `shutdown` completes.
@@ -272,9 +275,14 @@ pub async fn serve_listeners(
     let store = Store::open(&config.data_dir)?;
     let backend = Arc::new(ClusterBackend::new(store, metrics.clone()));
     let (view_tx, view_rx) = watch::channel(leader::LeaderView::Unknown);
+    // With forwarding, only the leader stores events, and the followers copy them.
+    let mut replication_token = None;
     if let Some(address) = &config.election.control_address {
         tracing::info!(control_address = %address, "event batches go to the leader; this replica publishes its control address while it leads");
-        backend.forward_events_to_leader(view_rx);
+        backend.forward_events_to_leader(view_rx.clone());
+        let name = replication::secret_name(&config.election.lease_name);
+        replication_token =
+            Some(replication::ensure_token(&client, &config.election.namespace, &name).await?);
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -294,8 +302,29 @@ pub async fn serve_listeners(
     let control_options = llmroute_control::server::ServerOptions {
         authenticator: Some(Arc::new(authenticator)),
         embedding_dim: config.embedding_dim,
+        replication: match &replication_token {
+            Some(token) => Some(Arc::new(
+                llmroute_control::auth::StaticTokenAuthenticator::new(token).map_err(
+                    |message| replication::TokenError::Invalid {
+                        namespace: config.election.namespace.clone(),
+                        name: replication::secret_name(&config.election.lease_name),
+                        message,
+                    },
+                )?,
+            )),
+            None => None,
+        },
         ..Default::default()
     };
+    if let Some(token) = &replication_token {
+        tasks.spawn(replication::follow_leader(
+            backend.clone(),
+            view_rx.clone(),
+            llmroute_control::replication::Puller::new(token),
+            metrics.clone(),
+            stopped(),
+        ));
+    }
     let control = tokio::spawn(llmroute_control::server::serve_with(
         control_listener,
         backend.clone(),

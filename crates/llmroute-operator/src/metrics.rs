@@ -58,6 +58,10 @@ pub struct Metrics {
     pub webhook_connections: Family<ConnectionLabels, Counter>,
     /// Time of each TLS handshake of the webhook, in seconds.
     pub webhook_tls_handshake: Histogram,
+    /// Events that this follower copied from the leader's store and did not have yet.
+    pub replicated_events: Counter,
+    /// Pulls from the leader's store that failed.
+    pub replication_failures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -132,8 +136,22 @@ impl Default for Metrics {
             "Time of the injection webhook's TLS handshakes",
             webhook_tls_handshake.clone(),
         );
+        let replicated_events = Counter::default();
+        registry.register(
+            "replicated_events",
+            "Events this follower copied from the leader's event store",
+            replicated_events.clone(),
+        );
+        let replication_failures = Counter::default();
+        registry.register(
+            "replication_failures",
+            "Pulls of events from the leader's event store that failed",
+            replication_failures.clone(),
+        );
         Self {
             registry,
+            replicated_events,
+            replication_failures,
             webhook_connections,
             webhook_tls_handshake,
             injections,

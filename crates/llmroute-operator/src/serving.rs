@@ -205,6 +205,14 @@ impl ClusterBackend {
         self.metrics.routes_served.set(routes.len() as i64);
     }
 
+    /// Runs [`ClusterBackend::forget_route`] on a blocking thread: deleting a route's events
+    /// may take seconds.
+    async fn forget_route_blocking(self: Arc<Self>, key: String) {
+        if let Err(error) = tokio::task::spawn_blocking(move || self.forget_route(&key)).await {
+            tracing::error!(error = %error, "the task that deletes a route's events failed");
+        }
+    }
+
     /// Removes a deleted route and its stored events.
     pub fn forget_route(&self, key: &str) {
         self.remove_route(key);
@@ -242,7 +250,10 @@ impl ClusterBackend {
                 }
                 Ok(Some(Event::Delete(route))) => {
                     let key = route_key(&route.namespace().unwrap_or_default(), &route.name_any());
-                    self.remove_route(&key);
+                    // The leader deleted its events before it released the finalizer. A
+                    // follower deletes its copies here, so that a route created again with
+                    // this name does not inherit them after a failover.
+                    self.clone().forget_route_blocking(key.clone()).await;
                     self.remember(&key, None);
                 }
                 Ok(Some(Event::Init)) => seen.clear(),
@@ -252,8 +263,9 @@ impl ClusterBackend {
                         .into_iter()
                         .filter(|key| !seen.contains(key))
                         .collect();
+                    // Deleted while the watch was down.
                     for key in stale {
-                        self.remove_route(&key);
+                        self.clone().forget_route_blocking(key).await;
                     }
                     let gone: Vec<String> = self
                         .objects

@@ -799,28 +799,42 @@ async fn two_replicas_elect_one_leader_and_hand_over() {
     let token = sidecar_token(&namespace, "app").await;
     let mut world = world::World::new(7, &key);
     serve_requests(&follower, &key, &token, &mut world, 20, 10.0).await;
-    assert_eq!(
-        leader.stored_ids(&key).len(),
-        20,
-        "the leader stores the batch"
-    );
-    assert!(
-        follower.stored_ids(&key).is_empty(),
-        "the follower keeps no copy"
-    );
+    let stored = leader.stored_ids(&key);
+    assert_eq!(stored.len(), 20, "the leader stores the batch");
     let (_, metrics) = get(&format!("{}/metrics", follower.control)).await.unwrap();
     let metrics = String::from_utf8_lossy(&metrics).to_string();
     assert!(
         metrics.contains("llmroute_control_event_batches_forwarded_total{outcome=\"200\"} 1"),
         "{metrics}"
     );
+    // The follower copies the leader's events within a few pulls.
+    eventually("the follower's copy of the events", || async {
+        (follower.stored_ids(&key) == stored).then_some(())
+    })
+    .await;
+    let (_, metrics) = get(&format!("{}/metrics", follower.ops)).await.unwrap();
+    let metrics = String::from_utf8_lossy(&metrics).to_string();
+    assert!(
+        metrics.contains("llmroute_operator_replicated_events_total 20"),
+        "{metrics}"
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = namespace.api();
+    assert!(
+        secrets
+            .get_opt("llmroute-operator-replication")
+            .await
+            .unwrap()
+            .is_some(),
+        "the replicas' shared token"
+    );
 
-    // The leader stops and releases the Lease; the other takes over and reconciles.
+    // The leader stops and releases the Lease; the other takes over with the events.
     leader.stop().await;
     eventually("the follower to lead", || async {
         follower.is_leader().await.then_some(())
     })
     .await;
+    assert_eq!(follower.stored_ids(&key), stored, "the new leader has them");
     apply_route(&namespace, &route_manifest("after", json!({})))
         .await
         .unwrap();

@@ -1,0 +1,222 @@
+//! Followers' copies of the leader's events. Only the leader stores the event batches that
+//! sidecars send, so each follower pulls them from the leader's control API into its own
+//! store (`llmroute_control::replication`). A follower that takes over then trains on the
+//! events of the previous leader, up to its last pull.
+//!
+//! The replicas authenticate each other with a shared token in the Secret
+//! `<lease name>-replication` of their namespace, which the first replica to start creates.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
+use kube::{Api, Client};
+use llmroute_control::replication::Puller;
+use tokio::sync::watch;
+
+use crate::leader::LeaderView;
+use crate::metrics::Metrics;
+use crate::serving::ClusterBackend;
+
+/// Key of the token in the replication Secret.
+const TOKEN_KEY: &str = "token";
+/// Time between two pulls from the leader. Events that the leader stored within this time
+/// before a failover are the ones a new leader may lack.
+pub const PULL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Name of the replication Secret of the replicas that elect with `lease_name`.
+pub fn secret_name(lease_name: &str) -> String {
+    format!("{lease_name}-replication")
+}
+
+/// A failure to read or create the replication Secret.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(
+        "failed to read or create the replication Secret {namespace}/{name}: {source}; the operator needs get and create on secrets in its namespace"
+    )]
+    Api {
+        namespace: String,
+        name: String,
+        source: kube::Error,
+    },
+    #[error(
+        "the replication Secret {namespace}/{name} has no valid {TOKEN_KEY:?} key ({message}); delete the Secret and the operator makes a new one"
+    )]
+    Invalid {
+        namespace: String,
+        name: String,
+        message: String,
+    },
+    #[error("failed to generate a random token: {0}")]
+    Random(String),
+}
+
+/// Returns the replicas' shared token from the Secret `name` in `namespace`, creating the
+/// Secret with 32 random bytes (64 hex digits) when it does not exist. Two replicas that start
+/// together both try to create it, and the one that loses reads the winner's token.
+pub async fn ensure_token(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<String, TokenError> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let api_error = |source| TokenError::Api {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        source,
+    };
+    if let Some(secret) = api.get_opt(name).await.map_err(api_error)? {
+        return read_token(&secret, namespace, name);
+    }
+    let mut bytes = [0u8; 32];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|e| TokenError::Random(format!("{e:?}")))?;
+    let token = hex::encode(bytes);
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name,
+            "labels": {crate::names::MANAGED_BY: crate::names::MANAGED_BY_VALUE},
+        },
+        "type": "Opaque",
+        "stringData": {TOKEN_KEY: token},
+    }))
+    .expect("a Secret");
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => {
+            tracing::info!(namespace, name, "created the replication Secret");
+            Ok(token)
+        }
+        Err(kube::Error::Api(response)) if response.code == 409 => {
+            let secret = api.get(name).await.map_err(api_error)?;
+            read_token(&secret, namespace, name)
+        }
+        Err(error) => Err(api_error(error)),
+    }
+}
+
+/// Reads and checks the token of the replication Secret.
+fn read_token(secret: &Secret, namespace: &str, name: &str) -> Result<String, TokenError> {
+    let invalid = |message: String| TokenError::Invalid {
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        message,
+    };
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(TOKEN_KEY))
+        .ok_or_else(|| invalid("the key is missing".to_string()))?;
+    let token = std::str::from_utf8(&bytes.0)
+        .map_err(|_| invalid("the value is not UTF-8".to_string()))?
+        .trim()
+        .to_string();
+    llmroute_control::auth::StaticTokenAuthenticator::new(&token).map_err(invalid)?;
+    Ok(token)
+}
+
+/// Pulls the leader's events into this replica's store every [`PULL_INTERVAL`] while another
+/// replica leads and publishes its control address, until `stop` completes. Failures are
+/// counted, logged once until a pull succeeds again, and retried at the next interval.
+pub async fn follow_leader(
+    backend: Arc<ClusterBackend>,
+    view: watch::Receiver<LeaderView>,
+    puller: Puller,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    tracing::info!(
+        interval_ms = PULL_INTERVAL.as_millis() as u64,
+        "event replication starting"
+    );
+    tokio::pin!(stop);
+    let mut ticker = tokio::time::interval(PULL_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = &mut stop => break,
+        }
+        let (leader, address) = match &*view.borrow() {
+            LeaderView::Other {
+                identity,
+                control_address: Some(address),
+            } => (identity.clone(), address.clone()),
+            _ => continue,
+        };
+        let pulled = tokio::select! {
+            pulled = puller.pull(&address, backend.clone()) => pulled,
+            () = &mut stop => break,
+        };
+        match pulled {
+            Ok(report) => {
+                metrics.replicated_events.inc_by(report.stored as u64);
+                if failing {
+                    tracing::info!(leader = %leader, address = %address, "pulling events from the leader works again");
+                    failing = false;
+                }
+                if report.stored > 0 {
+                    tracing::debug!(
+                        leader = %leader,
+                        source = %report.source,
+                        read = report.read,
+                        stored = report.stored,
+                        caught_up = report.caught_up,
+                        "copied events from the leader"
+                    );
+                }
+            }
+            Err(error) => {
+                metrics.replication_failures.inc();
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(leader = %leader, address = %address, error = %error, "failed to pull events from the leader; retrying every interval");
+                } else {
+                    tracing::debug!(leader = %leader, error = %error, "pulling events from the leader still fails");
+                }
+            }
+        }
+    }
+    tracing::info!("event replication stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(token: Option<&str>) -> Secret {
+        Secret {
+            data: Some(
+                token
+                    .map(|token| {
+                        (
+                            TOKEN_KEY.to_string(),
+                            k8s_openapi::ByteString(token.as_bytes().to_vec()),
+                        )
+                    })
+                    .into_iter()
+                    .collect(),
+            ),
+            ..Secret::default()
+        }
+    }
+
+    #[test]
+    fn token_must_be_long_enough() {
+        let good = "0123456789abcdef0123456789abcdef";
+        let read = read_token(&secret(Some(&format!("{good}\n"))), "ns", "r").unwrap();
+        assert_eq!(read, good, "the trailing newline goes");
+
+        let short = read_token(&secret(Some("abc")), "ns", "r").unwrap_err();
+        assert!(short.to_string().contains("delete the Secret"), "{short}");
+
+        let missing = read_token(&secret(None), "ns", "r").unwrap_err();
+        assert!(
+            missing.to_string().contains("the key is missing"),
+            "{missing}"
+        );
+    }
+}
