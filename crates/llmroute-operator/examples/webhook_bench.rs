@@ -549,6 +549,7 @@ impl Setup {
             }),
             learning_interval: None,
             shutdown_drain: std::time::Duration::ZERO,
+            replication_interval: llmroute_operator::replication::DEFAULT_PULL_INTERVAL,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         // The operator runs on a Tokio runtime and API client of its own, so its connections

@@ -76,6 +76,9 @@ pub struct OperatorConfig {
     /// responds 503 and every server keeps serving, so that Services and the API server's
     /// webhook client stop sending requests to this replica first.
     pub shutdown_drain: std::time::Duration,
+    /// Time between two pulls of the leader's events by a follower
+    /// ([`replication::DEFAULT_PULL_INTERVAL`] in a cluster).
+    pub replication_interval: std::time::Duration,
 }
 
 /// Default of [`OperatorConfig::shutdown_drain`]. Endpoint changes reach kube-proxy and the
@@ -321,6 +324,7 @@ pub async fn serve_listeners(
             backend.clone(),
             view_rx.clone(),
             llmroute_control::replication::Puller::new(token),
+            config.replication_interval,
             metrics.clone(),
             stopped(),
         ));
@@ -358,12 +362,18 @@ pub async fn serve_listeners(
     ));
 
     let (leader_tx, mut leader_rx) = watch::channel(false);
+    // The election stops before the servers, so that a leader releases the Lease while its
+    // control API still serves the followers' last pull.
+    let (election_stop_tx, mut election_stop_rx) = watch::channel(false);
     let election = tokio::spawn(config.election.clone().run(
         client.clone(),
         leader_tx,
         view_tx,
-        stopped(),
+        async move {
+            let _ = election_stop_rx.wait_for(|stop| *stop).await;
+        },
     ));
+    let mut led = false;
 
     let mut webhook_server = None;
     if let (Some(options), Some(listener), Some(resolver)) =
@@ -505,9 +515,10 @@ pub async fn serve_listeners(
         if let Some(task) = pod_watch {
             let _ = task.await;
         }
+        led = true;
         if shutting_down {
             // Let reconciles in flight finish, then give up the Lease.
-            stop_tx.send_replace(true);
+            election_stop_tx.send_replace(true);
             controller.await;
             tracing::info!("LLMRoute controller stopped");
             break;
@@ -516,8 +527,19 @@ pub async fn serve_listeners(
             "LLMRoute controller stopped after losing the leadership; waiting to lead again"
         );
     }
-    stop_tx.send_replace(true);
+    election_stop_tx.send_replace(true);
     let _ = election.await;
+    if led && replication_token.is_some() {
+        // The follower that takes the Lease pulls once more from this replica as soon as it
+        // leads, within one renewal period.
+        let handover = config.election.renew_every * 2 + std::time::Duration::from_secs(1);
+        tracing::info!(
+            handover_ms = handover.as_millis() as u64,
+            "released the Lease; the control API serves the new leader's last pull of this replica's events before it stops"
+        );
+        tokio::time::sleep(handover).await;
+    }
+    stop_tx.send_replace(true);
     let mut servers = vec![("control API", control), ("operations endpoints", ops)];
     if let Some(handle) = webhook_server {
         servers.push(("injection webhook", handle));

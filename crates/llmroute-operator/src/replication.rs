@@ -21,9 +21,9 @@ use crate::serving::ClusterBackend;
 
 /// Key of the token in the replication Secret.
 const TOKEN_KEY: &str = "token";
-/// Time between two pulls from the leader. Events that the leader stored within this time
-/// before a failover are the ones a new leader may lack.
-pub const PULL_INTERVAL: Duration = Duration::from_secs(2);
+/// Default time between two pulls from the leader. Events that a leader stored within this
+/// time before it crashed are the ones a new leader may lack.
+pub const DEFAULT_PULL_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Name of the replication Secret of the replicas that elect with `lease_name`.
 pub fn secret_name(lease_name: &str) -> String {
@@ -118,34 +118,58 @@ fn read_token(secret: &Secret, namespace: &str, name: &str) -> Result<String, To
     Ok(token)
 }
 
-/// Pulls the leader's events into this replica's store every [`PULL_INTERVAL`] while another
-/// replica leads and publishes its control address, until `stop` completes. Failures are
-/// counted, logged once until a pull succeeds again, and retried at the next interval.
+/// Failed final pulls from the previous leader before this replica gives up on its last events.
+const FINAL_PULL_ATTEMPTS: u32 = 3;
+
+/// Pulls the leader's events into this replica's store every `interval` while another
+/// replica leads and publishes its control address, until `stop` completes. When this replica
+/// becomes the leader, it pulls once more from the previous leader at once: a leader that
+/// stops releases the Lease first and serves that pull before its control API closes. Failures
+/// are counted, logged once until a pull succeeds again, and retried at the next interval.
 pub async fn follow_leader(
     backend: Arc<ClusterBackend>,
-    view: watch::Receiver<LeaderView>,
+    mut view: watch::Receiver<LeaderView>,
     puller: Puller,
+    interval: Duration,
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     tracing::info!(
-        interval_ms = PULL_INTERVAL.as_millis() as u64,
+        interval_ms = interval.as_millis() as u64,
         "event replication starting"
     );
     tokio::pin!(stop);
-    let mut ticker = tokio::time::interval(PULL_INTERVAL);
+    let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(100)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    // The last other leader seen (identity, address), kept until this replica, leading, has
+    // pulled from it once more.
+    let mut previous: Option<(String, String)> = None;
+    let mut final_failures = 0;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            changed = view.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
             () = &mut stop => break,
         }
-        let (leader, address) = match &*view.borrow() {
+        let current = view.borrow_and_update().clone();
+        let (leader, address, last) = match current {
             LeaderView::Other {
                 identity,
                 control_address: Some(address),
-            } => (identity.clone(), address.clone()),
+            } => {
+                previous = Some((identity.clone(), address.clone()));
+                final_failures = 0;
+                (identity, address, false)
+            }
+            LeaderView::Me => match &previous {
+                Some((identity, address)) => (identity.clone(), address.clone(), true),
+                None => continue,
+            },
             _ => continue,
         };
         let pulled = tokio::select! {
@@ -159,7 +183,12 @@ pub async fn follow_leader(
                     tracing::info!(leader = %leader, address = %address, "pulling events from the leader works again");
                     failing = false;
                 }
-                if report.stored > 0 {
+                if last {
+                    tracing::info!(previous_leader = %leader, read = report.read, stored = report.stored, "copied the previous leader's last events");
+                    if report.caught_up {
+                        previous = None;
+                    }
+                } else if report.stored > 0 {
                     tracing::debug!(
                         leader = %leader,
                         source = %report.source,
@@ -172,7 +201,13 @@ pub async fn follow_leader(
             }
             Err(error) => {
                 metrics.replication_failures.inc();
-                if !std::mem::replace(&mut failing, true) {
+                if last {
+                    final_failures += 1;
+                    if final_failures >= FINAL_PULL_ATTEMPTS {
+                        tracing::warn!(previous_leader = %leader, address = %address, error = %error, attempts = final_failures, "failed to pull the previous leader's last events; training goes on without them");
+                        previous = None;
+                    }
+                } else if !std::mem::replace(&mut failing, true) {
                     tracing::warn!(leader = %leader, address = %address, error = %error, "failed to pull events from the leader; retrying every interval");
                 } else {
                     tracing::debug!(leader = %leader, error = %error, "pulling events from the leader still fails");

@@ -118,10 +118,22 @@ impl Operator {
         identity: &str,
         learning_interval: Option<Duration>,
     ) -> Self {
+        Self::start_configured(namespace, identity, |config| {
+            config.learning_interval = learning_interval;
+        })
+        .await
+    }
+
+    /// Starts an operator with the test's settings, changed by `adjust`.
+    async fn start_configured(
+        namespace: &TestNamespace,
+        identity: &str,
+        adjust: impl FnOnce(&mut OperatorConfig),
+    ) -> Self {
         let control = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let data = tempfile::tempdir().unwrap();
-        let config = OperatorConfig {
+        let mut config = OperatorConfig {
             control_address: control.local_addr().unwrap(),
             ops_address: ops.local_addr().unwrap(),
             data_dir: data.path().to_path_buf(),
@@ -135,9 +147,11 @@ impl Operator {
             embedding_dim: 384,
             watch_namespace: Some(namespace.name.clone()),
             webhook: None,
-            learning_interval,
+            learning_interval: None,
             shutdown_drain: Duration::ZERO,
+            replication_interval: llmroute_operator::replication::DEFAULT_PULL_INTERVAL,
         };
+        adjust(&mut config);
         let control_url = format!("http://{}", control.local_addr().unwrap());
         let ops_url = format!("http://{}", ops.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -847,6 +861,53 @@ async fn two_replicas_elect_one_leader_and_hand_over() {
     namespace.delete().await;
 }
 
+/// A leader that stops releases the Lease before its control API closes, and the replica
+/// that takes over pulls its last events at once. The periodic pull is an hour apart here,
+/// so only that last pull can bring them.
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn new_leader_pulls_last_events_of_old() {
+    let namespace = TestNamespace::new("handover").await;
+    let hourly =
+        |config: &mut OperatorConfig| config.replication_interval = Duration::from_secs(3600);
+    let first = Operator::start_configured(&namespace, "replica-a", hourly).await;
+    let second = Operator::start_configured(&namespace, "replica-b", hourly).await;
+    apply_route(&namespace, &learning_route("shared"))
+        .await
+        .unwrap();
+    wait_ready(&namespace, "shared", ConditionStatus::True, "Serving").await;
+    let key = format!("{}/shared", namespace.name);
+    let (leader, follower) = loop {
+        match (first.is_leader().await, second.is_leader().await) {
+            (true, false) => break (first, second),
+            (false, true) => break (second, first),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let token = sidecar_token(&namespace, "app").await;
+    let mut world = world::World::new(11, &key);
+    serve_requests(&follower, &key, &token, &mut world, 20, 10.0).await;
+    let stored = leader.stored_ids(&key);
+    assert_eq!(stored.len(), 20, "the leader stores the batch");
+    assert!(
+        follower.stored_ids(&key).is_empty(),
+        "no periodic pull came after the events"
+    );
+
+    leader.stop().await;
+    eventually("the follower to lead", || async {
+        follower.is_leader().await.then_some(())
+    })
+    .await;
+    eventually(
+        "the new leader's copy of the old leader's events",
+        || async { (follower.stored_ids(&key) == stored).then_some(()) },
+    )
+    .await;
+    follower.stop().await;
+    namespace.delete().await;
+}
+
 /// Applies what `llmroute install` prints, then runs an operator as the installed service
 /// account (impersonated): its RBAC must be enough for every step, and no more than it needs.
 #[tokio::test]
@@ -981,6 +1042,7 @@ async fn installed_rbac_is_enough_for_the_operator_and_no_more() {
         webhook: None,
         learning_interval: None,
         shutdown_drain: Duration::ZERO,
+        replication_interval: llmroute_operator::replication::DEFAULT_PULL_INTERVAL,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(llmroute_operator::run_with_listeners(

@@ -182,6 +182,7 @@ impl Setup {
             }),
             learning_interval: None,
             shutdown_drain: std::time::Duration::ZERO,
+            replication_interval: llmroute_operator::replication::DEFAULT_PULL_INTERVAL,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let client = self.client.clone();

@@ -242,6 +242,7 @@ pub fn run(workspace: &Workspace, args: &OperatorArgs) -> Result<()> {
         learning_interval: (args.learning_interval_seconds > 0)
             .then(|| Duration::from_secs(args.learning_interval_seconds)),
         shutdown_drain: Duration::from_secs(args.shutdown_drain_seconds),
+        replication_interval: llmroute_operator::replication::DEFAULT_PULL_INTERVAL,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
