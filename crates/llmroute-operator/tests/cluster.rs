@@ -1035,7 +1035,12 @@ async fn installed_rbac_is_enough_for_the_operator_and_no_more() {
         control_address: control.local_addr().unwrap(),
         ops_address: ops.local_addr().unwrap(),
         data_dir: data.path().to_path_buf(),
-        election: LeaderElection::new(&install_namespace, "llmroute-operator", "installed"),
+        // With a control address, as the manifests set it: event forwarding and replication
+        // on, so the service account also creates the replicas' token Secret.
+        election: LeaderElection {
+            control_address: Some(control.local_addr().unwrap().to_string()),
+            ..LeaderElection::new(&install_namespace, "llmroute-operator", "installed")
+        },
         encoder_digest: ENCODER.into(),
         embedding_dim: 384,
         watch_namespace: Some(namespace.name.clone()),
@@ -1097,6 +1102,15 @@ async fn installed_rbac_is_enough_for_the_operator_and_no_more() {
         routes.get_opt("rbac").await.ok()?.is_none().then_some(())
     })
     .await;
+    let install_secrets: Api<Secret> = Api::namespaced(client.clone(), &install_namespace);
+    assert!(
+        install_secrets
+            .get_opt("llmroute-operator-replication")
+            .await
+            .unwrap()
+            .is_some(),
+        "the service account created the replicas' token"
+    );
     let _ = stop.send(());
     task.await.unwrap().unwrap();
     let namespaces: Api<Namespace> = Api::all(client.clone());
