@@ -148,7 +148,8 @@ impl Puller {
             stored: 0,
             caught_up: true,
         };
-        if source == backend.store().id() {
+        let local = backend.clone();
+        if source == blocking(move || local.store().id()).await? {
             return Ok(report);
         }
         let lookup = backend.clone();

@@ -421,12 +421,8 @@ async fn get_replication_page(
     };
     let backend = server.backend.clone();
     let read = tokio::task::spawn_blocking(move || {
-        let store = backend.store();
-        let events = store.events_after(after, limit)?;
-        let page = ReplicationPage {
-            store: store.id().to_string(),
-            events,
-        };
+        let (store, events) = backend.store().replication_page(after, limit)?;
+        let page = ReplicationPage { store, events };
         Ok::<_, StoreError>(serde_json::to_vec(&page).expect("a page serialises"))
     })
     .await;
@@ -1090,14 +1086,22 @@ impl SizeCheck {
                     );
                 }
                 let over = applied.used_bytes > max_bytes;
-                if over && !self.warned_no_events {
+                if over && applied.events_left {
+                    tracing::info!(
+                        used_bytes = applied.used_bytes,
+                        max_bytes,
+                        "the event store is still over its size limit; deleting more at the next check"
+                    );
+                }
+                let stuck = over && !applied.events_left;
+                if stuck && !self.warned_no_events {
                     tracing::warn!(
                         used_bytes = applied.used_bytes,
                         max_bytes,
                         "the event store is over its size limit with no event left to delete; raise the limit"
                     );
                 }
-                self.warned_no_events = over;
+                self.warned_no_events = stuck;
             }
             Ok(Err(error)) => {
                 tracing::error!(error = %error, "failed to apply the event store's size limit; retrying at the next check")

@@ -110,10 +110,6 @@ impl std::fmt::Display for Synchronous {
 pub struct Store {
     folder: PathBuf,
     database: PathBuf,
-    /// Random identity of this database, made when it was created. Replicas that copy its
-    /// events keep their place in it under this name, so a new database (a replaced volume)
-    /// is copied from its start.
-    id: String,
     connection: Mutex<Connection>,
     /// Event batches waiting for the next group commit (see [`Store::insert_events`]).
     pending: Mutex<Vec<Arc<PendingBatch>>>,
@@ -203,6 +199,9 @@ pub struct SizeRetention {
     pub deleted: Vec<(String, u64)>,
     /// [`Store::used_bytes`] afterwards.
     pub used_bytes: u64,
+    /// Whether any event is still stored. Over the limit without one, only the other tables
+    /// are left to shrink.
+    pub events_left: bool,
 }
 
 /// Returns the largest count `level` such that lowering every route above it to `level`
@@ -229,6 +228,57 @@ fn common_level(counts: &[(String, u64)], excess: u64) -> u64 {
         }
     }
     low
+}
+
+/// Reads the replication identity from the `meta` table.
+fn read_store_id(connection: &Connection) -> rusqlite::Result<String> {
+    connection.query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |row| {
+        row.get(0)
+    })
+}
+
+/// Runs a `DELETE` of events under a savepoint (a transaction of its own outside the caller's)
+/// and returns the rows deleted. When it removed the event with the largest id, SQLite would
+/// give the next event that id again (`INTEGER PRIMARY KEY` without `AUTOINCREMENT` takes the
+/// largest id plus one), below the place of replicas that copied it. The store then takes a
+/// new replication identity, and replicas copy it again from its start.
+fn delete_events(
+    connection: &Connection,
+    sql: &str,
+    parameters: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    connection.execute_batch("SAVEPOINT delete_events")?;
+    let run = || -> rusqlite::Result<usize> {
+        let largest = || -> rusqlite::Result<Option<i64>> {
+            connection.query_row("SELECT MAX(id) FROM events", [], |row| row.get(0))
+        };
+        let before = largest()?;
+        let deleted = connection.execute(sql, parameters)?;
+        let after = largest()?;
+        if deleted > 0 && after < before {
+            connection.execute(
+                "UPDATE meta SET value = lower(hex(randomblob(16))) WHERE key = 'store_id'",
+                [],
+            )?;
+            tracing::info!(
+                largest_id_before = before,
+                largest_id_after = after,
+                "deleted the newest events, so the event store takes a new replication identity; replicas copy it again"
+            );
+        }
+        Ok(deleted)
+    };
+    match run() {
+        Ok(deleted) => {
+            connection.execute_batch("RELEASE delete_events")?;
+            Ok(deleted)
+        }
+        Err(error) => {
+            // Undo the deletion, then end the savepoint; the first error is the one returned.
+            let _ = connection.execute_batch("ROLLBACK TO delete_events; RELEASE delete_events");
+            Err(error)
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -280,14 +330,8 @@ impl Store {
             });
         }
         migrate(&connection, version).map_err(db_error)?;
-        let id: String = connection
-            .query_row("SELECT value FROM meta WHERE key = 'store_id'", [], |row| {
-                row.get(0)
-            })
-            .map_err(db_error)?;
         Ok(Self {
             folder: folder.to_path_buf(),
-            id,
             database,
             connection: Mutex::new(connection),
             pending: Mutex::new(Vec::new()),
@@ -312,9 +356,12 @@ impl Store {
         &self.folder
     }
 
-    /// Returns the database's random identity (32 hex digits).
-    pub fn id(&self) -> &str {
-        &self.id
+    /// Returns the database's replication identity: 32 random hex digits, made when the
+    /// database is created and made again when a deletion lowers the largest event id
+    /// ([`delete_events`]). Replicas that copy its events keep their place under it, so a new
+    /// database (a replaced volume) or a reused id range is copied from its start.
+    pub fn id(&self) -> Result<String, StoreError> {
+        self.with_connection(|connection| read_store_id(connection))
     }
 
     /// Path of the artifact with this digest.
@@ -514,7 +561,8 @@ impl Store {
             // stepped back, rows behind a newer-stamped one wait for a later run.
             loop {
                 let removed = self.with_connection(|connection| {
-                    connection.execute(
+                    delete_events(
+                        connection,
                         "DELETE FROM events WHERE id IN (
                              SELECT id FROM events WHERE route = ?1 ORDER BY id LIMIT ?2
                          ) AND received_ms < ?3",
@@ -607,9 +655,13 @@ impl Store {
             }
             used = self.used_bytes()?;
         }
+        let events_left = self.with_connection(|connection| {
+            connection.query_row("SELECT EXISTS (SELECT 1 FROM events)", [], |row| row.get(0))
+        })?;
         Ok(SizeRetention {
             deleted,
             used_bytes: used,
+            events_left,
         })
     }
 
@@ -618,7 +670,8 @@ impl Store {
         let mut deleted = 0;
         loop {
             let removed = self.with_connection(|connection| {
-                connection.execute(
+                delete_events(
+                    connection,
                     "DELETE FROM events WHERE id IN (
                          SELECT id FROM events WHERE route = ?1 AND id <= ?2 ORDER BY id LIMIT ?3
                      )",
@@ -648,8 +701,11 @@ impl Store {
     pub fn delete_route(&self, route: &str) -> Result<u64, StoreError> {
         self.with_connection(|connection| {
             let transaction = connection.transaction()?;
-            let events =
-                transaction.execute("DELETE FROM events WHERE route = ?1", params![route])?;
+            let events = delete_events(
+                &transaction,
+                "DELETE FROM events WHERE route = ?1",
+                params![route],
+            )?;
             transaction.execute("DELETE FROM route_configs WHERE route = ?1", params![route])?;
             transaction.commit()?;
             Ok(events as u64)
@@ -663,8 +719,19 @@ impl Store {
         after: i64,
         limit: usize,
     ) -> Result<Vec<ReplicatedEvent>, StoreError> {
+        Ok(self.replication_page(after, limit)?.1)
+    }
+
+    /// Returns [`Store::id`] and [`Store::events_after`] as of one moment, so that the ids of
+    /// the events belong to that identity.
+    pub fn replication_page(
+        &self,
+        after: i64,
+        limit: usize,
+    ) -> Result<(String, Vec<ReplicatedEvent>), StoreError> {
         type Row = (i64, String, String, i64, String, Option<Vec<u8>>);
-        let rows: Vec<Row> = self.with_connection(|connection| {
+        let (id, rows): (String, Vec<Row>) = self.with_connection(|connection| {
+            let id = read_store_id(connection)?;
             let mut statement = connection.prepare(
                 "SELECT id, route, sidecar, received_ms, event, embedding FROM events
                  WHERE id > ?1 ORDER BY id LIMIT ?2",
@@ -682,9 +749,11 @@ impl Store {
                     ))
                 },
             )?;
-            rows.collect()
+            let rows = rows.collect::<rusqlite::Result<Vec<Row>>>()?;
+            Ok((id, rows))
         })?;
-        rows.into_iter()
+        let events = rows
+            .into_iter()
             .map(|(id, route, sidecar, received_ms, text, embedding)| {
                 Ok(ReplicatedEvent {
                     id,
@@ -694,7 +763,8 @@ impl Store {
                     event: decode_row(&text, embedding.as_deref())?,
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok((id, events))
     }
 
     /// Returns the id of the last event copied from the store `source`, 0 before the first.

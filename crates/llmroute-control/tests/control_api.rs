@@ -278,7 +278,7 @@ async fn follower_copies_leader_events() {
         (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let leader_store = Arc::new(Store::open(leader_state.path()).unwrap());
     let follower_store = Arc::new(Store::open(follower_state.path()).unwrap());
-    assert_ne!(leader_store.id(), follower_store.id());
+    assert_ne!(leader_store.id().unwrap(), follower_store.id().unwrap());
     let (leader, _) = ControlPlane::new(routes.path(), leader_store.clone());
     let (follower, _) = ControlPlane::new(routes.path(), follower_store.clone());
     // More than two pages of 256.
@@ -313,7 +313,7 @@ async fn follower_copies_leader_events() {
 
     let puller = Puller::new(TOKEN);
     let report = puller.pull(&address, follower.clone()).await.unwrap();
-    assert_eq!(report.source, leader_store.id());
+    assert_eq!(report.source, leader_store.id().unwrap());
     assert_eq!((report.read, report.stored), (600, 600));
     assert!(report.caught_up);
     assert_eq!(follower_store.events("chat").unwrap(), first);
@@ -335,6 +335,15 @@ async fn follower_copies_leader_events() {
     assert_eq!(follower_store.count_events("chat").unwrap(), 610);
     let report = puller.pull(&address, follower.clone()).await.unwrap();
     assert_eq!((report.read, report.stored), (0, 0));
+
+    // Deleting the newest events renews the leader's store id, so the ids that SQLite hands
+    // out again still reach the follower.
+    leader_store.delete_route("chat").unwrap();
+    let third: Vec<CompletedEvent> = (700..705).map(|n| event(&format!("{n:032x}"))).collect();
+    leader_store.insert_events("chat", "pod-c", &third).unwrap();
+    let report = puller.pull(&address, follower.clone()).await.unwrap();
+    assert_eq!((report.read, report.stored), (5, 5));
+    assert_eq!(follower_store.count_events("chat").unwrap(), 615);
 
     // A store that serves itself copies nothing.
     let report = puller.pull(&address, leader.clone()).await.unwrap();

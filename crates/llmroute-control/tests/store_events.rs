@@ -253,3 +253,45 @@ fn concurrent_batches_are_each_stored_once() {
         "the failed batch is rolled back"
     );
 }
+
+/// SQLite gives a new row the largest id plus one, so deleting the newest events would hand
+/// their ids out again below the place of replicas that copied them. Such a deletion gives
+/// the store a new replication identity, and the others keep it.
+#[test]
+fn deleting_newest_events_renews_store_id() {
+    let state = tempfile::tempdir().unwrap();
+    let store = Store::open(state.path()).unwrap();
+    let first = store.id().unwrap();
+    assert_eq!(first.len(), 32);
+    assert_eq!(
+        Store::open(state.path()).unwrap().id().unwrap(),
+        first,
+        "kept across opens"
+    );
+    let old: Vec<CompletedEvent> = (0..10).map(|n| event("old", n)).collect();
+    let new: Vec<CompletedEvent> = (10..20).map(|n| event("new", n)).collect();
+    store.insert_events("old", "pod", &old).unwrap();
+    store.insert_events("new", "pod", &new).unwrap();
+
+    // Oldest first, by count: the newest event stays.
+    assert_eq!(store.apply_retention("old", None, Some(5)).unwrap(), 5);
+    assert_eq!(store.id().unwrap(), first);
+    // The route with the oldest events goes, the newest event stays.
+    store.delete_route("old").unwrap();
+    assert_eq!(store.id().unwrap(), first);
+
+    let last = store.events_after(0, 100).unwrap().last().unwrap().id;
+    store.delete_route("new").unwrap();
+    let second = store.id().unwrap();
+    assert_ne!(second, first, "the newest events went");
+    store
+        .insert_events("new", "pod", &[event("new", 30)])
+        .unwrap();
+    let (id, page) = store.replication_page(0, 100).unwrap();
+    assert_eq!(id, second);
+    assert!(
+        page[0].id <= last,
+        "the id is handed out again: {} ≤ {last}",
+        page[0].id
+    );
+}

@@ -118,13 +118,21 @@ fn read_token(secret: &Secret, namespace: &str, name: &str) -> Result<String, To
     Ok(token)
 }
 
-/// Failed final pulls from the previous leader before this replica gives up on its last events.
+/// Failed pulls from the previous leader, after this replica took over, before it stops
+/// pulling from it: the previous leader's control API has closed.
 const FINAL_PULL_ATTEMPTS: u32 = 3;
+/// Time after taking over during which this replica keeps pulling from the previous leader.
+/// A stopping leader serves for 5 s after it releases the Lease, and a batch that it accepted
+/// just before may be committed after the first of these pulls.
+const FINAL_PULL_WINDOW: Duration = Duration::from_secs(30);
+/// Pulls in a row within one interval while the previous leader has more events.
+const FINAL_PULLS_PER_TICK: usize = 20;
 
 /// Pulls the leader's events into this replica's store every `interval` while another
 /// replica leads and publishes its control address, until `stop` completes. When this replica
-/// becomes the leader, it pulls once more from the previous leader at once: a leader that
-/// stops releases the Lease first and serves that pull before its control API closes. Failures
+/// becomes the leader, it pulls from the previous leader at once and at every interval until
+/// that fails [`FINAL_PULL_ATTEMPTS`] times or [`FINAL_PULL_WINDOW`] ends. A leader that stops
+/// releases the Lease first and serves these pulls before its control API closes. Failures
 /// are counted, logged once until a pull succeeds again, and retried at the next interval.
 pub async fn follow_leader(
     backend: Arc<ClusterBackend>,
@@ -142,10 +150,12 @@ pub async fn follow_leader(
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(100)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
-    // The last other leader seen (identity, address), kept until this replica, leading, has
-    // pulled from it once more.
+    // The last other leader seen (identity, address), kept while this replica, leading, still
+    // pulls from it.
     let mut previous: Option<(String, String)> = None;
     let mut final_failures = 0;
+    // When this replica took over from `previous`.
+    let mut took_over: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -156,6 +166,7 @@ pub async fn follow_leader(
             }
             () = &mut stop => break,
         }
+
         let current = view.borrow_and_update().clone();
         let (leader, address, last) = match current {
             LeaderView::Other {
@@ -164,30 +175,50 @@ pub async fn follow_leader(
             } => {
                 previous = Some((identity.clone(), address.clone()));
                 final_failures = 0;
+                took_over = None;
                 (identity, address, false)
             }
             LeaderView::Me => match &previous {
-                Some((identity, address)) => (identity.clone(), address.clone(), true),
+                Some((identity, address)) => {
+                    let since = *took_over.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() > FINAL_PULL_WINDOW {
+                        previous = None;
+                        continue;
+                    }
+                    (identity.clone(), address.clone(), true)
+                }
                 None => continue,
             },
             _ => continue,
         };
-        let pulled = tokio::select! {
-            pulled = puller.pull(&address, backend.clone()) => pulled,
-            () = &mut stop => break,
+
+        // A previous leader far ahead gets several pulls in a row, each counted as it ends.
+        let rounds = if last { FINAL_PULLS_PER_TICK } else { 1 };
+        let mut round = 0;
+        let pulled = loop {
+            let pulled = tokio::select! {
+                pulled = puller.pull(&address, backend.clone()) => pulled,
+                () = &mut stop => return stopped(),
+            };
+            round += 1;
+            match &pulled {
+                Ok(report) if !report.caught_up && round < rounds => {
+                    metrics.replicated_events.inc_by(report.stored as u64);
+                }
+                _ => break pulled,
+            }
         };
+
         match pulled {
             Ok(report) => {
                 metrics.replicated_events.inc_by(report.stored as u64);
+                final_failures = 0;
                 if failing {
                     tracing::info!(leader = %leader, address = %address, "pulling events from the leader works again");
                     failing = false;
                 }
-                if last {
+                if last && report.stored > 0 {
                     tracing::info!(previous_leader = %leader, read = report.read, stored = report.stored, "copied the previous leader's last events");
-                    if report.caught_up {
-                        previous = None;
-                    }
                 } else if report.stored > 0 {
                     tracing::debug!(
                         leader = %leader,
@@ -204,7 +235,7 @@ pub async fn follow_leader(
                 if last {
                     final_failures += 1;
                     if final_failures >= FINAL_PULL_ATTEMPTS {
-                        tracing::warn!(previous_leader = %leader, address = %address, error = %error, attempts = final_failures, "failed to pull the previous leader's last events; training goes on without them");
+                        tracing::info!(previous_leader = %leader, address = %address, error = %error, attempts = final_failures, "stopped pulling from the previous leader, whose control API no longer responds");
                         previous = None;
                     }
                 } else if !std::mem::replace(&mut failing, true) {
@@ -215,6 +246,11 @@ pub async fn follow_leader(
             }
         }
     }
+    stopped();
+}
+
+/// Logs the end of [`follow_leader`].
+fn stopped() {
     tracing::info!("event replication stopped");
 }
 

@@ -213,6 +213,30 @@ impl ClusterBackend {
         }
     }
 
+    /// Deletes the stored events of every route that is neither in `listed` (a complete list
+    /// of the routes) nor served.
+    async fn forget_unlisted_routes(self: Arc<Self>, listed: HashSet<String>) {
+        let backend = self.clone();
+        let counted = tokio::task::spawn_blocking(move || backend.store.event_counts()).await;
+        let stored = match counted {
+            Ok(Ok(counts)) => counts,
+            Ok(Err(error)) => {
+                tracing::error!(error = %error, "failed to list the routes of the stored events; their events stay until the next list");
+                return;
+            }
+            Err(error) => {
+                tracing::error!(error = %error, "the task that lists the routes of the stored events failed");
+                return;
+            }
+        };
+        let served: HashSet<String> = self.route_names().into_iter().collect();
+        for (key, _) in stored {
+            if !listed.contains(&key) && !served.contains(&key) {
+                self.clone().forget_route_blocking(key).await;
+            }
+        }
+    }
+
     /// Removes a deleted route and its stored events.
     pub fn forget_route(&self, key: &str) {
         self.remove_route(key);
@@ -267,6 +291,9 @@ impl ClusterBackend {
                     for key in stale {
                         self.clone().forget_route_blocking(key).await;
                     }
+                    // Deleted while this replica was not running: its store still has the
+                    // route's events (a follower's copies), but it never served the route.
+                    self.clone().forget_unlisted_routes(seen.clone()).await;
                     let gone: Vec<String> = self
                         .objects
                         .read()
@@ -362,4 +389,57 @@ fn policy_artifact(configmap: &ConfigMap) -> Option<(String, Vec<u8>)> {
         return None;
     }
     Some((actual, bytes.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use llmroute_api::{CompletedEvent, DecisionRecord, Outcome, Preference};
+
+    use super::*;
+
+    fn event(route: &str, n: u32) -> CompletedEvent {
+        CompletedEvent {
+            decision: DecisionRecord {
+                decision_id: format!("{n:032x}"),
+                route: route.into(),
+                config_version: 1,
+                model: "small".into(),
+                routed: true,
+                preference: Preference::from_quality(0.5).unwrap(),
+                policy_version: Some("v1".into()),
+                propensity: Some(0.5),
+            },
+            served_model: "small".into(),
+            embedding: vec![0.5; 4],
+            quality: Some(0.5),
+            cost_usd: Some(1e-5),
+            prompt_tokens: Some(10),
+            completion_tokens: Some(20),
+            latency_ms: 12.5,
+            outcome: Outcome::Success,
+            attempts: 1,
+            timestamp_ms: 1,
+        }
+    }
+
+    /// A replica that was not running when a route was deleted still has the route's events
+    /// (copies from the leader). Its first list of the routes deletes them.
+    #[tokio::test]
+    async fn unlisted_routes_lose_their_events() {
+        let state = tempfile::tempdir().unwrap();
+        let store = Store::open(state.path()).unwrap();
+        store
+            .insert_events("shop/gone", "pod", &[event("shop/gone", 1)])
+            .unwrap();
+        store
+            .insert_events("shop/kept", "pod", &[event("shop/kept", 2)])
+            .unwrap();
+        let backend = Arc::new(ClusterBackend::new(store, Arc::new(Metrics::default())));
+        let listed: HashSet<String> = ["shop/kept".to_string()].into();
+        backend.clone().forget_unlisted_routes(listed).await;
+        assert_eq!(
+            backend.store.event_counts().unwrap(),
+            vec![("shop/kept".to_string(), 1)]
+        );
+    }
 }
