@@ -417,6 +417,9 @@ impl ClusterLearning {
                 None => None,
             };
             if existing.is_none() {
+                // TODO: keep only the last few rejected and retired versions, here and in the
+                // store, as Argo Rollouts' revisionHistoryLimit does. Every trained candidate
+                // becomes a ConfigMap of about 210 KB (9 models) and a file, and none is deleted.
                 let path = store.policy_path(&record.sha256);
                 let bytes = std::fs::read(&path).map_err(|source| StoreError::Io {
                     path: path.clone(),
