@@ -909,17 +909,18 @@ impl Default for RetentionSettings {
 pub enum StoreSizeLimit {
     /// No limit: the store grows until the volume is full, and event batches then get 507.
     Off,
-    /// [`AUTO_STORE_FRACTION`] of the size of the file system that contains the store, read at
-    /// each check, so that a resized volume raises the limit without a restart.
+    /// [`AUTO_STORE_FRACTION`] of the size of the file system that contains the store, less
+    /// the policy files and the write-ahead log in the store's folder, and at least
+    /// [`MIN_STORE_BYTES`], read at each check. A resized volume raises the limit without a
+    /// restart, and growing policy files lower it.
     Auto,
     /// A number of bytes.
     Bytes(u64),
 }
 
-/// Share of the file system that [`StoreSizeLimit::Auto`] lets the database use. The rest is
-/// left for the write-ahead log (which grows by the pages of one deletion chunk between
-/// checkpoints), the policy files in the same folder, and the events that arrive between two
-/// checks.
+/// Share of the file system that [`StoreSizeLimit::Auto`] lets the database, its write-ahead
+/// log and the policy files use together. The rest is left for the events that arrive
+/// between two checks and for the log's growth by the pages of one deletion chunk.
 pub const AUTO_STORE_FRACTION: f64 = 0.8;
 
 /// Smallest accepted [`StoreSizeLimit::Bytes`]: 16 MiB, about 6,000 events.
@@ -957,10 +958,34 @@ impl StoreSizeLimit {
             Self::Auto => {
                 let stats = rustix::fs::statvfs(folder)?;
                 let total = stats.f_blocks.saturating_mul(stats.f_frsize);
-                Ok(Some((total as f64 * AUTO_STORE_FRACTION) as u64))
+                let share = (total as f64 * AUTO_STORE_FRACTION) as u64;
+                // The floor keeps the newest few thousand events when policy files take the
+                // volume; the database may then fill it, and batches get 507.
+                let left = share.saturating_sub(other_files_bytes(folder)?);
+                Ok(Some(left.max(MIN_STORE_BYTES)))
             }
         }
     }
+}
+
+/// Returns the bytes of the files in the store's folder besides the database's pages: the
+/// policy files (`policies/`) and the write-ahead log. A missing file or folder counts 0.
+fn other_files_bytes(folder: &std::path::Path) -> std::io::Result<u64> {
+    let size = |path: &std::path::Path| match std::fs::metadata(path) {
+        Ok(metadata) => Ok(metadata.len()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(error) => Err(error),
+    };
+    let mut bytes = size(&folder.join("state.sqlite3-wal"))?;
+    let policies = match std::fs::read_dir(folder.join("policies")) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(bytes),
+        Err(error) => return Err(error),
+    };
+    for entry in policies {
+        bytes = bytes.saturating_add(size(&entry?.path())?);
+    }
+    Ok(bytes)
 }
 
 impl std::fmt::Display for StoreSizeLimit {
@@ -1233,8 +1258,20 @@ mod tests {
         let folder = tempfile::tempdir().unwrap();
         let stats = rustix::fs::statvfs(folder.path()).unwrap();
         let total = stats.f_blocks * stats.f_frsize;
+        let share = (total as f64 * AUTO_STORE_FRACTION) as u64;
         let limit = StoreSizeLimit::Auto.bytes(folder.path()).unwrap().unwrap();
-        assert_eq!(limit, (total as f64 * AUTO_STORE_FRACTION) as u64);
+        assert_eq!(limit, share);
+
+        // Policy files and the write-ahead log share the volume, so they lower the limit.
+        std::fs::create_dir(folder.path().join("policies")).unwrap();
+        std::fs::write(folder.path().join("policies/a.onnx"), vec![0u8; 208_624]).unwrap();
+        std::fs::write(folder.path().join("state.sqlite3-wal"), vec![0u8; 4_096]).unwrap();
+        let limit = StoreSizeLimit::Auto.bytes(folder.path()).unwrap().unwrap();
+        assert_eq!(limit, share - 208_624 - 4_096);
+        let huge = std::fs::File::create(folder.path().join("policies/huge.onnx")).unwrap();
+        huge.set_len(total).unwrap();
+        let limit = StoreSizeLimit::Auto.bytes(folder.path()).unwrap().unwrap();
+        assert_eq!(limit, MIN_STORE_BYTES, "the floor");
         assert_eq!(StoreSizeLimit::Off.bytes(folder.path()).unwrap(), None);
         let missing = folder.path().join("missing");
         assert!(StoreSizeLimit::Auto.bytes(&missing).is_err());

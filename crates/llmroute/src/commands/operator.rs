@@ -125,7 +125,8 @@ pub struct OperatorArgs {
     #[arg(long, default_value_t = 1_000_000)]
     pub event_max_per_route: u64,
     /// Limit of the event store's size: `auto` (80 % of the size of the file system that contains
-    /// the store, read at each check), `0` (no limit) or a size such as 800Mi or 2Gi. Over it,
+    /// the store, less the policy files and the write-ahead log, read at each check), `0` (no
+    /// limit) or a size such as 800Mi or 2Gi. Over it,
     /// the oldest events of the routes with the most events are deleted, checked every 10 s.
     #[arg(long, default_value = "auto", value_name = "SIZE", value_parser = StoreSizeLimit::parse)]
     pub event_max_store_size: StoreSizeLimit,
