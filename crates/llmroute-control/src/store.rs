@@ -802,28 +802,18 @@ impl Store {
             let transaction = connection.transaction()?;
             let mut inserted = 0;
             {
-                let mut statement = transaction.prepare_cached(
-                    "INSERT OR IGNORE INTO events
-                     (route, sidecar, decision_id, model, routed, policy_version, propensity,
-                      quality, cost_usd, received_ms, event, embedding)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-                )?;
                 for (copy, json, embedding) in &rows {
-                    let event = &copy.event;
-                    inserted += statement.execute(params![
-                        copy.route,
-                        copy.sidecar,
-                        event.decision.decision_id,
-                        event.served_model,
-                        event.decision.routed,
-                        event.decision.policy_version,
-                        event.decision.propensity,
-                        event.quality,
-                        event.cost_usd,
-                        copy.received_ms,
-                        json,
-                        embedding,
-                    ])?;
+                    inserted += insert_event_row(
+                        &transaction,
+                        EventRow {
+                            route: &copy.route,
+                            sidecar: &copy.sidecar,
+                            event: &copy.event,
+                            received_ms: copy.received_ms,
+                            json,
+                            embedding,
+                        },
+                    )?;
                 }
             }
             transaction.execute(
@@ -945,30 +935,58 @@ fn insert_rows(
     batch: &PendingBatch,
     received_ms: i64,
 ) -> rusqlite::Result<usize> {
+    let mut inserted = 0;
+    for (event, json, embedding) in &batch.rows {
+        inserted += insert_event_row(
+            connection,
+            EventRow {
+                route: &batch.route,
+                sidecar: &batch.sidecar,
+                event,
+                received_ms,
+                json,
+                embedding,
+            },
+        )?;
+    }
+    Ok(inserted)
+}
+
+/// One row of the `events` table: the event, its JSON text without the embedding and the
+/// embedding's bytes.
+struct EventRow<'a> {
+    route: &'a str,
+    sidecar: &'a str,
+    event: &'a CompletedEvent,
+    received_ms: i64,
+    json: &'a str,
+    embedding: &'a [u8],
+}
+
+/// Inserts `row` unless an event with its decision id is stored. Returns 1 for a new row and
+/// 0 for a duplicate.
+fn insert_event_row(connection: &Connection, row: EventRow<'_>) -> rusqlite::Result<usize> {
     let mut statement = connection.prepare_cached(
         "INSERT OR IGNORE INTO events
          (route, sidecar, decision_id, model, routed, policy_version, propensity,
           quality, cost_usd, received_ms, event, embedding)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?;
-    let mut inserted = 0;
-    for (event, json, embedding) in &batch.rows {
-        inserted += statement.execute(params![
-            batch.route,
-            batch.sidecar,
-            event.decision.decision_id,
-            event.served_model,
-            event.decision.routed,
-            event.decision.policy_version,
-            event.decision.propensity,
-            event.quality,
-            event.cost_usd,
-            received_ms,
-            json,
-            embedding,
-        ])?;
-    }
-    Ok(inserted)
+    let event = row.event;
+    statement.execute(params![
+        row.route,
+        row.sidecar,
+        event.decision.decision_id,
+        event.served_model,
+        event.decision.routed,
+        event.decision.policy_version,
+        event.decision.propensity,
+        event.quality,
+        event.cost_usd,
+        row.received_ms,
+        row.json,
+        row.embedding,
+    ])
 }
 
 /// Creates the tables, or brings a database of an older schema version up to date.

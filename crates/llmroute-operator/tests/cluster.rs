@@ -861,8 +861,8 @@ async fn two_replicas_elect_one_leader_and_hand_over() {
     namespace.delete().await;
 }
 
-/// A leader that stops releases the Lease before its control API closes, and the replica
-/// that takes over pulls its last events at once. The periodic pull is an hour apart here,
+/// Checks that a stopping leader releases the Lease before its control API closes, and that
+/// the replica that takes over pulls its last events at once. The periodic pull is an hour apart here,
 /// so only that last pull can bring them.
 #[tokio::test]
 #[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]

@@ -957,6 +957,7 @@ fn sidecar_stops_on_post_shutdown_before_its_configuration() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("llmroute starts");
+
     let address = format!("127.0.0.1:{port}");
     let mut waiting = None;
     for _ in 0..600 {
@@ -971,6 +972,7 @@ fn sidecar_stops_on_post_shutdown_before_its_configuration() {
         child.wait().unwrap();
         panic!("expected a sidecar waiting for its configuration, got {waiting:?}");
     }
+
     assert_eq!(
         http_request(&address, "POST", "/shutdown", "").map(|r| r.0),
         Some(200)

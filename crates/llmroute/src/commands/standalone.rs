@@ -48,10 +48,10 @@ pub struct StandaloneArgs {
     /// Keeps at most this many of the newest events per route (0 sets no limit).
     #[arg(long, default_value_t = 1_000_000)]
     pub event_max_per_route: u64,
-    /// Limit of the event store's size: `auto` (80 % of the size of the file system that contains
-    /// the store, less the policy files and the write-ahead log, read at each check), `0` (no
-    /// limit) or a size such as 800Mi or 2Gi. Over it,
-    /// the oldest events of the routes with the most events are deleted, checked every 10 s.
+    /// Limit of the event store's size: `auto`, `0` (no limit) or a size such as 800Mi or 2Gi.
+    /// `auto` is 80 % of the file system that contains the store, less the policy files and
+    /// the write-ahead log, read at each check. Every 10 s, over the limit, the oldest events
+    /// of the routes with the most events are deleted.
     #[arg(long, default_value = "auto", value_name = "SIZE", value_parser = StoreSizeLimit::parse)]
     pub event_max_store_size: StoreSizeLimit,
     /// Seconds between two runs of the event retention.
