@@ -117,7 +117,17 @@ pub struct RolloutSpec {
     /// at the last step until `spec.policy.version` names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_promote: Option<bool>,
+    /// Policy versions of phase `Retired` or `Rejected` kept per route, the highest versions
+    /// first (default 10), as Argo Rollouts' `revisionHistoryLimit`. Older ones are deleted with
+    /// their files. The stable, canary, candidate and pinned versions are always kept. At least
+    /// 1, so that the highest version is kept and no version name is ever given twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub revision_history_limit: Option<u32>,
 }
+
+/// Default of [`RolloutSpec::revision_history_limit`], the default of Argo Rollouts.
+pub const DEFAULT_REVISION_HISTORY_LIMIT: u32 = 10;
 
 /// One canary step: the candidate's share of routed requests and the candidate events the
 /// step needs before it is analysed.
@@ -202,6 +212,7 @@ pub struct RolloutSettings {
     pub max_latency_increase: f64,
     pub max_cost_increase: Option<f64>,
     pub auto_promote: bool,
+    pub revision_history_limit: u32,
 }
 
 /// Retention settings with every default filled in.
@@ -259,6 +270,9 @@ impl RolloutSpec {
             max_latency_increase: spec.max_latency_increase.unwrap_or(0.25),
             max_cost_increase: spec.max_cost_increase,
             auto_promote: spec.auto_promote.unwrap_or(true),
+            revision_history_limit: spec
+                .revision_history_limit
+                .unwrap_or(DEFAULT_REVISION_HISTORY_LIMIT),
         }
     }
 }
@@ -425,6 +439,14 @@ pub fn check(
             100.0,
             "",
         );
+        range_check(
+            errors,
+            &at("revisionHistoryLimit"),
+            r.revision_history_limit,
+            1,
+            1000,
+            " versions",
+        );
     }
     if let Some(r) = retention {
         range_check(
@@ -572,6 +594,7 @@ mod tests {
         }));
         assert_eq!(rollout.reward_tolerance, 0.05);
         assert_eq!(rollout.steps.len(), 2);
+        assert_eq!(rollout.revision_history_limit, 10);
         assert_eq!(RetentionSpec::settings(None).max_age_days, 30);
         assert_eq!(training.gate_min_effective_sample_size, 0.0);
     }
@@ -644,6 +667,23 @@ mod tests {
         assert!(errors[0].message.contains("0.95"));
         assert_eq!(errors[1].field, "spec.rollout.steps[0].weight");
         assert!(errors[1].message.contains("1.5"));
+    }
+
+    #[test]
+    fn check_refuses_a_history_limit_of_zero() {
+        let mut errors = Vec::new();
+        let rollout = RolloutSpec {
+            revision_history_limit: Some(0),
+            ..RolloutSpec::default()
+        };
+        check(None, Some(&rollout), None, &mut errors);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].field, "spec.rollout.revisionHistoryLimit");
+        assert!(
+            errors[0]
+                .message
+                .contains("0 is outside [1, 1000] versions")
+        );
     }
 
     #[test]

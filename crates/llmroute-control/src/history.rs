@@ -31,6 +31,9 @@ CREATE TABLE IF NOT EXISTS timeline (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS timeline_by_route ON timeline (route, id);
+CREATE TABLE IF NOT EXISTS policy_file_deletions (
+    sha256 TEXT PRIMARY KEY
+);
 ";
 
 /// One policy version of a route, as `kubectl get llmpolicies` would show it.
@@ -130,6 +133,91 @@ impl Store {
             )
         })?;
         Ok(())
+    }
+
+    /// Deletes policy versions of `route`: their history records, their publications, and
+    /// each file that no publication of any route uses any more. Returns how many of
+    /// `versions` the store held.
+    ///
+    /// The files to delete are queued in the transaction that deletes the rows, so a crash
+    /// between the commit and the file deletion leaves a queued file, which the next call
+    /// deletes, rather than a file that nothing names.
+    pub fn delete_policy_versions(
+        &self,
+        route: &str,
+        versions: &[String],
+    ) -> Result<usize, StoreError> {
+        let deleted = self.with_connection(|connection| {
+            let transaction = connection.transaction()?;
+            let mut deleted = 0;
+            for version in versions {
+                let sha256: Option<String> = transaction
+                    .query_row(
+                        "SELECT sha256 FROM policies WHERE route = ?1 AND version = ?2",
+                        params![route, version],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                if let Some(sha256) = &sha256 {
+                    transaction.execute(
+                        "INSERT OR IGNORE INTO policy_file_deletions (sha256) VALUES (?1)",
+                        params![sha256],
+                    )?;
+                }
+                let publications = transaction.execute(
+                    "DELETE FROM policies WHERE route = ?1 AND version = ?2",
+                    params![route, version],
+                )?;
+                let records = transaction.execute(
+                    "DELETE FROM policy_history WHERE route = ?1 AND version = ?2",
+                    params![route, version],
+                )?;
+                if publications + records > 0 {
+                    deleted += 1;
+                }
+            }
+            transaction.commit()?;
+            Ok(deleted)
+        })?;
+        self.delete_unused_policy_files()?;
+        Ok(deleted)
+    }
+
+    /// Deletes the queued policy files that no publication uses; returns how many it deleted.
+    /// A file that cannot be deleted stays queued, and the failure is logged.
+    pub fn delete_unused_policy_files(&self) -> Result<usize, StoreError> {
+        // The check and the deletion happen under the connection's lock, and
+        // `Store::publish_policy` writes its file again when it is missing after its row is
+        // inserted, so a file published again meanwhile is never lost.
+        self.with_connection(|connection| {
+            let queued: Vec<(String, bool)> = {
+                let mut statement = connection.prepare(
+                    "SELECT sha256, EXISTS (SELECT 1 FROM policies p WHERE p.sha256 = d.sha256)
+                     FROM policy_file_deletions d",
+                )?;
+                let rows = statement.query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let mut removed = 0;
+            for (sha256, used) in queued {
+                if !used {
+                    let path = self.policy_path(&sha256);
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => removed += 1,
+                        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(error) => {
+                            tracing::warn!(path = %path.display(), error = %error, "failed to delete an unused policy file; retrying at the next deletion");
+                            continue;
+                        }
+                    }
+                }
+                connection.execute(
+                    "DELETE FROM policy_file_deletions WHERE sha256 = ?1",
+                    params![sha256],
+                )?;
+            }
+            Ok(removed)
+        })
     }
 
     /// Reads the policy history of `route`, oldest first.

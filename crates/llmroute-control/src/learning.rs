@@ -308,10 +308,18 @@ pub fn train_candidate(
 pub fn next_version(records: &[PolicyRecord]) -> String {
     let highest = records
         .iter()
-        .filter_map(|r| r.version.strip_prefix('v')?.parse::<u64>().ok())
+        .map(|r| version_number(&r.version))
         .max()
         .unwrap_or(0);
     format!("v{}", highest + 1)
+}
+
+/// The number `N` of a version named `vN`; 0 for other names.
+pub fn version_number(version: &str) -> u64 {
+    version
+        .strip_prefix('v')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn now_ms() -> u64 {
@@ -440,6 +448,9 @@ pub struct TickReport {
     pub messages: Vec<String>,
     /// Whether the pass changed what the route serves or its policy history.
     pub changed: bool,
+    /// Policy versions deleted from the store by the history limit, which the host deletes
+    /// from its own record too.
+    pub pruned: Vec<String>,
 }
 
 impl LearningLoop {
@@ -517,6 +528,80 @@ impl LearningLoop {
 
     /// One pass over one route; returns whether the route's configuration must be rebuilt.
     fn tick_route(
+        &self,
+        route: &str,
+        spec: &LlmRouteSpec,
+        report: &mut TickReport,
+    ) -> Result<bool, LearningError> {
+        let changed = self.advance_route(route, spec, report)?;
+        self.prune_history(route, spec, report)?;
+        Ok(changed)
+    }
+
+    /// Deletes the route's `Retired` and `Rejected` versions beyond
+    /// `spec.rollout.revisionHistoryLimit`, lowest version numbers first, with their files.
+    /// The pinned, stable and canary versions are kept and not counted, as are candidates.
+    ///
+    /// Keeping the highest-numbered versions keeps the route's highest version number in the
+    /// history. So [`next_version`], and the operator's reconciler, which numbers from the
+    /// cluster's highest, never give a deleted version's name to a new policy. The events of
+    /// the two policies would mix.
+    fn prune_history(
+        &self,
+        route: &str,
+        spec: &LlmRouteSpec,
+        report: &mut TickReport,
+    ) -> Result<(), LearningError> {
+        let store = self.store();
+        // The schema's minimum is 1; 0 would allow the highest version to go.
+        let limit = RolloutSpec::settings(spec.rollout.as_ref())
+            .revision_history_limit
+            .max(1) as usize;
+        let records = store.policy_records(route)?;
+        let canary = store.rollout_state(route)?.canary;
+        let pinned = spec.policy.as_ref().and_then(|p| p.version.clone());
+        let serving = self.host.serving_stable(route)?.map(|r| r.version);
+
+        let kept_always = |version: &String| {
+            [&canary, &pinned, &serving]
+                .iter()
+                .any(|v| v.as_ref() == Some(version))
+        };
+        let mut ended: Vec<&PolicyRecord> = records
+            .iter()
+            .filter(|r| matches!(r.phase, PolicyPhase::Retired | PolicyPhase::Rejected))
+            .filter(|r| !kept_always(&r.version))
+            .collect();
+        ended.sort_by_key(|r| std::cmp::Reverse((version_number(&r.version), r.created_ms)));
+        let old: Vec<String> = ended
+            .iter()
+            .skip(limit)
+            .map(|r| r.version.clone())
+            .collect();
+        if old.is_empty() {
+            return Ok(());
+        }
+
+        store.delete_policy_versions(route, &old)?;
+        const LISTED: usize = 10;
+        let names: Vec<String> = old.iter().rev().take(LISTED).cloned().collect();
+        let more = if old.len() > LISTED {
+            format!(" and {} more", old.len() - LISTED)
+        } else {
+            String::new()
+        };
+        let message = format!(
+            "deleted the retired or rejected policy versions {}{more} with their files, keeping the {limit} highest of them (spec.rollout.revisionHistoryLimit)",
+            names.join(", ")
+        );
+        self.record(route, report, "PolicyHistoryPruned", &message)?;
+        report.pruned.extend(old);
+        Ok(())
+    }
+
+    /// Trains, gates or analyses the canary of one route, as its state requires; returns
+    /// whether the route's configuration must be rebuilt.
+    fn advance_route(
         &self,
         route: &str,
         spec: &LlmRouteSpec,

@@ -393,6 +393,16 @@ impl Store {
                 params![route, version, sha256, now_ms()],
             )
         })?;
+        if !path.exists() {
+            // `Store::delete_unused_policy_files` deleted the file between the write above
+            // and the insert, because an older version with the same bytes was deleted.
+            std::fs::write(&temporary, bytes)
+                .and_then(|()| std::fs::rename(&temporary, &path))
+                .map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
         Ok(PolicyRef {
             version: version.to_string(),
             sha256,
@@ -696,10 +706,13 @@ impl Store {
         })
     }
 
-    /// Deletes the stored events and configuration versions of `route`, when the route is
-    /// deleted. Returns the number of events deleted.
+    /// Deletes everything the store holds for `route` when the route is deleted: its events,
+    /// configuration versions, policy versions with their files (unless another route's
+    /// version has the same bytes), policy history, rollout state and timeline. Returns the
+    /// number of events deleted.
     pub fn delete_route(&self, route: &str) -> Result<u64, StoreError> {
-        self.with_connection(|connection| {
+        self.ensure_history()?;
+        let events = self.with_connection(|connection| {
             let transaction = connection.transaction()?;
             let events = delete_events(
                 &transaction,
@@ -707,9 +720,22 @@ impl Store {
                 params![route],
             )?;
             transaction.execute("DELETE FROM route_configs WHERE route = ?1", params![route])?;
+            transaction.execute(
+                "INSERT OR IGNORE INTO policy_file_deletions (sha256)
+                 SELECT sha256 FROM policies WHERE route = ?1",
+                params![route],
+            )?;
+            for table in ["policies", "policy_history", "rollouts", "timeline"] {
+                transaction.execute(
+                    &format!("DELETE FROM {table} WHERE route = ?1"),
+                    params![route],
+                )?;
+            }
             transaction.commit()?;
             Ok(events as u64)
-        })
+        })?;
+        self.delete_unused_policy_files()?;
+        Ok(events)
     }
 
     /// Reads up to `limit` events of every route with ids above `after`, in id order, with

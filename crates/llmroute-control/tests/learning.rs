@@ -446,6 +446,106 @@ fn pool_change_publishes_new_prior() {
 }
 
 #[test]
+fn history_limit_deletes_oldest_retired_versions_and_their_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let rollout = "  rollout: {revisionHistoryLimit: 2}";
+    let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, rollout));
+    learning.tick();
+    // Each change of the pool publishes a new pricing prior and retires the stable one.
+    let premium = "    - name: premium\n      endpoint: http://127.0.0.1:9/v1\n      model: premium\n      pricing: {inputUsdPerMillionTokens: 4, outputUsdPerMillionTokens: 4}\n";
+    for round in 0..5 {
+        let mut yaml = route_yaml(TRAINING, rollout);
+        if round % 2 == 0 {
+            yaml = yaml.replace(premium, "");
+        }
+        std::fs::write(dir.path().join("routes/world.yaml"), yaml).unwrap();
+        let report = plane.reload();
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        learning.tick();
+    }
+    let records = plane.store().policy_records("world").unwrap();
+    let versions: Vec<(&str, PolicyPhase)> = records
+        .iter()
+        .map(|r| (r.version.as_str(), r.phase))
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            ("v4", PolicyPhase::Retired),
+            ("v5", PolicyPhase::Retired),
+            ("v6", PolicyPhase::Stable)
+        ]
+    );
+    // The deleted versions' files are gone; the kept ones' are there.
+    let mut files: Vec<String> = std::fs::read_dir(dir.path().join("state/policies"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    let mut expected: Vec<String> = records
+        .iter()
+        .map(|r| format!("{}.onnx", r.sha256))
+        .collect();
+    expected.sort();
+    assert_eq!(files, expected);
+    let timeline = plane.store().timeline("world", 100).unwrap();
+    let pruned: Vec<&str> = timeline
+        .iter()
+        .filter(|e| e.reason == "PolicyHistoryPruned")
+        .map(|e| e.message.as_str())
+        .collect();
+    assert_eq!(pruned.len(), 3, "{pruned:?}");
+    assert!(
+        pruned[2].contains("versions v3 with their files, keeping the 2 highest"),
+        "{}",
+        pruned[2]
+    );
+
+    // The next version continues above the deleted ones.
+    std::fs::write(
+        dir.path().join("routes/world.yaml"),
+        route_yaml(TRAINING, rollout),
+    )
+    .unwrap();
+    plane.reload();
+    learning.tick();
+    assert_eq!(record(&plane, "v7").phase, PolicyPhase::Stable);
+    assert!(
+        plane
+            .store()
+            .policy_record("world", "v4")
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[test]
+fn deleting_a_route_deletes_its_policy_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, ROLLOUT));
+    learning.tick();
+    let v1 = record(&plane, "v1");
+    let path = plane.store().policy_path(&v1.sha256);
+    assert!(path.exists());
+    // Another route's version with the same bytes keeps the file.
+    let bytes = std::fs::read(&path).unwrap();
+    plane.store().publish_policy("other", "v1", &bytes).unwrap();
+    plane.store().delete_route("world").unwrap();
+    assert!(plane.store().policy_records("world").unwrap().is_empty());
+    assert!(
+        plane
+            .store()
+            .stable_policy("world", None)
+            .unwrap()
+            .is_none()
+    );
+    assert!(plane.store().timeline("world", 10).unwrap().is_empty());
+    assert!(path.exists());
+    plane.store().delete_route("other").unwrap();
+    assert!(!path.exists());
+}
+
+#[test]
 fn route_retention_overrides_server_settings() {
     use llmroute_control::ControlBackend;
     use std::time::Duration;
