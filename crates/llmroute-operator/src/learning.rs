@@ -20,22 +20,27 @@
 //! A route whose mirror failed keeps its store state (it is ahead of the cluster) and is
 //! mirrored again at the next pass before anything is imported.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use kube::api::{ListParams, Patch, PatchParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use llmroute_api::PolicyRef;
 use llmroute_api::crd::{LlmPolicy, LlmPolicyStatus, LlmRoute, LlmRouteSpec, PolicyPhase};
 use llmroute_control::LearningLoop;
 use llmroute_control::history::{PolicyRecord, RolloutState};
-use llmroute_control::learning::{LearningHost, TickReport, publish_stable_version};
+use llmroute_control::learning::{
+    LearningHost, TickReport, publish_stable_version, version_number,
+};
 use llmroute_control::store::{Store, StoreError};
 use serde_json::json;
 
-use crate::names::{LEARNING_FIELD_MANAGER, ROUTE_LABEL};
+use crate::names::{
+    LEARNING_FIELD_MANAGER, MANAGED_BY, MANAGED_BY_VALUE, ROUTE_LABEL, VERSION_LABEL,
+};
 use crate::reconcile::{PolicyObjects, decode_metadata, publish_policy_objects};
 use crate::serving::{ClusterBackend, served_config};
 
@@ -59,6 +64,9 @@ pub struct ClusterLearning {
     routes: RwLock<Vec<(String, Arc<LlmRoute>)>>,
     /// Routes whose last mirror failed, so their store is ahead of the cluster.
     dirty: Mutex<HashSet<String>>,
+    /// Per route, versions that the history limit deleted from the store and that are still
+    /// to be deleted from the cluster.
+    pending_deletions: Mutex<HashMap<String, BTreeSet<String>>>,
 }
 
 impl std::fmt::Debug for ClusterLearning {
@@ -109,6 +117,18 @@ impl LearningHost for ClusterLearning {
     }
 }
 
+/// Deletes the object `name`; one that is already gone counts as deleted.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(response)) if response.code == 404 => Ok(()),
+        Err(error) => Err(error),
+    }
+}
+
 /// Returns the stable policy that a route's status names.
 fn stable_of(route: &LlmRoute) -> Option<PolicyRef> {
     let status = route.status.as_ref()?;
@@ -141,6 +161,7 @@ impl ClusterLearning {
             recorder,
             routes: RwLock::new(Vec::new()),
             dirty: Mutex::new(HashSet::new()),
+            pending_deletions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -308,6 +329,31 @@ impl ClusterLearning {
                 store.save_policy_record(key, &record)?;
             }
         }
+        // The cluster is the record: versions deleted there (by hand, or by another leader's
+        // history limit) leave this store too, instead of being published again by the mirror.
+        // A store ahead of the cluster after a failed mirror is dirty and returned above.
+        let listed: HashSet<&str> = policies.iter().map(|p| p.spec.version.as_str()).collect();
+        let stale: Vec<String> = records
+            .keys()
+            .filter(|version| !listed.contains(version.as_str()))
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
+            store.delete_policy_versions(key, &stale)?;
+            tracing::info!(route = %key, versions = ?stale, "deleted policy versions from the event store that the cluster no longer has");
+            // Their ConfigMaps go too, but only below the highest listed version: the
+            // reconciler creates a new version's ConfigMap before its LLMPolicy.
+            let highest = listed.iter().map(|v| version_number(v)).max().unwrap_or(0);
+            let mut pending = self
+                .pending_deletions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            pending.entry(key.to_string()).or_default().extend(
+                stale
+                    .into_iter()
+                    .filter(|version| version_number(version) < highest),
+            );
+        }
 
         let status = route.status.clone().unwrap_or_default();
         let old = store.rollout_state(key)?;
@@ -417,9 +463,6 @@ impl ClusterLearning {
                 None => None,
             };
             if existing.is_none() {
-                // TODO: keep only the last few rejected and retired versions, here and in the
-                // store, as Argo Rollouts' revisionHistoryLimit does. Every trained candidate
-                // becomes a ConfigMap of about 210 KB (9 models) and a file, and none is deleted.
                 let path = store.policy_path(&record.sha256);
                 let bytes = std::fs::read(&path).map_err(|source| StoreError::Io {
                     path: path.clone(),
@@ -474,6 +517,9 @@ impl ClusterLearning {
             }
         }
 
+        self.delete_pruned(key, &namespace, &name, &report.pruned)
+            .await?;
+
         let state = store.rollout_state(key)?;
         let wanted = rollout_status(&state, &records);
         let routes: Api<LlmRoute> = Api::namespaced(self.client.clone(), &namespace);
@@ -503,6 +549,88 @@ impl ClusterLearning {
 
         for (reason, message) in report.reasons.iter().zip(&report.messages) {
             self.publish_event(route, reason, message).await;
+        }
+        Ok(())
+    }
+
+    /// Deletes from the cluster the policy versions that the history limit deleted from the
+    /// store: this pass's and those of earlier passes whose deletion failed. Each goes with its
+    /// `LLMPolicy` first and its ConfigMap second, so a failure in between leaves a ConfigMap
+    /// without a policy rather than a policy whose file is gone, which the import would wait
+    /// for. Such leftover ConfigMaps are deleted here too.
+    async fn delete_pruned(
+        &self,
+        key: &str,
+        namespace: &str,
+        name: &str,
+        pruned: &[String],
+    ) -> Result<(), SyncError> {
+        let versions: Vec<String> = {
+            let mut pending = self
+                .pending_deletions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let versions = pending.entry(key.to_string()).or_default();
+            versions.extend(pruned.iter().cloned());
+            versions.iter().cloned().collect()
+        };
+        if versions.is_empty() {
+            return Ok(());
+        }
+        let policies: Api<LlmPolicy> = Api::namespaced(self.client.clone(), namespace);
+        let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        for version in &versions {
+            delete_if_present(&policies, &crate::names::policy_name(name, version)).await?;
+            delete_if_present(
+                &configmaps,
+                &crate::names::policy_configmap_name(name, version),
+            )
+            .await?;
+            self.pending_deletions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(key.to_string())
+                .or_default()
+                .remove(version);
+        }
+        tracing::info!(route = %key, versions = ?versions, "deleted policy versions beyond the route's history limit from the cluster");
+
+        // ConfigMaps left by a deletion that stopped between the two requests. The reconciler
+        // and the mirror create a version's ConfigMap before its LLMPolicy, but only for a
+        // version above every listed one, so a ConfigMap below the highest listed version
+        // without an LLMPolicy is such a leftover.
+        let listed: Vec<LlmPolicy> = policies
+            .list(&ListParams::default().labels(&format!("{ROUTE_LABEL}={name}")))
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| p.spec.route == name)
+            .collect();
+        let highest = listed
+            .iter()
+            .map(|p| version_number(&p.spec.version))
+            .max()
+            .unwrap_or(0);
+        let with_policy: HashSet<&str> = listed.iter().map(|p| p.spec.version.as_str()).collect();
+        let selector =
+            format!("{MANAGED_BY}={MANAGED_BY_VALUE},{ROUTE_LABEL}={name},{VERSION_LABEL}");
+        for configmap in configmaps
+            .list(&ListParams::default().labels(&selector))
+            .await?
+            .items
+        {
+            let Some(version) = configmap.labels().get(VERSION_LABEL).cloned() else {
+                continue;
+            };
+            let configmap_name = configmap.name_any();
+            if with_policy.contains(version.as_str())
+                || version_number(&version) >= highest
+                || configmap_name != crate::names::policy_configmap_name(name, &version)
+            {
+                continue;
+            }
+            delete_if_present(&configmaps, &configmap_name).await?;
+            tracing::info!(route = %key, policy_version = %version, configmap = %configmap_name, "deleted a policy ConfigMap whose LLMPolicy was deleted");
         }
         Ok(())
     }

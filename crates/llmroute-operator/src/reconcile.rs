@@ -24,6 +24,7 @@ use llmroute_api::crd::{
     ConditionStatus, LlmPolicy, LlmPolicySpec, LlmPolicyStatus, LlmRoute, LlmRouteSpec,
     LlmRouteStatus, PolicyOrigin, PolicyPhase,
 };
+use llmroute_control::learning::version_number;
 use llmroute_policy::policy::prior::{PricedModel, default_cost_scale, pricing_prior};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -669,14 +670,6 @@ fn incompatibility(policy: &LlmPolicy, models: &[String], encoder: &str) -> Opti
         ));
     }
     None
-}
-
-/// `3` for `v3`; versions of another form sort first.
-fn version_number(version: &str) -> u64 {
-    version
-        .strip_prefix('v')
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Checks that every Secret key the route names exists.

@@ -237,23 +237,56 @@ impl ClusterBackend {
         }
     }
 
-    /// Removes a deleted route and its stored events.
+    /// Removes a deleted route, its stored events and its policy versions in the store.
     pub fn forget_route(&self, key: &str) {
         self.remove_route(key);
         match self.store.delete_route(key) {
-            Ok(events) => tracing::info!(route = %key, events, "deleted the route's stored events"),
+            Ok(events) => {
+                tracing::info!(route = %key, events, "deleted the route's stored events and policy versions")
+            }
             Err(error) => {
-                tracing::error!(route = %key, error = %error, "failed to delete the route's stored events")
+                tracing::error!(route = %key, error = %error, "failed to delete the route's stored events and policy versions")
             }
         }
     }
 
-    fn update_policy(&self, configmap: &ConfigMap) {
-        let Some((sha256, bytes)) = policy_artifact(configmap) else {
-            return;
+    /// Keeps the file of a policy ConfigMap; returns its digest.
+    fn update_policy(&self, configmap: &ConfigMap) -> Option<String> {
+        let (sha256, bytes) = policy_artifact(configmap)?;
+        let mut policies = self.policies.write().unwrap_or_else(|p| p.into_inner());
+        policies.insert(sha256.clone(), bytes);
+        self.metrics.policies_served.set(policies.len() as i64);
+        Some(sha256)
+    }
+
+    /// Drops the policy files whose ConfigMaps are gone: those for which `keep` is false,
+    /// unless a served configuration names them, because a sidecar may still be loading one
+    /// (digests never change meaning).
+    fn forget_policies(&self, keep: impl Fn(&String) -> bool) {
+        let served: HashSet<String> = {
+            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+            routes
+                .values()
+                .flat_map(|sender| {
+                    let config = sender.borrow();
+                    [&config.stable, &config.canary]
+                        .into_iter()
+                        .flatten()
+                        .map(|p| p.sha256.clone())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
         };
         let mut policies = self.policies.write().unwrap_or_else(|p| p.into_inner());
-        policies.insert(sha256, bytes);
+        let before = policies.len();
+        policies.retain(|digest, _| keep(digest) || served.contains(digest));
+        if policies.len() != before {
+            tracing::info!(
+                forgotten = before - policies.len(),
+                kept = policies.len(),
+                "dropped the files of deleted policy ConfigMaps from memory"
+            );
+        }
         self.metrics.policies_served.set(policies.len() as i64);
     }
 
@@ -325,15 +358,27 @@ impl ClusterBackend {
     pub async fn watch_policies(self: Arc<Self>, api: Api<ConfigMap>) {
         let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}"));
         let mut stream = watcher(api, config).default_backoff().boxed();
+        // Digests seen during a (re)list, to forget the ConfigMaps deleted while unwatched.
+        let mut listed: HashSet<String> = HashSet::new();
         loop {
             match stream.try_next().await {
-                Ok(Some(Event::Apply(configmap) | Event::InitApply(configmap))) => {
+                Ok(Some(Event::Apply(configmap))) => {
                     self.update_policy(&configmap);
                 }
-                // Policies stay servable after their ConfigMap goes: a sidecar may still be
-                // loading one, and digests never change meaning.
-                Ok(Some(Event::Delete(_) | Event::Init)) => {}
+                Ok(Some(Event::InitApply(configmap))) => {
+                    if let Some(sha256) = self.update_policy(&configmap) {
+                        listed.insert(sha256);
+                    }
+                }
+                Ok(Some(Event::Delete(configmap))) => {
+                    if let Some(sha256) = configmap.annotations().get(SHA256_ANNOTATION) {
+                        self.forget_policies(|digest| digest != sha256);
+                    }
+                }
+                Ok(Some(Event::Init)) => listed.clear(),
                 Ok(Some(Event::InitDone)) => {
+                    self.forget_policies(|digest| listed.contains(digest));
+                    listed.clear();
                     if !self.policies_synced.swap(true, Ordering::Relaxed) {
                         tracing::info!("listed the policy ConfigMaps");
                     }

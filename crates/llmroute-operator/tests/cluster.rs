@@ -1205,6 +1205,171 @@ async fn a_referenced_pretrained_policy_is_checked_and_used() {
     namespace.delete().await;
 }
 
+/// Creates the ConfigMap and the `LLMPolicy` of a trained `version` of `route`, as an earlier
+/// leader would have left them, with `phase` in the policy's status; `None` creates only the
+/// ConfigMap. Returns the file's sha256.
+async fn seed_policy(
+    namespace: &TestNamespace,
+    route: &str,
+    version: &str,
+    phase: Option<PolicyPhase>,
+) -> String {
+    // A different encoder digest in each file, so that every version has its own file. The
+    // files of rejected versions are never loaded.
+    let bytes = policy_file(&["small", "large"], &format!("{ENCODER}-{version}"));
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let configmap_name = format!("{route}-policy-{version}");
+    let configmap: ConfigMap = serde_json::from_value(json!({
+        "metadata": {
+            "name": configmap_name,
+            "labels": {
+                "app.kubernetes.io/managed-by": "llmroute-operator",
+                "llmroute.dev/route": route,
+                "llmroute.dev/policy-version": version,
+            },
+            "annotations": {"llmroute.dev/policy-sha256": sha256},
+        },
+        "binaryData": {"policy.onnx": k8s_openapi::ByteString(bytes)},
+    }))
+    .unwrap();
+    let configmaps: Api<ConfigMap> = namespace.api();
+    configmaps
+        .create(&PostParams::default(), &configmap)
+        .await
+        .unwrap();
+    let Some(phase) = phase else {
+        return sha256;
+    };
+    let policy: LlmPolicy = serde_json::from_value(json!({
+        "apiVersion": "llmroute.dev/v1alpha1",
+        "kind": "LLMPolicy",
+        "metadata": {
+            "name": format!("{route}-{version}"),
+            "labels": {
+                "app.kubernetes.io/managed-by": "llmroute-operator",
+                "llmroute.dev/route": route,
+            },
+        },
+        "spec": {
+            "route": route,
+            "version": version,
+            "sha256": sha256,
+            "artifact": {"name": configmap_name, "key": "policy.onnx"},
+            "models": ["small", "large"],
+            "encoder": ENCODER,
+            "costScaleUsd": 0.002,
+            "origin": "trained",
+            "parent": "v1",
+        },
+    }))
+    .unwrap();
+    let policies: Api<LlmPolicy> = namespace.api();
+    policies
+        .create(&PostParams::default(), &policy)
+        .await
+        .unwrap();
+    let status = json!({"status": {"phase": phase, "message": "seeded by the test"}});
+    policies
+        .patch_status(
+            &format!("{route}-{version}"),
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        )
+        .await
+        .unwrap();
+    sha256
+}
+
+#[tokio::test]
+#[ignore = "needs the API server of scripts/k8s-testenv; scripts/test runs it"]
+async fn old_policy_versions_are_deleted_beyond_the_history_limit() {
+    let namespace = TestNamespace::new("history").await;
+    // Three rejected versions from an earlier leader, and a ConfigMap whose LLMPolicy is gone.
+    seed_policy(&namespace, "chat", "v1", None).await;
+    let mut seeded = Vec::new();
+    for version in ["v2", "v3", "v4"] {
+        seeded.push(seed_policy(&namespace, "chat", version, Some(PolicyPhase::Rejected)).await);
+    }
+    let operator = Operator::start_with(&namespace, "one", Some(Duration::from_millis(500))).await;
+    let route = json!({"rollout": {"revisionHistoryLimit": 1}});
+    apply_route(&namespace, &route_manifest("chat", route))
+        .await
+        .unwrap();
+    // The reconciler numbers the pricing prior above every listed version.
+    wait_ready(&namespace, "chat", ConditionStatus::True, "Serving").await;
+    let policies_api: Api<LlmPolicy> = namespace.api();
+    let configmaps: Api<ConfigMap> = namespace.api();
+    let versions = || async {
+        let mut names: Vec<String> = policies(&namespace)
+            .await
+            .into_iter()
+            .map(|p| p.name_any())
+            .collect();
+        names.sort();
+        names
+    };
+    let configmap_names = || async {
+        let mut names: Vec<String> = configmaps
+            .list(&ListParams::default().labels("llmroute.dev/route=chat"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|c| c.name_any())
+            .collect();
+        names.sort();
+        names
+    };
+    eventually("the history limit to leave v4 and v5", || async {
+        (versions().await == ["chat-v4", "chat-v5"]
+            && configmap_names().await == ["chat-policy-v4", "chat-policy-v5"])
+        .then_some(())
+    })
+    .await;
+    let v5 = policies_api.get("chat-v5").await.unwrap();
+    assert_eq!(v5.status.and_then(|s| s.phase), Some(PolicyPhase::Stable));
+    let event = eventually("the PolicyHistoryPruned Event", || async {
+        events_for(&namespace, "chat")
+            .await
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("PolicyHistoryPruned"))
+    })
+    .await;
+    let note = event.note.unwrap_or_default();
+    assert!(note.contains("v2, v3"), "{note}");
+    // The leader's store deleted the files too.
+    let key = format!("{}/chat", namespace.name);
+    let store = llmroute_control::store::Store::open(operator.data.path()).unwrap();
+    let kept: Vec<String> = store
+        .policy_records(&key)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.version)
+        .collect();
+    assert_eq!(kept, ["v4", "v5"]);
+    for sha256 in [&seeded[0], &seeded[1]] {
+        assert!(!store.policy_path(sha256).exists(), "{sha256}");
+    }
+    assert!(store.policy_path(&seeded[2]).exists());
+
+    // A version deleted by hand stays deleted: the leader does not publish it again, and
+    // deletes its ConfigMap.
+    policies_api
+        .delete("chat-v4", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the ConfigMap of v4 to go", || async {
+        (configmap_names().await == ["chat-policy-v5"]).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(versions().await, ["chat-v5"]);
+    assert!(store.policy_record(&key, "v4").unwrap().is_none());
+
+    operator.stop().await;
+    namespace.delete().await;
+}
+
 #[path = "../../llmroute-control/tests/support/world.rs"]
 #[allow(dead_code)]
 mod world;
