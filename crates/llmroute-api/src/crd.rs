@@ -338,6 +338,10 @@ pub struct LlmRouteStatus {
     /// later candidate is promoted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary_abort: Option<String>,
+    /// The highest policy version the route has had, deleted ones included. New versions are
+    /// numbered above it, so no version name is given twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub highest_policy_version: Option<String>,
 }
 
 /// The last training run of a route.
@@ -465,6 +469,10 @@ pub struct LlmPolicyStatus {
     /// in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<LiveFigures>,
+    /// When the version became `Retired` or `Rejected` (RFC 3339). The history limit keeps the
+    /// versions that ended last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<String>,
 }
 
 /// A rule of [`LlmRouteSpec::check`] that a spec breaks.

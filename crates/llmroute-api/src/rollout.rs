@@ -117,10 +117,10 @@ pub struct RolloutSpec {
     /// at the last step until `spec.policy.version` names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_promote: Option<bool>,
-    /// Policy versions of phase `Retired` or `Rejected` kept per route, the highest versions
-    /// first (default 10), as Argo Rollouts' `revisionHistoryLimit`. Older ones are deleted with
+    /// Policy versions of phase `Retired` or `Rejected` kept per route, those that ended last
+    /// (default 10), as Argo Rollouts' `revisionHistoryLimit`. Older ones are deleted with
     /// their files. The stable, canary, candidate and pinned versions are always kept. At least
-    /// 1, so that the highest version is kept and no version name is ever given twice.
+    /// 1, so that the version replaced last stays available to pin.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub revision_history_limit: Option<u32>,

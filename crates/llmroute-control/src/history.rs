@@ -31,9 +31,6 @@ CREATE TABLE IF NOT EXISTS timeline (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS timeline_by_route ON timeline (route, id);
-CREATE TABLE IF NOT EXISTS policy_file_deletions (
-    sha256 TEXT PRIMARY KEY
-);
 ";
 
 /// One policy version of a route, as `kubectl get llmpolicies` would show it.
@@ -57,6 +54,15 @@ pub struct PolicyRecord {
     pub off_policy: Option<GateFigures>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub live: Option<LiveFigures>,
+    /// Unix time in milliseconds at which the version became `Retired` or `Rejected`; set by
+    /// [`Store::save_policy_record`], absent in other phases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<u64>,
+}
+
+/// Whether a version in `phase` will not serve again unless it is pinned.
+pub fn has_ended(phase: PolicyPhase) -> bool {
+    matches!(phase, PolicyPhase::Retired | PolicyPhase::Rejected)
 }
 
 /// A route's rollout state.
@@ -112,6 +118,21 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+fn raise_highest(
+    connection: &rusqlite::Connection,
+    route: &str,
+    number: u64,
+) -> rusqlite::Result<()> {
+    if number > 0 {
+        connection.execute(
+            "INSERT INTO policy_numbers (route, highest) VALUES (?1, ?2)
+             ON CONFLICT (route) DO UPDATE SET highest = MAX(highest, ?2)",
+            params![route, number as i64],
+        )?;
+    }
+    Ok(())
+}
+
 fn to_json<T: Serialize>(value: &T) -> Result<String, StoreError> {
     Ok(serde_json::to_string(value)?)
 }
@@ -122,17 +143,51 @@ impl Store {
         self.with_connection(|connection| connection.execute_batch(SCHEMA))
     }
 
-    /// Writes (inserting or replacing) one policy record of `route`.
+    /// Writes (inserting or replacing) one policy record of `route`. A record that enters
+    /// `Retired` or `Rejected` without an end time gets the current time; one in another phase
+    /// loses its end time. The route's highest version number rises to the record's.
     pub fn save_policy_record(&self, route: &str, record: &PolicyRecord) -> Result<(), StoreError> {
-        let json = to_json(record)?;
+        let mut record = record.clone();
+        if !has_ended(record.phase) {
+            record.ended_ms = None;
+        } else if record.ended_ms.is_none() {
+            record.ended_ms = Some(now_ms());
+        }
+        let json = to_json(&record)?;
+        let number = crate::learning::version_number(&record.version);
         self.with_connection(|connection| {
-            connection.execute(
+            let transaction = connection.transaction()?;
+            transaction.execute(
                 "INSERT INTO policy_history (route, version, record) VALUES (?1, ?2, ?3)
                  ON CONFLICT (route, version) DO UPDATE SET record = ?3",
                 params![route, record.version, json],
-            )
+            )?;
+            raise_highest(&transaction, route, number)?;
+            transaction.commit()
         })?;
         Ok(())
+    }
+
+    /// The highest version number that `route` has had, deleted versions included: the
+    /// largest `N` of a `vN` saved by [`Store::save_policy_record`] or passed to
+    /// [`Store::raise_highest_version`]; 0 when none.
+    pub fn highest_version(&self, route: &str) -> Result<u64, StoreError> {
+        self.with_connection(|connection| {
+            connection
+                .query_row(
+                    "SELECT highest FROM policy_numbers WHERE route = ?1",
+                    params![route],
+                    |row| row.get::<_, i64>(0),
+                )
+                .optional()
+                .map(|n| n.unwrap_or(0).max(0) as u64)
+        })
+    }
+
+    /// Raises the highest version number of `route` to `number` when it is lower, such as to
+    /// the number another leader recorded in the cluster.
+    pub fn raise_highest_version(&self, route: &str, number: u64) -> Result<(), StoreError> {
+        self.with_connection(|connection| raise_highest(connection, route, number))
     }
 
     /// Deletes policy versions of `route`: their history records, their publications, and

@@ -38,7 +38,7 @@ use llmroute_policy::policy::{
 use llmroute_policy::reward::{DEFAULT_TAU_PERCENTILE, Reward, calibrate_tau};
 
 use crate::canary::{ArmSample, Verdict, analyse_step};
-use crate::history::{PolicyRecord, RolloutState, StoredEvent};
+use crate::history::{PolicyRecord, RolloutState, StoredEvent, has_ended};
 use crate::store::{Store, StoreError};
 
 /// Embedding size of all-MiniLM-L6-v2, the encoder of every policy.
@@ -314,6 +314,17 @@ pub fn next_version(records: &[PolicyRecord]) -> String {
     format!("v{}", highest + 1)
 }
 
+/// The next free version name of `route` in `store`: above every version in its history and
+/// above every version it has had ([`Store::highest_version`]), so the name of a deleted
+/// version is not given again. The canary analysis counts events by version name, so a reused
+/// name would mix the events of two policies.
+pub fn next_free_version(store: &Store, route: &str) -> Result<String, StoreError> {
+    let records = store.policy_records(route)?;
+    let from_history = version_number(&next_version(&records)) - 1;
+    let highest = from_history.max(store.highest_version(route)?);
+    Ok(format!("v{}", highest + 1))
+}
+
 /// The number `N` of a version named `vN`; 0 for other names.
 pub fn version_number(version: &str) -> u64 {
     version
@@ -416,6 +427,7 @@ pub fn publish_stable_version(
             training: None,
             off_policy: None,
             live: None,
+            ended_ms: None,
         },
     )?;
     tracing::info!(route, policy_version = version, sha256 = %reference.sha256, ?origin, "published a stable policy");
@@ -539,13 +551,11 @@ impl LearningLoop {
     }
 
     /// Deletes the route's `Retired` and `Rejected` versions beyond
-    /// `spec.rollout.revisionHistoryLimit`, lowest version numbers first, with their files.
-    /// The pinned, stable and canary versions are kept and not counted, as are candidates.
-    ///
-    /// Keeping the highest-numbered versions keeps the route's highest version number in the
-    /// history. So [`next_version`], and the operator's reconciler, which numbers from the
-    /// cluster's highest, never give a deleted version's name to a new policy. The events of
-    /// the two policies would mix.
+    /// `spec.rollout.revisionHistoryLimit`, those that ended first, with their files. The
+    /// pinned, stable and canary versions are kept and not counted, as are candidates. The
+    /// stable version replaced last, the likeliest to be pinned for a rollback, ended last and
+    /// is kept even after many rejected candidates. New versions are numbered above the
+    /// deleted ones ([`next_free_version`]).
     fn prune_history(
         &self,
         route: &str,
@@ -569,10 +579,15 @@ impl LearningLoop {
         };
         let mut ended: Vec<&PolicyRecord> = records
             .iter()
-            .filter(|r| matches!(r.phase, PolicyPhase::Retired | PolicyPhase::Rejected))
-            .filter(|r| !kept_always(&r.version))
+            .filter(|r| has_ended(r.phase) && !kept_always(&r.version))
             .collect();
-        ended.sort_by_key(|r| std::cmp::Reverse((version_number(&r.version), r.created_ms)));
+        // Last ended first; records saved before end times existed count from their creation.
+        ended.sort_by_key(|r| {
+            std::cmp::Reverse((
+                r.ended_ms.unwrap_or(r.created_ms),
+                version_number(&r.version),
+            ))
+        });
         let old: Vec<String> = ended
             .iter()
             .skip(limit)
@@ -584,14 +599,15 @@ impl LearningLoop {
 
         store.delete_policy_versions(route, &old)?;
         const LISTED: usize = 10;
-        let names: Vec<String> = old.iter().rev().take(LISTED).cloned().collect();
+        let mut names: Vec<String> = old.iter().take(LISTED).cloned().collect();
+        names.sort_by_key(|v| version_number(v));
         let more = if old.len() > LISTED {
             format!(" and {} more", old.len() - LISTED)
         } else {
             String::new()
         };
         let message = format!(
-            "deleted the retired or rejected policy versions {}{more} with their files, keeping the {limit} highest of them (spec.rollout.revisionHistoryLimit)",
+            "deleted the retired or rejected policy versions {}{more} with their files, keeping the {limit} that ended last (spec.rollout.revisionHistoryLimit)",
             names.join(", ")
         );
         self.record(route, report, "PolicyHistoryPruned", &message)?;
@@ -668,7 +684,6 @@ impl LearningLoop {
             return Ok(false);
         }
         let names: Vec<String> = spec.models.iter().map(|m| m.name.clone()).collect();
-        let records = self.store().policy_records(route)?;
         let stable_origin = history_stable(self.store(), route)?.map(|r| r.origin);
         let reason = match self.stable(route)? {
             None => "the route has no policy".to_string(),
@@ -718,7 +733,7 @@ impl LearningLoop {
                 output_usd_per_million_tokens: m.pricing.output_usd_per_million_tokens,
             })
             .collect();
-        let version = next_version(&records);
+        let version = next_free_version(self.store(), route)?;
         let (tau, tau_source) = match spec.cost_scale_usd {
             Some(tau) => (tau, "the route's costScaleUsd"),
             // Trained versions calibrate τ from observed costs instead, so theirs differs.
@@ -754,8 +769,7 @@ impl LearningLoop {
         report: &mut TickReport,
     ) -> Result<bool, LearningError> {
         let store = self.store();
-        let records = store.policy_records(route)?;
-        let version = next_version(&records);
+        let version = next_free_version(store, route)?;
         let last_event = store.last_event_id(route)?;
         self.record(
             route,
@@ -814,6 +828,7 @@ impl LearningLoop {
             training: Some(run.data.clone()),
             off_policy: Some(run.gate.clone()),
             live: None,
+            ended_ms: None,
         };
         store.save_policy_record(route, &record)?;
         let result = if passed { "GatePassed" } else { "GateRejected" };
@@ -1099,6 +1114,7 @@ mod tests {
             training: None,
             off_policy: None,
             live: None,
+            ended_ms: None,
         };
         assert_eq!(next_version(&[]), "v1");
         assert_eq!(
@@ -1208,6 +1224,7 @@ mod tests {
             training: None,
             off_policy: Some(gate),
             live: None,
+            ended_ms: None,
         };
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();

@@ -177,6 +177,13 @@ CREATE TABLE IF NOT EXISTS replication_cursors (
     source TEXT PRIMARY KEY,
     last_id INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS policy_file_deletions (
+    sha256 TEXT PRIMARY KEY
+);
+CREATE TABLE IF NOT EXISTS policy_numbers (
+    route TEXT PRIMARY KEY,
+    highest INTEGER NOT NULL
+);
 ";
 
 /// Schema version in `PRAGMA user_version`. Version 1 (the databases written before the
@@ -386,12 +393,30 @@ impl Store {
                 path: path.clone(),
                 source,
             })?;
-        self.with_connection(|connection| {
-            connection.execute(
+        let replaced = self.with_connection(|connection| {
+            let transaction = connection.transaction()?;
+            let previous: Option<String> = transaction
+                .query_row(
+                    "SELECT sha256 FROM policies WHERE route = ?1 AND version = ?2",
+                    params![route, version],
+                    |row| row.get(0),
+                )
+                .optional()?;
+            let replaced = previous.filter(|p| *p != sha256);
+            if let Some(previous) = &replaced {
+                // The file this version had may now be unused.
+                transaction.execute(
+                    "INSERT OR IGNORE INTO policy_file_deletions (sha256) VALUES (?1)",
+                    params![previous],
+                )?;
+            }
+            transaction.execute(
                 "INSERT INTO policies (route, version, sha256, published_ms) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (route, version) DO UPDATE SET sha256 = ?3, published_ms = ?4",
                 params![route, version, sha256, now_ms()],
-            )
+            )?;
+            transaction.commit()?;
+            Ok(replaced.is_some())
         })?;
         if !path.exists() {
             // `Store::delete_unused_policy_files` deleted the file between the write above
@@ -402,6 +427,9 @@ impl Store {
                     path: path.clone(),
                     source,
                 })?;
+        }
+        if replaced {
+            self.delete_unused_policy_files()?;
         }
         Ok(PolicyRef {
             version: version.to_string(),
@@ -706,6 +734,22 @@ impl Store {
         })
     }
 
+    /// Names every route of which the store has events, policies, configurations, history or
+    /// a timeline.
+    pub fn stored_routes(&self) -> Result<Vec<String>, StoreError> {
+        self.ensure_history()?;
+        self.with_connection(|connection| {
+            let mut statement = connection.prepare(
+                "SELECT DISTINCT route FROM events UNION SELECT route FROM policies
+                 UNION SELECT route FROM route_configs UNION SELECT route FROM policy_numbers
+                 UNION SELECT route FROM policy_history UNION SELECT route FROM rollouts
+                 UNION SELECT route FROM timeline ORDER BY 1",
+            )?;
+            let rows = statement.query_map([], |row| row.get(0))?;
+            rows.collect()
+        })
+    }
+
     /// Deletes everything the store holds for `route` when the route is deleted: its events,
     /// configuration versions, policy versions with their files (unless another route's
     /// version has the same bytes), policy history, rollout state and timeline. Returns the
@@ -725,7 +769,13 @@ impl Store {
                  SELECT sha256 FROM policies WHERE route = ?1",
                 params![route],
             )?;
-            for table in ["policies", "policy_history", "rollouts", "timeline"] {
+            for table in [
+                "policies",
+                "policy_history",
+                "policy_numbers",
+                "rollouts",
+                "timeline",
+            ] {
                 transaction.execute(
                     &format!("DELETE FROM {table} WHERE route = ?1"),
                     params![route],

@@ -446,37 +446,50 @@ fn pool_change_publishes_new_prior() {
 }
 
 #[test]
-fn history_limit_deletes_oldest_retired_versions_and_their_files() {
+fn history_limit_deletes_the_versions_that_ended_first_with_their_files() {
     let dir = tempfile::tempdir().unwrap();
     let rollout = "  rollout: {revisionHistoryLimit: 2}";
     let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, rollout));
-    learning.tick();
     // Each change of the pool publishes a new pricing prior and retires the stable one.
     let premium = "    - name: premium\n      endpoint: http://127.0.0.1:9/v1\n      model: premium\n      pricing: {inputUsdPerMillionTokens: 4, outputUsdPerMillionTokens: 4}\n";
-    for round in 0..5 {
-        let mut yaml = route_yaml(TRAINING, rollout);
-        if round % 2 == 0 {
+    let pass = |with_premium: bool, extra: &str| {
+        let mut yaml = route_yaml(TRAINING, rollout) + extra;
+        if !with_premium {
             yaml = yaml.replace(premium, "");
         }
         std::fs::write(dir.path().join("routes/world.yaml"), yaml).unwrap();
         let report = plane.reload();
         assert!(report.errors.is_empty(), "{:?}", report.errors);
+        // End times are in milliseconds: keep them apart.
+        std::thread::sleep(std::time::Duration::from_millis(5));
         learning.tick();
+    };
+    let versions = || -> Vec<(String, PolicyPhase)> {
+        plane
+            .store()
+            .policy_records("world")
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.version, r.phase))
+            .collect()
+    };
+    let phases = |expected: &[(&str, PolicyPhase)]| -> Vec<(String, PolicyPhase)> {
+        expected.iter().map(|(v, p)| (v.to_string(), *p)).collect()
+    };
+    learning.tick();
+    for round in 0..5 {
+        pass(round % 2 == 1, "");
     }
-    let records = plane.store().policy_records("world").unwrap();
-    let versions: Vec<(&str, PolicyPhase)> = records
-        .iter()
-        .map(|r| (r.version.as_str(), r.phase))
-        .collect();
     assert_eq!(
-        versions,
-        [
+        versions(),
+        phases(&[
             ("v4", PolicyPhase::Retired),
             ("v5", PolicyPhase::Retired),
             ("v6", PolicyPhase::Stable)
-        ]
+        ])
     );
     // The deleted versions' files are gone; the kept ones' are there.
+    let records = plane.store().policy_records("world").unwrap();
     let mut files: Vec<String> = std::fs::read_dir(dir.path().join("state/policies"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -496,26 +509,35 @@ fn history_limit_deletes_oldest_retired_versions_and_their_files() {
         .collect();
     assert_eq!(pruned.len(), 3, "{pruned:?}");
     assert!(
-        pruned[2].contains("versions v3 with their files, keeping the 2 highest"),
+        pruned[2].contains("versions v3 with their files, keeping the 2 that ended last"),
         "{}",
         pruned[2]
     );
 
-    // The next version continues above the deleted ones.
-    std::fs::write(
-        dir.path().join("routes/world.yaml"),
-        route_yaml(TRAINING, rollout),
-    )
-    .unwrap();
-    plane.reload();
-    learning.tick();
-    assert_eq!(record(&plane, "v7").phase, PolicyPhase::Stable);
-    assert!(
-        plane
-            .store()
-            .policy_record("world", "v4")
-            .unwrap()
-            .is_none()
+    // Pin v5 for a rollback, release the pin, and replace v5: v5 ended last of all and stays,
+    // v6, which ended first, goes, although its number is higher.
+    pass(true, "");
+    pass(true, "  policy: {version: v5}\n");
+    assert_eq!(record(&plane, "v5").phase, PolicyPhase::Stable);
+    pass(true, "");
+    pass(false, "");
+    assert_eq!(
+        versions(),
+        phases(&[
+            ("v5", PolicyPhase::Retired),
+            ("v7", PolicyPhase::Retired),
+            ("v8", PolicyPhase::Stable)
+        ])
+    );
+
+    // New versions are numbered above every version the route has had, deleted ones too.
+    plane
+        .store()
+        .delete_policy_versions("world", &["v8".to_string()])
+        .unwrap();
+    assert_eq!(
+        llmroute_control::learning::next_free_version(plane.store(), "world").unwrap(),
+        "v9"
     );
 }
 

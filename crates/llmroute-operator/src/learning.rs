@@ -324,6 +324,7 @@ impl ClusterLearning {
                 training: status.training.clone(),
                 off_policy: status.off_policy.clone(),
                 live: status.live.clone(),
+                ended_ms: None,
             };
             if existing != Some(&record) {
                 store.save_policy_record(key, &record)?;
@@ -500,6 +501,7 @@ impl ClusterLearning {
                 training: record.training.clone(),
                 off_policy: record.off_policy.clone(),
                 live: record.live.clone(),
+                end_time: None,
             };
             let current = existing.and_then(|p| p.status).unwrap_or_default();
             if current != wanted {
@@ -716,6 +718,7 @@ mod tests {
             training: None,
             off_policy: None,
             live: None,
+            ended_ms: None,
         }
     }
 
