@@ -7,15 +7,17 @@
 //!
 //! 1. Import: for every route whose status describes its current spec, the route's
 //!    `LLMPolicy` objects become the store's history, with files from their ConfigMaps and
-//!    phases and figures from their statuses. The rollout fields of the route's status become
-//!    the store's rollout state, so a new leader continues where the last one stopped.
+//!    phases and figures from their statuses. Versions the cluster no longer has leave the
+//!    store. The rollout fields of the route's status become the store's rollout state, so a
+//!    new leader continues where the last one stopped.
 //! 2. The pass itself ([`LearningLoop::tick`]): train on schedule, gate, analyse the canary,
 //!    promote or abort.
 //! 3. Mirror: new versions become an `LLMPolicy` with a ConfigMap, changed phases and figures
 //!    go to the policies' statuses, the rollout state goes to the route's status (under the
 //!    field manager [`LEARNING_FIELD_MANAGER`]), and every decision becomes an Event on the
-//!    route. The reconciler serves what the status says: the newest `Stable` policy, and the
-//!    canary at its weight.
+//!    route. Versions that the history limit deleted from the store are deleted from the
+//!    cluster last. The reconciler serves what the status names: the newest `Stable` policy,
+//!    and the canary at its weight.
 //!
 //! A route whose mirror failed keeps its store state (it is ahead of the cluster) and is
 //! mirrored again at the next pass before anything is imported.
@@ -31,7 +33,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use llmroute_api::PolicyRef;
 use llmroute_api::crd::{LlmPolicy, LlmPolicyStatus, LlmRoute, LlmRouteSpec, PolicyPhase};
 use llmroute_control::LearningLoop;
-use llmroute_control::history::{PolicyRecord, RolloutState};
+use llmroute_control::history::{PolicyRecord, RolloutState, has_ended};
 use llmroute_control::learning::{
     LearningHost, TickReport, publish_stable_version, version_number,
 };
@@ -115,6 +117,36 @@ impl LearningHost for ClusterLearning {
         // The mirror that follows every pass writes the changes into the cluster, and the
         // reconciler serves them from there.
     }
+}
+
+/// The versions of `route` that must keep their objects: the pinned one, the stable one and
+/// the canary.
+fn protected_versions(route: &LlmRoute) -> HashSet<String> {
+    let status = route.status.clone().unwrap_or_default();
+    [
+        route.spec.policy.as_ref().and_then(|p| p.version.clone()),
+        status.stable_policy,
+        status.canary_policy,
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 time, as in a policy's `endTime`.
+fn parse_time_ms(text: &str) -> Option<u64> {
+    let time: k8s_openapi::jiff::Timestamp = text.parse().ok()?;
+    u64::try_from(time.as_millisecond()).ok()
+}
+
+/// Formats a time in milliseconds since the Unix epoch as RFC 3339.
+fn format_time_ms(ms: u64) -> Option<String> {
+    let ms = i64::try_from(ms).ok()?;
+    Some(
+        k8s_openapi::jiff::Timestamp::from_millisecond(ms)
+            .ok()?
+            .to_string(),
+    )
 }
 
 /// Deletes the object `name`; one that is already gone counts as deleted.
@@ -242,8 +274,19 @@ impl ClusterLearning {
                 return;
             }
         };
+        let present: HashSet<String> = self.backend.routes().into_iter().map(|(k, _)| k).collect();
+        self.forget_absent_routes(&present);
         for (key, route) in imported {
             let report = reports.get(&key).cloned().unwrap_or_default();
+            if !report.pruned.is_empty() {
+                // Queued before the mirror, which may fail before it deletes them.
+                self.pending_deletions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(key.clone())
+                    .or_default()
+                    .extend(report.pruned.iter().cloned());
+            }
             match self.mirror(&key, &route, &report).await {
                 Ok(()) => self.set_dirty(&key, false),
                 Err(error) => {
@@ -271,6 +314,13 @@ impl ClusterLearning {
         let store = self.store();
         let namespace = route.namespace().unwrap_or_default();
         let name = route.name_any();
+        if let Some(highest) = route
+            .status
+            .as_ref()
+            .and_then(|s| s.highest_policy_version.as_deref())
+        {
+            store.raise_highest_version(key, version_number(highest))?;
+        }
         let api: Api<LlmPolicy> = Api::namespaced(self.client.clone(), &namespace);
         let mut policies = api
             .list(&ListParams::default().labels(&format!("{ROUTE_LABEL}={name}")))
@@ -324,7 +374,15 @@ impl ClusterLearning {
                 training: status.training.clone(),
                 off_policy: status.off_policy.clone(),
                 live: status.live.clone(),
-                ended_ms: None,
+                // The store's own end time, else the one another leader recorded; without
+                // either, saving the record sets the current time.
+                ended_ms: if has_ended(phase) {
+                    existing
+                        .and_then(|r| r.ended_ms)
+                        .or_else(|| status.end_time.as_deref().and_then(parse_time_ms))
+                } else {
+                    None
+                },
             };
             if existing != Some(&record) {
                 store.save_policy_record(key, &record)?;
@@ -342,18 +400,21 @@ impl ClusterLearning {
         if !stale.is_empty() {
             store.delete_policy_versions(key, &stale)?;
             tracing::info!(route = %key, versions = ?stale, "deleted policy versions from the event store that the cluster no longer has");
-            // Their ConfigMaps go too, but only below the highest listed version: the
-            // reconciler creates a new version's ConfigMap before its LLMPolicy.
+            // Their ConfigMaps go too, but only below the highest listed version (the
+            // reconciler creates a new version's ConfigMap before its LLMPolicy), and never
+            // the ConfigMap of a version the route serves or pins.
             let highest = listed.iter().map(|v| version_number(v)).max().unwrap_or(0);
+            let protected = protected_versions(route);
             let mut pending = self
                 .pending_deletions
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            pending.entry(key.to_string()).or_default().extend(
-                stale
-                    .into_iter()
-                    .filter(|version| version_number(version) < highest),
-            );
+            pending
+                .entry(key.to_string())
+                .or_default()
+                .extend(stale.into_iter().filter(|version| {
+                    version_number(version) < highest && !protected.contains(version)
+                }));
         }
 
         let status = route.status.clone().unwrap_or_default();
@@ -501,7 +562,7 @@ impl ClusterLearning {
                 training: record.training.clone(),
                 off_policy: record.off_policy.clone(),
                 live: record.live.clone(),
-                end_time: None,
+                end_time: record.ended_ms.and_then(format_time_ms),
             };
             let current = existing.and_then(|p| p.status).unwrap_or_default();
             if current != wanted {
@@ -519,11 +580,7 @@ impl ClusterLearning {
             }
         }
 
-        self.delete_pruned(key, &namespace, &name, &report.pruned)
-            .await?;
-
         let state = store.rollout_state(key)?;
-        let wanted = rollout_status(&state, &records);
         let routes: Api<LlmRoute> = Api::namespaced(self.client.clone(), &namespace);
         let current = routes
             .get_status(&name)
@@ -536,8 +593,15 @@ impl ClusterLearning {
                 canary_step: s.canary_step,
                 last_training: s.last_training,
                 canary_abort: s.canary_abort,
+                highest_policy_version: s.highest_policy_version,
             })
             .unwrap_or_default();
+        // The recorded highest version only rises, even when another writer raised it since
+        // the import.
+        if let Some(recorded) = &current.highest_policy_version {
+            store.raise_highest_version(key, version_number(recorded))?;
+        }
+        let wanted = rollout_status(&state, &records, store.highest_version(key)?);
         if current != wanted {
             let patch = json!({
                 "apiVersion": llmroute_api::crd::API_VERSION,
@@ -552,36 +616,64 @@ impl ClusterLearning {
         for (reason, message) in report.reasons.iter().zip(&report.messages) {
             self.publish_event(route, reason, message).await;
         }
+        // Last, so that a failed deletion holds up neither the rollout's status nor its Events.
+        // The versions stay pending for the next pass.
+        if let Err(error) = self.delete_pruned(key, &namespace, &name).await {
+            tracing::warn!(route = %key, error = %error, "failed to delete policy versions beyond the route's history limit from the cluster; retrying at the next pass");
+        }
         Ok(())
     }
 
-    /// Deletes from the cluster the policy versions that the history limit deleted from the
-    /// store: this pass's and those of earlier passes whose deletion failed. Each goes with its
-    /// `LLMPolicy` first and its ConfigMap second, so a failure in between leaves a ConfigMap
-    /// without a policy rather than a policy whose file is gone, which the import would wait
-    /// for. Such leftover ConfigMaps are deleted here too.
-    async fn delete_pruned(
-        &self,
-        key: &str,
-        namespace: &str,
-        name: &str,
-        pruned: &[String],
-    ) -> Result<(), SyncError> {
-        let versions: Vec<String> = {
-            let mut pending = self
-                .pending_deletions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let versions = pending.entry(key.to_string()).or_default();
-            versions.extend(pruned.iter().cloned());
-            versions.iter().cloned().collect()
-        };
+    /// Forgets the dirty mark and pending deletions of routes that no longer exist, so that a
+    /// route created again under the same name starts clean.
+    fn forget_absent_routes(&self, present: &HashSet<String>) {
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|key| present.contains(key));
+        self.pending_deletions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|key, _| present.contains(key));
+    }
+
+    /// Deletes from the cluster the policy versions pending for `key`: those that the history
+    /// limit deleted from the store, and those that the import found deleted in the cluster
+    /// (their ConfigMaps). Each goes with its `LLMPolicy` first and its ConfigMap second, so
+    /// a failure in between leaves a ConfigMap without a policy rather than a policy whose
+    /// file is gone, which the import would wait for. Such leftover ConfigMaps are deleted
+    /// here too.
+    async fn delete_pruned(&self, key: &str, namespace: &str, name: &str) -> Result<(), SyncError> {
+        let versions: Vec<String> = self
+            .pending_deletions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .map(|v| v.iter().cloned().collect())
+            .unwrap_or_default();
         if versions.is_empty() {
             return Ok(());
         }
+        // The route as it is now: a version pinned or served since this pass's import stays.
+        let routes: Api<LlmRoute> = Api::namespaced(self.client.clone(), namespace);
+        let protected = match routes.get_opt(name).await? {
+            Some(route) => protected_versions(&route),
+            None => return Ok(()),
+        };
         let policies: Api<LlmPolicy> = Api::namespaced(self.client.clone(), namespace);
         let configmaps: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        let mut deleted = Vec::new();
         for version in &versions {
+            if protected.contains(version) {
+                tracing::info!(route = %key, policy_version = %version, "keeping a policy version that the route now pins or serves");
+                self.pending_deletions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entry(key.to_string())
+                    .or_default()
+                    .remove(version);
+                continue;
+            }
             delete_if_present(&policies, &crate::names::policy_name(name, version)).await?;
             delete_if_present(
                 &configmaps,
@@ -594,8 +686,11 @@ impl ClusterLearning {
                 .entry(key.to_string())
                 .or_default()
                 .remove(version);
+            deleted.push(version.clone());
         }
-        tracing::info!(route = %key, versions = ?versions, "deleted policy versions beyond the route's history limit from the cluster");
+        if !deleted.is_empty() {
+            tracing::info!(route = %key, versions = ?deleted, "deleted old policy versions from the cluster");
+        }
 
         // ConfigMaps left by a deletion that stopped between the two requests. The reconciler
         // and the mirror create a version's ConfigMap before its LLMPolicy, but only for a
@@ -680,10 +775,13 @@ struct RolloutFields {
     last_training: Option<llmroute_api::crd::LastTraining>,
     #[serde(skip_serializing_if = "Option::is_none")]
     canary_abort: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    highest_policy_version: Option<String>,
 }
 
-/// Builds the route status fields that describe `state`.
-fn rollout_status(state: &RolloutState, records: &[PolicyRecord]) -> RolloutFields {
+/// Builds the route status fields that describe `state`, with `highest` the route's highest
+/// version number so far.
+fn rollout_status(state: &RolloutState, records: &[PolicyRecord], highest: u64) -> RolloutFields {
     let canary = state.canary.as_ref().and_then(|version| {
         records
             .iter()
@@ -698,6 +796,7 @@ fn rollout_status(state: &RolloutState, records: &[PolicyRecord]) -> RolloutFiel
         canary_step: serving.then_some(state.step),
         last_training: state.last_training.clone(),
         canary_abort: state.degraded.clone(),
+        highest_policy_version: (highest > 0).then(|| format!("v{highest}")),
     }
 }
 
@@ -723,6 +822,15 @@ mod tests {
     }
 
     #[test]
+    fn policy_end_times_survive_the_status() {
+        let ms = 1_796_558_400_123;
+        let text = format_time_ms(ms).unwrap();
+        assert_eq!(text, "2026-12-06T12:00:00.123Z");
+        assert_eq!(parse_time_ms(&text), Some(ms));
+        assert_eq!(parse_time_ms("yesterday"), None);
+    }
+
+    #[test]
     fn rollout_status_names_the_canary_with_its_digest() {
         let state = RolloutState {
             canary: Some("v2".into()),
@@ -730,7 +838,8 @@ mod tests {
             weight: 0.5,
             ..RolloutState::default()
         };
-        let fields = rollout_status(&state, &[record("v1", "aa"), record("v2", "bb")]);
+        let fields = rollout_status(&state, &[record("v1", "aa"), record("v2", "bb")], 7);
+        assert_eq!(fields.highest_policy_version.as_deref(), Some("v7"));
         assert_eq!(fields.canary_policy.as_deref(), Some("v2"));
         assert_eq!(fields.canary_policy_sha256.as_deref(), Some("bb"));
         assert_eq!(fields.canary_weight, Some(0.5));
@@ -745,7 +854,7 @@ mod tests {
             degraded: Some("canary v2 aborted".into()),
             ..RolloutState::default()
         };
-        let fields = rollout_status(&state, &[record("v1", "aa")]);
+        let fields = rollout_status(&state, &[record("v1", "aa")], 0);
         let json = serde_json::to_value(&fields).unwrap();
         assert_eq!(json, json!({"canaryAbort": "canary v2 aborted"}));
     }
@@ -757,7 +866,7 @@ mod tests {
             weight: 0.1,
             ..RolloutState::default()
         };
-        let fields = rollout_status(&state, &[record("v1", "aa")]);
+        let fields = rollout_status(&state, &[record("v1", "aa")], 0);
         assert_eq!(fields, RolloutFields::default());
     }
 }

@@ -417,6 +417,7 @@ async fn write_status(
     status.canary_step = None;
     status.last_training = None;
     status.canary_abort = None;
+    status.highest_policy_version = None;
     let patch = json!({
         "apiVersion": llmroute_api::crd::API_VERSION,
         "kind": "LLMRoute",
@@ -564,12 +565,20 @@ async fn evaluate(
         return Ok(Ok(stable.clone()));
     }
 
-    // A new version: the first of the route, or a replacement for a pool that changed.
+    // A new version: the first of the route, or a replacement for a pool that changed. It is
+    // numbered above every listed version and above the highest one the route has had, which
+    // the learning loop records in the status, so a deleted version's name is not reused.
+    let recorded = route
+        .status
+        .as_ref()
+        .and_then(|s| s.highest_policy_version.as_deref())
+        .map_or(0, version_number);
     let next = policies
         .iter()
         .map(|p| version_number(&p.spec.version))
         .max()
         .unwrap_or(0)
+        .max(recorded)
         + 1;
     let version = format!("v{next}");
     let parent = stable.map(|p| p.spec.version.clone());

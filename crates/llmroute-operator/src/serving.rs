@@ -35,7 +35,7 @@ pub struct ClusterBackend {
     routes: RwLock<HashMap<String, watch::Sender<Arc<SidecarConfig>>>>,
     /// The route objects, for the injection webhook.
     objects: RwLock<HashMap<String, Arc<LlmRoute>>>,
-    policies: RwLock<HashMap<String, Vec<u8>>>,
+    policies: RwLock<PolicyCache>,
     store: Store,
     routes_synced: AtomicBool,
     policies_synced: AtomicBool,
@@ -66,7 +66,7 @@ impl ControlBackend for ClusterBackend {
 
     fn policy(&self, sha256: &str) -> Result<Option<Vec<u8>>, String> {
         let policies = self.policies.read().unwrap_or_else(|p| p.into_inner());
-        Ok(policies.get(sha256).cloned())
+        Ok(policies.files.get(sha256).cloned())
     }
 
     fn store(&self) -> &Store {
@@ -108,7 +108,7 @@ impl ClusterBackend {
         Self {
             routes: RwLock::new(HashMap::new()),
             objects: RwLock::new(HashMap::new()),
-            policies: RwLock::new(HashMap::new()),
+            policies: RwLock::new(PolicyCache::default()),
             store,
             routes_synced: AtomicBool::new(false),
             policies_synced: AtomicBool::new(false),
@@ -213,24 +213,24 @@ impl ClusterBackend {
         }
     }
 
-    /// Deletes the stored events of every route that is neither in `listed` (a complete list
+    /// Deletes the stored events and policies of every route that is neither in `listed` (a complete list
     /// of the routes) nor served.
     async fn forget_unlisted_routes(self: Arc<Self>, listed: HashSet<String>) {
         let backend = self.clone();
-        let counted = tokio::task::spawn_blocking(move || backend.store.event_counts()).await;
+        let counted = tokio::task::spawn_blocking(move || backend.store.stored_routes()).await;
         let stored = match counted {
-            Ok(Ok(counts)) => counts,
+            Ok(Ok(routes)) => routes,
             Ok(Err(error)) => {
-                tracing::error!(error = %error, "failed to list the routes of the stored events; their events stay until the next list");
+                tracing::error!(error = %error, "failed to list the routes of the event store; their events and policies stay until the next list");
                 return;
             }
             Err(error) => {
-                tracing::error!(error = %error, "the task that lists the routes of the stored events failed");
+                tracing::error!(error = %error, "the task that lists the routes of the event store failed");
                 return;
             }
         };
         let served: HashSet<String> = self.route_names().into_iter().collect();
-        for (key, _) in stored {
+        for key in stored {
             if !listed.contains(&key) && !served.contains(&key) {
                 self.clone().forget_route_blocking(key).await;
             }
@@ -250,19 +250,40 @@ impl ClusterBackend {
         }
     }
 
-    /// Keeps the file of a policy ConfigMap; returns its digest.
-    fn update_policy(&self, configmap: &ConfigMap) -> Option<String> {
+    /// Keeps the file of a policy ConfigMap; returns the ConfigMap's key and the digest.
+    fn update_policy(&self, configmap: &ConfigMap) -> Option<(String, String)> {
         let (sha256, bytes) = policy_artifact(configmap)?;
-        let mut policies = self.policies.write().unwrap_or_else(|p| p.into_inner());
-        policies.insert(sha256.clone(), bytes);
-        self.metrics.policies_served.set(policies.len() as i64);
-        Some(sha256)
+        let holder = configmap_key(configmap);
+        let changed = {
+            let mut policies = self.policies.write().unwrap_or_else(|p| p.into_inner());
+            policies.files.insert(sha256.clone(), bytes);
+            let previous = policies.holders.insert(holder.clone(), sha256.clone());
+            self.metrics
+                .policies_served
+                .set(policies.files.len() as i64);
+            previous.is_some_and(|p| p != sha256)
+        };
+        if changed {
+            // The ConfigMap held another file before.
+            self.forget_unheld_policies();
+        }
+        Some((holder, sha256))
     }
 
-    /// Drops the policy files whose ConfigMaps are gone: those for which `keep` is false,
-    /// unless a served configuration names them, because a sidecar may still be loading one
-    /// (digests never change meaning).
-    fn forget_policies(&self, keep: impl Fn(&String) -> bool) {
+    /// Forgets a deleted policy ConfigMap, and the file it held if nothing else needs it.
+    fn remove_policy(&self, configmap: &ConfigMap) {
+        self.policies
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .holders
+            .remove(&configmap_key(configmap));
+        self.forget_unheld_policies();
+    }
+
+    /// Drops the files that no ConfigMap holds, unless a served configuration names them,
+    /// because a sidecar may still be loading one (digests never change meaning). Two
+    /// ConfigMaps can hold the same file, as when two routes start from one pretrained policy.
+    fn forget_unheld_policies(&self) {
         let served: HashSet<String> = {
             let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
             routes
@@ -278,16 +299,20 @@ impl ClusterBackend {
                 .collect()
         };
         let mut policies = self.policies.write().unwrap_or_else(|p| p.into_inner());
-        let before = policies.len();
-        policies.retain(|digest, _| keep(digest) || served.contains(digest));
-        if policies.len() != before {
+        let held: HashSet<String> = policies.holders.values().cloned().collect();
+        let before = policies.files.len();
+        policies
+            .files
+            .retain(|digest, _| held.contains(digest) || served.contains(digest));
+        let after = policies.files.len();
+        if after != before {
             tracing::info!(
-                forgotten = before - policies.len(),
-                kept = policies.len(),
+                forgotten = before - after,
+                kept = after,
                 "dropped the files of deleted policy ConfigMaps from memory"
             );
         }
-        self.metrics.policies_served.set(policies.len() as i64);
+        self.metrics.policies_served.set(after as i64);
     }
 
     /// Watches every LLMRoute until the stream ends (it does not: the watcher retries with
@@ -358,27 +383,26 @@ impl ClusterBackend {
     pub async fn watch_policies(self: Arc<Self>, api: Api<ConfigMap>) {
         let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGED_BY_VALUE}"));
         let mut stream = watcher(api, config).default_backoff().boxed();
-        // Digests seen during a (re)list, to forget the ConfigMaps deleted while unwatched.
-        let mut listed: HashSet<String> = HashSet::new();
+        // ConfigMaps seen during a (re)list, to forget those deleted while unwatched.
+        let mut listed: HashMap<String, String> = HashMap::new();
         loop {
             match stream.try_next().await {
                 Ok(Some(Event::Apply(configmap))) => {
                     self.update_policy(&configmap);
                 }
                 Ok(Some(Event::InitApply(configmap))) => {
-                    if let Some(sha256) = self.update_policy(&configmap) {
-                        listed.insert(sha256);
+                    if let Some((holder, sha256)) = self.update_policy(&configmap) {
+                        listed.insert(holder, sha256);
                     }
                 }
-                Ok(Some(Event::Delete(configmap))) => {
-                    if let Some(sha256) = configmap.annotations().get(SHA256_ANNOTATION) {
-                        self.forget_policies(|digest| digest != sha256);
-                    }
-                }
+                Ok(Some(Event::Delete(configmap))) => self.remove_policy(&configmap),
                 Ok(Some(Event::Init)) => listed.clear(),
                 Ok(Some(Event::InitDone)) => {
-                    self.forget_policies(|digest| listed.contains(digest));
-                    listed.clear();
+                    self.policies
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .holders = std::mem::take(&mut listed);
+                    self.forget_unheld_policies();
                     if !self.policies_synced.swap(true, Ordering::Relaxed) {
                         tracing::info!("listed the policy ConfigMaps");
                     }
@@ -416,6 +440,22 @@ pub fn served_config(key: &str, route: &LlmRoute) -> Option<SidecarConfig> {
         &stable,
         canary.as_ref(),
     ))
+}
+
+/// Policy files from the watched ConfigMaps, by digest.
+#[derive(Debug, Default)]
+struct PolicyCache {
+    files: HashMap<String, Vec<u8>>,
+    /// The digest each ConfigMap (`namespace/name`) holds.
+    holders: HashMap<String, String>,
+}
+
+fn configmap_key(configmap: &ConfigMap) -> String {
+    format!(
+        "{}/{}",
+        configmap.namespace().unwrap_or_default(),
+        configmap.name_any()
+    )
 }
 
 /// The digest and bytes of a policy ConfigMap, when its bytes match its digest annotation.
@@ -465,6 +505,75 @@ mod tests {
             attempts: 1,
             timestamp_ms: 1,
         }
+    }
+
+    fn policy_configmap(name: &str, bytes: &[u8]) -> ConfigMap {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": name,
+                "namespace": "shop",
+                "annotations": {SHA256_ANNOTATION: hex::encode(Sha256::digest(bytes))},
+            },
+            "binaryData": {POLICY_KEY: ByteString(bytes.to_vec())},
+        }))
+        .unwrap()
+    }
+
+    /// A deleted ConfigMap's file leaves memory, unless another ConfigMap holds it or a served
+    /// configuration names it.
+    #[test]
+    fn deleted_policies_leave_memory_unless_held_or_served() {
+        let state = tempfile::tempdir().unwrap();
+        let backend = ClusterBackend::new(
+            Store::open(state.path()).unwrap(),
+            Arc::new(Metrics::default()),
+        );
+        let served = policy_configmap("chat-policy-v1", b"served");
+        let retired = policy_configmap("chat-policy-v2", b"retired");
+        let shared = [
+            policy_configmap("a-policy-v1", b"shared"),
+            policy_configmap("b-policy-v1", b"shared"),
+        ];
+        let (_, served_sha) = backend.update_policy(&served).unwrap();
+        let (_, retired_sha) = backend.update_policy(&retired).unwrap();
+        let (_, shared_sha) = backend.update_policy(&shared[0]).unwrap();
+        backend.update_policy(&shared[1]).unwrap();
+
+        let config = SidecarConfig {
+            route: "shop/chat".into(),
+            version: 1,
+            models: Vec::new(),
+            default_preference: llmroute_api::Preference::from_quality(0.5).unwrap(),
+            exploration: Default::default(),
+            stable: Some(PolicyRef {
+                version: "v1".into(),
+                sha256: served_sha.clone(),
+            }),
+            canary: None,
+            canary_weight: 0.0,
+            fallback: "small".into(),
+            max_attempts: 1,
+        };
+        backend
+            .routes
+            .write()
+            .unwrap()
+            .insert("shop/chat".into(), watch::channel(Arc::new(config)).0);
+
+        for configmap in [&served, &retired, &shared[0]] {
+            backend.remove_policy(configmap);
+        }
+        assert_eq!(
+            backend.policy(&served_sha).unwrap(),
+            Some(b"served".to_vec())
+        );
+        assert_eq!(backend.policy(&retired_sha).unwrap(), None);
+        assert_eq!(
+            backend.policy(&shared_sha).unwrap(),
+            Some(b"shared".to_vec())
+        );
+        backend.remove_policy(&shared[1]);
+        assert_eq!(backend.policy(&shared_sha).unwrap(), None);
     }
 
     /// A replica that was not running when a route was deleted still has the route's events

@@ -1366,6 +1366,59 @@ async fn old_policy_versions_are_deleted_beyond_the_history_limit() {
     assert_eq!(versions().await, ["chat-v5"]);
     assert!(store.policy_record(&key, "v4").unwrap().is_none());
 
+    // The status records the highest version so far, and new versions are numbered above
+    // it: here as if v6 to v9 had existed and been deleted.
+    let routes: Api<LlmRoute> = namespace.api();
+    let recorded = |route: LlmRoute| route.status.and_then(|s| s.highest_policy_version);
+    assert_eq!(
+        recorded(routes.get("chat").await.unwrap()).as_deref(),
+        Some("v5")
+    );
+    let raised = json!({
+        "apiVersion": "llmroute.dev/v1alpha1",
+        "kind": "LLMRoute",
+        "status": {"highestPolicyVersion": "v9"},
+    });
+    routes
+        .patch_status(
+            "chat",
+            &PatchParams::apply("llmroute-tests").force(),
+            &Patch::Apply(&raised),
+        )
+        .await
+        .unwrap();
+    // A pool change makes the reconciler publish a new pricing prior.
+    let pool = json!({
+        "models": [
+            {"name": "small", "endpoint": "http://127.0.0.1:9/v1", "model": "small-1",
+             "pricing": {"inputUsdPerMillionTokens": 0.1, "outputUsdPerMillionTokens": 0.4}},
+        ],
+        "rollout": {"revisionHistoryLimit": 1},
+    });
+    apply_route(&namespace, &route_manifest("chat", pool))
+        .await
+        .unwrap();
+    let route = wait_ready(&namespace, "chat", ConditionStatus::True, "Serving").await;
+    assert_eq!(
+        route
+            .status
+            .as_ref()
+            .and_then(|s| s.stable_policy.as_deref()),
+        Some("v10")
+    );
+    eventually("the status to record v10", || async {
+        (recorded(routes.get("chat").await.ok()?).as_deref() == Some("v10")).then_some(())
+    })
+    .await;
+    let v5 = eventually("v5 to be retired with an end time", || async {
+        let policy = policies_api.get("chat-v5").await.ok()?;
+        let status = policy.status.clone()?;
+        (status.phase == Some(PolicyPhase::Retired) && status.end_time.is_some()).then_some(policy)
+    })
+    .await;
+    let end_time = v5.status.unwrap().end_time.unwrap();
+    assert!(end_time.starts_with("20"), "{end_time}");
+
     operator.stop().await;
     namespace.delete().await;
 }
