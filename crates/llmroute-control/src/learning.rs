@@ -552,7 +552,8 @@ impl LearningLoop {
 
     /// Deletes the route's `Retired` and `Rejected` versions beyond
     /// `spec.rollout.revisionHistoryLimit`, those that ended first, with their files. The
-    /// pinned, stable and canary versions are kept and not counted, as are candidates. The
+    /// pinned, stable, canary and highest-numbered versions are kept and not counted, as are
+    /// candidates. The
     /// stable version replaced last, the likeliest to be pinned for a rollback, ended last and
     /// is kept even after many rejected candidates. New versions are numbered above the
     /// deleted ones ([`next_free_version`]).
@@ -571,9 +572,16 @@ impl LearningLoop {
         let canary = store.rollout_state(route)?.canary;
         let pinned = spec.policy.as_ref().and_then(|p| p.version.clone());
         let serving = self.host.serving_stable(route)?.map(|r| r.version);
+        // The highest-numbered version stays too. The operator's reconciler numbers new
+        // versions above the highest one it lists, and a ConfigMap without an `LLMPolicy`
+        // counts as a leftover only below that version.
+        let highest = records
+            .iter()
+            .max_by_key(|r| version_number(&r.version))
+            .map(|r| r.version.clone());
 
         let kept_always = |version: &String| {
-            [&canary, &pinned, &serving]
+            [&canary, &pinned, &serving, &highest]
                 .iter()
                 .any(|v| v.as_ref() == Some(version))
         };

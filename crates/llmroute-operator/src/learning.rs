@@ -133,6 +133,27 @@ fn protected_versions(route: &LlmRoute) -> HashSet<String> {
     .collect()
 }
 
+/// Returns when an ended version that the import reads ended, in milliseconds since the Unix
+/// epoch. The cluster's `endTime` comes first: another leader may have changed it since this
+/// store saw the version, as for a pinned version that ended a second time. The store's own
+/// time comes next. A version that the store has in a serving phase ends now (`None`: saving
+/// the record sets the time). Versions that ended before end times were recorded count from
+/// their creation, as in the store's own ranking.
+fn imported_end(
+    status: &LlmPolicyStatus,
+    existing: Option<&PolicyRecord>,
+    created_ms: u64,
+) -> Option<u64> {
+    if let Some(ms) = status.end_time.as_deref().and_then(parse_time_ms) {
+        return Some(ms);
+    }
+    match existing {
+        Some(record) if record.ended_ms.is_some() => record.ended_ms,
+        Some(record) if !has_ended(record.phase) => None,
+        _ => Some(created_ms),
+    }
+}
+
 /// Milliseconds since the Unix epoch of an RFC 3339 time, as in a policy's `endTime`.
 fn parse_time_ms(text: &str) -> Option<u64> {
     let time: k8s_openapi::jiff::Timestamp = text.parse().ok()?;
@@ -223,6 +244,13 @@ impl ClusterLearning {
             period_seconds = period.as_secs_f64(),
             "learning loop started"
         );
+        // Marks from an earlier term describe a store that another leader has since moved past:
+        // the cluster is the record again.
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.pending_deletions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         let learning = Arc::new(LearningLoop::new(self.clone(), None));
         tokio::pin!(stop);
         let mut ticker = tokio::time::interval(period);
@@ -307,13 +335,7 @@ impl ClusterLearning {
         let Some(stable) = stable_of(route) else {
             return Ok(false);
         };
-        if self.is_dirty(key) {
-            // The store contains decisions the cluster has not seen yet, so the mirror writes them.
-            return Ok(true);
-        }
         let store = self.store();
-        let namespace = route.namespace().unwrap_or_default();
-        let name = route.name_any();
         if let Some(highest) = route
             .status
             .as_ref()
@@ -321,6 +343,12 @@ impl ClusterLearning {
         {
             store.raise_highest_version(key, version_number(highest))?;
         }
+        if self.is_dirty(key) {
+            // The store contains decisions the cluster has not seen yet, so the mirror writes them.
+            return Ok(true);
+        }
+        let namespace = route.namespace().unwrap_or_default();
+        let name = route.name_any();
         let api: Api<LlmPolicy> = Api::namespaced(self.client.clone(), &namespace);
         let mut policies = api
             .list(&ListParams::default().labels(&format!("{ROUTE_LABEL}={name}")))
@@ -354,32 +382,29 @@ impl ClusterLearning {
                     existing.map_or(PolicyPhase::Candidate, |r| r.phase)
                 }
             });
+            let created_ms = existing.map_or_else(
+                || {
+                    policy
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .map_or(0, |t| t.0.as_millisecond().max(0) as u64)
+                },
+                |r| r.created_ms,
+            );
             let record = PolicyRecord {
                 version: version.clone(),
                 sha256: sha256.clone(),
                 phase,
                 origin: policy.spec.origin,
                 parent: policy.spec.parent.clone(),
-                created_ms: existing.map_or_else(
-                    || {
-                        policy
-                            .metadata
-                            .creation_timestamp
-                            .as_ref()
-                            .map_or(0, |t| t.0.as_millisecond().max(0) as u64)
-                    },
-                    |r| r.created_ms,
-                ),
+                created_ms,
                 message: status.message.clone(),
                 training: status.training.clone(),
                 off_policy: status.off_policy.clone(),
                 live: status.live.clone(),
-                // The store's own end time, else the one another leader recorded; without
-                // either, saving the record sets the current time.
                 ended_ms: if has_ended(phase) {
-                    existing
-                        .and_then(|r| r.ended_ms)
-                        .or_else(|| status.end_time.as_deref().and_then(parse_time_ms))
+                    imported_end(&status, existing, created_ms)
                 } else {
                     None
                 },
@@ -819,6 +844,33 @@ mod tests {
             live: None,
             ended_ms: None,
         }
+    }
+
+    #[test]
+    fn imported_end_prefers_the_cluster() {
+        let status = |end: Option<&str>| LlmPolicyStatus {
+            phase: Some(PolicyPhase::Retired),
+            end_time: end.map(String::from),
+            ..LlmPolicyStatus::default()
+        };
+        let stored = |phase, ended_ms| PolicyRecord {
+            phase,
+            ended_ms,
+            ..record("v5", "aa")
+        };
+        let cluster = "2026-12-06T12:00:00.123Z";
+        // Another leader ended the version again since this store saw it.
+        let retired = stored(PolicyPhase::Retired, Some(5));
+        assert_eq!(
+            imported_end(&status(Some(cluster)), Some(&retired), 1),
+            Some(1_796_558_400_123)
+        );
+        assert_eq!(imported_end(&status(None), Some(&retired), 1), Some(5));
+        // Serving in this store: it ends now.
+        let stable = stored(PolicyPhase::Stable, None);
+        assert_eq!(imported_end(&status(None), Some(&stable), 1), None);
+        // Ended before end times were recorded: its creation counts.
+        assert_eq!(imported_end(&status(None), None, 1), Some(1));
     }
 
     #[test]

@@ -862,6 +862,10 @@ pub async fn publish_policy_objects(
     let owner = owner_reference(route);
     let params = PatchParams::apply(field_manager).force();
 
+    // TODO: claim the name with a create that fails when it exists, and renumber then. The
+    // reconciler (a new pricing prior after a pool change) and the learning loop (a candidate)
+    // each number from their own read of the highest version. Two publications at the same
+    // moment can therefore take one name, and the later apply replaces the earlier's objects.
     let configmap_name = policy_configmap_name(&route_name, version);
     let configmap = json!({
         "apiVersion": "v1",
@@ -969,6 +973,9 @@ async fn set_phases(
         let status = LlmPolicyStatus {
             phase: Some(phase),
             message: Some(message),
+            // The history limit keeps the versions that ended last.
+            end_time: (phase == PolicyPhase::Retired)
+                .then(|| k8s_openapi::jiff::Timestamp::now().to_string()),
             ..LlmPolicyStatus::default()
         };
         let patch = json!({
