@@ -43,7 +43,7 @@ use serde_json::json;
 use crate::names::{
     LEARNING_FIELD_MANAGER, MANAGED_BY, MANAGED_BY_VALUE, ROUTE_LABEL, VERSION_LABEL,
 };
-use crate::reconcile::{PolicyObjects, decode_metadata, publish_policy_objects};
+use crate::reconcile::{PolicyObjects, PublishError, decode_metadata, publish_policy_objects};
 use crate::serving::{ClusterBackend, served_config};
 
 /// A failure of one route's import or mirror; the route is retried at the next pass.
@@ -536,15 +536,23 @@ impl ClusterLearning {
         ordered.sort_by_key(|r| r.phase != PolicyPhase::Stable);
         for record in ordered {
             let existing = match cluster.get(&record.version) {
-                Some(policy) if policy.spec.sha256 != record.sha256 => {
+                Some(policy)
+                    if policy.spec.sha256 != record.sha256
+                        && protected_versions(route).contains(&record.version) =>
+                {
                     tracing::error!(
                         route = %key,
                         policy_version = %record.version,
                         cluster_sha256 = %policy.spec.sha256,
                         store_sha256 = %record.sha256,
-                        "the cluster holds another file under this version; keeping the cluster's"
+                        "the cluster contains another file under this served version; keeping the cluster's"
                     );
                     continue;
+                }
+                Some(policy) if policy.spec.sha256 != record.sha256 => {
+                    return Err(self
+                        .rename_taken(key, route, &record.version, &cluster)
+                        .await);
                 }
                 Some(policy) => Some(policy.clone()),
                 None => None,
@@ -571,14 +579,23 @@ impl ClusterLearning {
                     encoder: metadata.encoder.clone(),
                     cost_scale_usd: f64::from(metadata.cost_scale_usd),
                 };
-                publish_policy_objects(
+                match publish_policy_objects(
                     &self.client,
                     LEARNING_FIELD_MANAGER,
                     route,
                     &namespace,
                     objects,
                 )
-                .await?;
+                .await
+                {
+                    Ok(_) => {}
+                    Err(PublishError::Kube(error)) => return Err(error.into()),
+                    Err(PublishError::NameTaken { .. }) => {
+                        return Err(self
+                            .rename_taken(key, route, &record.version, &cluster)
+                            .await);
+                    }
+                }
                 tracing::info!(route = %key, policy_version = %record.version, phase = ?record.phase, "published a policy version of the learning loop");
             }
             let wanted = LlmPolicyStatus {
@@ -647,6 +664,39 @@ impl ClusterLearning {
             tracing::warn!(route = %key, error = %error, "failed to delete policy versions beyond the route's history limit from the cluster; retrying at the next pass");
         }
         Ok(())
+    }
+
+    /// Renames the store's `version` of `key` to the next free version above every listed
+    /// one, because another writer (the reconciler) took its name in the cluster first.
+    /// Returns the error that leaves the route dirty, so the next pass publishes the version
+    /// under its new name. The version has not served yet, since the cluster never had it.
+    async fn rename_taken(
+        &self,
+        key: &str,
+        route: &LlmRoute,
+        version: &str,
+        cluster: &HashMap<String, LlmPolicy>,
+    ) -> SyncError {
+        let rename = || -> Result<String, StoreError> {
+            let store = self.store();
+            let listed = cluster.keys().map(|v| version_number(v)).max().unwrap_or(0);
+            store.raise_highest_version(key, listed.max(version_number(version)))?;
+            let new = llmroute_control::learning::next_free_version(store, key)?;
+            store.rename_policy_version(key, version, &new)?;
+            let message = format!(
+                "renamed policy version {version} to {new}: the cluster already has another policy named {version}"
+            );
+            store.record_timeline(key, "PolicyRenamed", &message)?;
+            Ok(message)
+        };
+        match rename() {
+            Ok(message) => {
+                tracing::warn!(route = %key, "{message}");
+                self.publish_event(route, "PolicyRenamed", &message).await;
+                SyncError::Policy(message)
+            }
+            Err(error) => error.into(),
+        }
     }
 
     /// Forgets the dirty mark and pending deletions of routes that no longer exist, so that a

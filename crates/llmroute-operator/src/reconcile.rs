@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
@@ -101,6 +101,8 @@ pub enum Error {
     Store(#[from] llmroute_control::store::StoreError),
     #[error("route {0} has no namespace")]
     NoNamespace(String),
+    #[error("{0}; retrying with the next version")]
+    Publish(String),
 }
 
 /// Reconciles one route; see the module documentation.
@@ -847,25 +849,46 @@ pub struct PolicyObjects<'a> {
     pub cost_scale_usd: f64,
 }
 
-/// Applies the ConfigMap that contains a policy file and the `LLMPolicy` that describes it, both
-/// owned by `route`, with `field_manager`.
+/// A failed publication of a policy version.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("Kubernetes API request failed: {0}")]
+    Kube(#[from] kube::Error),
+    /// Another writer published this version name with another file first.
+    #[error(
+        "{kind} {name} already exists with another policy file (sha256 {existing}); the new policy needs another version"
+    )]
+    NameTaken {
+        kind: &'static str,
+        name: String,
+        existing: String,
+    },
+}
+
+/// Creates the ConfigMap that contains a policy file and the `LLMPolicy` that describes it, both
+/// owned by `route`, with `field_manager`. The creation claims the version's name. The
+/// reconciler (a new pricing prior after a pool change) and the learning loop (a candidate)
+/// each number from their own read of the highest version, so both may pick one name at the
+/// same moment. The second one gets [`PublishError::NameTaken`] and must publish under another
+/// version. Objects that already exist with the same file (a publication that stopped half
+/// way) are applied again.
 pub async fn publish_policy_objects(
     client: &Client,
     field_manager: &str,
     route: &LlmRoute,
     namespace: &str,
     objects: PolicyObjects<'_>,
-) -> Result<LlmPolicy, kube::Error> {
+) -> Result<LlmPolicy, PublishError> {
     let route_name = route.name_any();
     let version = objects.version;
     let sha256 = hex::encode(Sha256::digest(objects.bytes));
     let owner = owner_reference(route);
     let params = PatchParams::apply(field_manager).force();
+    let create = PostParams {
+        field_manager: Some(field_manager.to_string()),
+        ..PostParams::default()
+    };
 
-    // TODO: claim the name with a create that fails when it exists, and renumber then. The
-    // reconciler (a new pricing prior after a pool change) and the learning loop (a candidate)
-    // each number from their own read of the highest version. Two publications at the same
-    // moment can therefore take one name, and the later apply replaces the earlier's objects.
     let configmap_name = policy_configmap_name(&route_name, version);
     let configmap = json!({
         "apiVersion": "v1",
@@ -884,16 +907,38 @@ pub async fn publish_policy_objects(
         "binaryData": {POLICY_KEY: ByteString(objects.bytes.to_vec())},
     });
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    configmaps
-        .patch(&configmap_name, &params, &Patch::Apply(&configmap))
-        .await?;
+    let typed: ConfigMap = serde_json::from_value(configmap.clone())
+        .expect("the ConfigMap's JSON has the ConfigMap schema");
+    let created_configmap = match configmaps.create(&create, &typed).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(response)) if response.code == 409 => {
+            let existing = configmaps.get(&configmap_name).await?;
+            let existing = existing
+                .annotations()
+                .get(SHA256_ANNOTATION)
+                .cloned()
+                .unwrap_or_default();
+            if existing != sha256 {
+                return Err(PublishError::NameTaken {
+                    kind: "ConfigMap",
+                    name: configmap_name,
+                    existing,
+                });
+            }
+            configmaps
+                .patch(&configmap_name, &params, &Patch::Apply(&configmap))
+                .await?;
+            false
+        }
+        Err(error) => return Err(error.into()),
+    };
 
     let spec = LlmPolicySpec {
         route: route_name.clone(),
         version: version.to_string(),
-        sha256,
+        sha256: sha256.clone(),
         artifact: llmroute_api::crd::ConfigMapKeyRef {
-            name: configmap_name,
+            name: configmap_name.clone(),
             key: POLICY_KEY.to_string(),
         },
         models: objects.models,
@@ -919,7 +964,31 @@ pub async fn publish_policy_objects(
         "spec": spec,
     });
     let policies: Api<LlmPolicy> = Api::namespaced(client.clone(), namespace);
-    policies.patch(&name, &params, &Patch::Apply(&policy)).await
+    let typed: LlmPolicy =
+        serde_json::from_value(policy.clone()).expect("the LLMPolicy's JSON has its schema");
+    match policies.create(&create, &typed).await {
+        Ok(created) => Ok(created),
+        Err(kube::Error::Api(response)) if response.code == 409 => {
+            let existing = policies.get(&name).await?.spec.sha256;
+            if existing != sha256 {
+                if created_configmap {
+                    // The ConfigMap made above belongs to no policy.
+                    configmaps
+                        .delete(&configmap_name, &DeleteParams::default())
+                        .await?;
+                }
+                return Err(PublishError::NameTaken {
+                    kind: "LLMPolicy",
+                    name,
+                    existing,
+                });
+            }
+            Ok(policies
+                .patch(&name, &params, &Patch::Apply(&policy))
+                .await?)
+        }
+        Err(error) => Err(error.into()),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -945,7 +1014,14 @@ async fn publish_policy(
         encoder: ctx.encoder_digest.clone(),
         cost_scale_usd,
     };
-    Ok(publish_policy_objects(&ctx.client, FIELD_MANAGER, route, namespace, objects).await?)
+    publish_policy_objects(&ctx.client, FIELD_MANAGER, route, namespace, objects)
+        .await
+        .map_err(|error| match error {
+            PublishError::Kube(error) => Error::Kube(error),
+            // The learning loop took this version a moment ago: the retry lists it and
+            // numbers above it.
+            taken @ PublishError::NameTaken { .. } => Error::Publish(taken.to_string()),
+        })
 }
 
 /// Marks `stable` as the `Stable` version and earlier stable versions as `Retired`.

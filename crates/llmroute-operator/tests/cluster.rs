@@ -1419,6 +1419,57 @@ async fn old_policy_versions_are_deleted_beyond_the_history_limit() {
     let end_time = v5.status.unwrap().end_time.unwrap();
     assert!(end_time.starts_with("20"), "{end_time}");
 
+    // Publishing claims the version's name: another file under v10 is refused and changes
+    // nothing, the same file again is accepted.
+    use llmroute_operator::reconcile::{PolicyObjects, PublishError, publish_policy_objects};
+    let route = routes.get("chat").await.unwrap();
+    let objects = |version: &'static str, bytes: &'static [u8]| PolicyObjects {
+        version,
+        bytes,
+        origin: PolicyOrigin::Trained,
+        source: None,
+        parent: Some("v10".into()),
+        models: vec!["small".into()],
+        encoder: ENCODER.into(),
+        cost_scale_usd: 0.002,
+    };
+    let v10 = policies_api.get("chat-v10").await.unwrap();
+    let taken = publish_policy_objects(
+        &namespace.client,
+        "llmroute-tests",
+        &route,
+        &namespace.name,
+        objects("v10", b"another file"),
+    )
+    .await;
+    assert!(
+        matches!(
+            &taken,
+            Err(PublishError::NameTaken {
+                kind: "ConfigMap",
+                ..
+            })
+        ),
+        "{taken:?}"
+    );
+    let configmap = configmaps.get("chat-policy-v10").await.unwrap();
+    assert_eq!(
+        configmap.annotations().get("llmroute.dev/policy-sha256"),
+        Some(&v10.spec.sha256)
+    );
+    for _ in 0..2 {
+        let published = publish_policy_objects(
+            &namespace.client,
+            "llmroute-tests",
+            &route,
+            &namespace.name,
+            objects("v11", b"a candidate"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(published.spec.version, "v11");
+    }
+
     operator.stop().await;
     namespace.delete().await;
 }
