@@ -168,52 +168,6 @@ impl Store {
         Ok(())
     }
 
-    /// Renames policy version `old` of `route` to `new`: its history record, its publication,
-    /// and the rollout state's canary and last training run when they name it. The operator
-    /// renames a version that another writer published under the same name first. Parents are
-    /// not renamed: only a version that no cluster has seen is renamed, so it has no children.
-    pub fn rename_policy_version(
-        &self,
-        route: &str,
-        old: &str,
-        new: &str,
-    ) -> Result<(), StoreError> {
-        let Some(mut record) = self.policy_record(route, old)? else {
-            return Ok(());
-        };
-        record.version = new.to_string();
-        let json = to_json(&record)?;
-        let mut state = self.rollout_state(route)?;
-        if state.canary.as_deref() == Some(old) {
-            state.canary = Some(new.to_string());
-        }
-        if let Some(last) = &mut state.last_training
-            && last.candidate.as_deref() == Some(old)
-        {
-            last.candidate = Some(new.to_string());
-        }
-        let state = to_json(&state)?;
-        let number = crate::learning::version_number(new);
-        self.with_connection(|connection| {
-            let transaction = connection.transaction()?;
-            transaction.execute(
-                "UPDATE policy_history SET version = ?3, record = ?4 WHERE route = ?1 AND version = ?2",
-                params![route, old, new, json],
-            )?;
-            transaction.execute(
-                "UPDATE policies SET version = ?3 WHERE route = ?1 AND version = ?2",
-                params![route, old, new],
-            )?;
-            transaction.execute(
-                "INSERT INTO rollouts (route, state) VALUES (?1, ?2)
-                 ON CONFLICT (route) DO UPDATE SET state = ?2",
-                params![route, state],
-            )?;
-            raise_highest(&transaction, route, number)?;
-            transaction.commit()
-        })
-    }
-
     /// The highest version number that `route` has had, deleted versions included: the
     /// largest `N` of a `vN` saved by [`Store::save_policy_record`] or passed to
     /// [`Store::raise_highest_version`]; 0 when none.

@@ -542,43 +542,6 @@ fn history_limit_deletes_the_versions_that_ended_first_with_their_files() {
 }
 
 #[test]
-fn renaming_a_version_moves_its_record_and_canary() {
-    let dir = tempfile::tempdir().unwrap();
-    let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, ROLLOUT));
-    learning.tick();
-    let store = plane.store();
-    let v1 = record(&plane, "v1");
-    let bytes = std::fs::read(store.policy_path(&v1.sha256)).unwrap();
-    store.publish_policy("world", "v2", &bytes).unwrap();
-    let candidate = llmroute_control::history::PolicyRecord {
-        version: "v2".into(),
-        phase: PolicyPhase::Canary,
-        ..v1.clone()
-    };
-    store.save_policy_record("world", &candidate).unwrap();
-    let mut state = store.rollout_state("world").unwrap();
-    state.canary = Some("v2".into());
-    store.save_rollout_state("world", &state).unwrap();
-
-    store.rename_policy_version("world", "v2", "v5").unwrap();
-    assert!(store.policy_record("world", "v2").unwrap().is_none());
-    assert_eq!(record(&plane, "v5").phase, PolicyPhase::Canary);
-    assert_eq!(
-        store
-            .stable_policy("world", Some("v5"))
-            .unwrap()
-            .unwrap()
-            .sha256,
-        v1.sha256
-    );
-    assert_eq!(
-        store.rollout_state("world").unwrap().canary.as_deref(),
-        Some("v5")
-    );
-    assert_eq!(store.highest_version("world").unwrap(), 5);
-}
-
-#[test]
 fn deleting_a_route_deletes_its_policy_versions() {
     let dir = tempfile::tempdir().unwrap();
     let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, ROLLOUT));

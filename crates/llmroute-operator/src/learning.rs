@@ -550,9 +550,8 @@ impl ClusterLearning {
                     continue;
                 }
                 Some(policy) if policy.spec.sha256 != record.sha256 => {
-                    return Err(self
-                        .rename_taken(key, route, &record.version, &cluster)
-                        .await);
+                    self.drop_taken(key, route, &record.version).await?;
+                    continue;
                 }
                 Some(policy) => Some(policy.clone()),
                 None => None,
@@ -591,9 +590,8 @@ impl ClusterLearning {
                     Ok(_) => {}
                     Err(PublishError::Kube(error)) => return Err(error.into()),
                     Err(PublishError::NameTaken { .. }) => {
-                        return Err(self
-                            .rename_taken(key, route, &record.version, &cluster)
-                            .await);
+                        self.drop_taken(key, route, &record.version).await?;
+                        continue;
                     }
                 }
                 tracing::info!(route = %key, policy_version = %record.version, phase = ?record.phase, "published a policy version of the learning loop");
@@ -666,37 +664,34 @@ impl ClusterLearning {
         Ok(())
     }
 
-    /// Renames the store's `version` of `key` to the next free version above every listed
-    /// one, because another writer (the reconciler) took its name in the cluster first.
-    /// Returns the error that leaves the route dirty, so the next pass publishes the version
-    /// under its new name. The version has not served yet, since the cluster never had it.
-    async fn rename_taken(
+    /// Drops the store's `version` of `key` before its publication, because another writer
+    /// took its name in the cluster first. That writer is the reconciler, which publishes a
+    /// version only when the route's models or encoder changed. A version of the learning
+    /// loop made for the old pool could not serve anyway, and the next training run makes a
+    /// new candidate. The version has not served, since the cluster never had it.
+    async fn drop_taken(
         &self,
         key: &str,
         route: &LlmRoute,
         version: &str,
-        cluster: &HashMap<String, LlmPolicy>,
-    ) -> SyncError {
-        let rename = || -> Result<String, StoreError> {
-            let store = self.store();
-            let listed = cluster.keys().map(|v| version_number(v)).max().unwrap_or(0);
-            store.raise_highest_version(key, listed.max(version_number(version)))?;
-            let new = llmroute_control::learning::next_free_version(store, key)?;
-            store.rename_policy_version(key, version, &new)?;
-            let message = format!(
-                "renamed policy version {version} to {new}: the cluster already has another policy named {version}"
-            );
-            store.record_timeline(key, "PolicyRenamed", &message)?;
-            Ok(message)
-        };
-        match rename() {
-            Ok(message) => {
-                tracing::warn!(route = %key, "{message}");
-                self.publish_event(route, "PolicyRenamed", &message).await;
-                SyncError::Policy(message)
-            }
-            Err(error) => error.into(),
+    ) -> Result<(), SyncError> {
+        let store = self.store();
+        store.raise_highest_version(key, version_number(version))?;
+        store.delete_policy_versions(key, &[version.to_string()])?;
+        let mut state = store.rollout_state(key)?;
+        if state.canary.as_deref() == Some(version) {
+            state.canary = None;
+            state.weight = 0.0;
+            state.step = 0;
+            store.save_rollout_state(key, &state)?;
         }
+        let message = format!(
+            "dropped policy version {version} before publishing it: the cluster already has another policy named {version}, which the reconciler published for the route's changed models or encoder"
+        );
+        store.record_timeline(key, "PolicyDropped", &message)?;
+        tracing::warn!(route = %key, policy_version = %version, "{message}");
+        self.publish_event(route, "PolicyDropped", &message).await;
+        Ok(())
     }
 
     /// Forgets the dirty mark and pending deletions of routes that no longer exist, so that a
@@ -809,7 +804,9 @@ impl ClusterLearning {
 
     async fn publish_event(&self, route: &LlmRoute, reason: &str, message: &str) {
         let type_ = match reason {
-            "GateRejected" | "CanaryAborted" | "TrainingFailed" => EventType::Warning,
+            "GateRejected" | "CanaryAborted" | "TrainingFailed" | "PolicyDropped" => {
+                EventType::Warning
+            }
             _ => EventType::Normal,
         };
         let mut note = message.to_string();

@@ -101,8 +101,8 @@ pub enum Error {
     Store(#[from] llmroute_control::store::StoreError),
     #[error("route {0} has no namespace")]
     NoNamespace(String),
-    #[error("{0}; retrying with the next version")]
-    Publish(String),
+    #[error("publishing a policy failed: {0}")]
+    Publish(#[from] PublishError),
 }
 
 /// Reconciles one route; see the module documentation.
@@ -575,12 +575,28 @@ async fn evaluate(
         .as_ref()
         .and_then(|s| s.highest_policy_version.as_deref())
         .map_or(0, version_number);
+    // A ConfigMap whose LLMPolicy was never created (a publication that stopped half way)
+    // also claims its version's name.
+    let configmaps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let selector = format!(
+        "{MANAGED_BY}={MANAGED_BY_VALUE},{ROUTE_LABEL}={},{VERSION_LABEL}",
+        route.name_any()
+    );
+    let claimed = configmaps
+        .list(&ListParams::default().labels(&selector))
+        .await?
+        .items
+        .iter()
+        .filter_map(|c| c.labels().get(VERSION_LABEL).map(|v| version_number(v)))
+        .max()
+        .unwrap_or(0);
     let next = policies
         .iter()
         .map(|p| version_number(&p.spec.version))
         .max()
         .unwrap_or(0)
         .max(recorded)
+        .max(claimed)
         + 1;
     let version = format!("v{next}");
     let parent = stable.map(|p| p.spec.version.clone());
@@ -917,7 +933,7 @@ pub async fn publish_policy_objects(
                 .annotations()
                 .get(SHA256_ANNOTATION)
                 .cloned()
-                .unwrap_or_default();
+                .unwrap_or_else(|| format!("unknown: no {SHA256_ANNOTATION} annotation"));
             if existing != sha256 {
                 return Err(PublishError::NameTaken {
                     kind: "ConfigMap",
@@ -1014,14 +1030,9 @@ async fn publish_policy(
         encoder: ctx.encoder_digest.clone(),
         cost_scale_usd,
     };
-    publish_policy_objects(&ctx.client, FIELD_MANAGER, route, namespace, objects)
-        .await
-        .map_err(|error| match error {
-            PublishError::Kube(error) => Error::Kube(error),
-            // The learning loop took this version a moment ago: the retry lists it and
-            // numbers above it.
-            taken @ PublishError::NameTaken { .. } => Error::Publish(taken.to_string()),
-        })
+    // On `NameTaken` the learning loop took this version a moment ago. The retry lists it
+    // and numbers above it.
+    Ok(publish_policy_objects(&ctx.client, FIELD_MANAGER, route, namespace, objects).await?)
 }
 
 /// Marks `stable` as the `Stable` version and earlier stable versions as `Retired`.
