@@ -1387,9 +1387,7 @@ async fn old_policy_versions_are_deleted_beyond_the_history_limit() {
         )
         .await
         .unwrap();
-    // A ConfigMap of v10 without its LLMPolicy, left by a publication that stopped half way,
-    // holds v10 too. A pool change makes the reconciler publish a new pricing prior, v11.
-    seed_policy(&namespace, "chat", "v10", None).await;
+    // A pool change makes the reconciler publish a new pricing prior.
     let pool = json!({
         "models": [
             {"name": "small", "endpoint": "http://127.0.0.1:9/v1", "model": "small-1",
@@ -1406,10 +1404,10 @@ async fn old_policy_versions_are_deleted_beyond_the_history_limit() {
             .status
             .as_ref()
             .and_then(|s| s.stable_policy.as_deref()),
-        Some("v11")
+        Some("v10")
     );
-    eventually("the status to record v11", || async {
-        (recorded(routes.get("chat").await.ok()?).as_deref() == Some("v11")).then_some(())
+    eventually("the status to record v10", || async {
+        (recorded(routes.get("chat").await.ok()?).as_deref() == Some("v10")).then_some(())
     })
     .await;
     let v5 = eventually("v5 to be retired with an end time", || async {
@@ -1421,7 +1419,25 @@ async fn old_policy_versions_are_deleted_beyond_the_history_limit() {
     let end_time = v5.status.unwrap().end_time.unwrap();
     assert!(end_time.starts_with("20"), "{end_time}");
 
-    // Publishing claims the version's name: another file under v11 is refused and changes
+    // A ConfigMap of v11 without its LLMPolicy, left by a publication that stopped half way,
+    // claims v11 too: the next pool change publishes v12.
+    seed_policy(&namespace, "chat", "v11", None).await;
+    apply_route(
+        &namespace,
+        &route_manifest("chat", json!({"rollout": {"revisionHistoryLimit": 1}})),
+    )
+    .await
+    .unwrap();
+    let route = wait_ready(&namespace, "chat", ConditionStatus::True, "Serving").await;
+    assert_eq!(
+        route
+            .status
+            .as_ref()
+            .and_then(|s| s.stable_policy.as_deref()),
+        Some("v12")
+    );
+
+    // Publishing claims the version's name: another file under v12 is refused and changes
     // nothing, the same file again is accepted.
     use llmroute_operator::reconcile::{PolicyObjects, PublishError, publish_policy_objects};
     let route = routes.get("chat").await.unwrap();
@@ -1430,18 +1446,18 @@ async fn old_policy_versions_are_deleted_beyond_the_history_limit() {
         bytes,
         origin: PolicyOrigin::Trained,
         source: None,
-        parent: Some("v11".into()),
+        parent: Some("v12".into()),
         models: vec!["small".into()],
         encoder: ENCODER.into(),
         cost_scale_usd: 0.002,
     };
-    let v11 = policies_api.get("chat-v11").await.unwrap();
+    let v12 = policies_api.get("chat-v12").await.unwrap();
     let taken = publish_policy_objects(
         &namespace.client,
         "llmroute-tests",
         &route,
         &namespace.name,
-        objects("v11", b"another file"),
+        objects("v12", b"another file"),
     )
     .await;
     assert!(
@@ -1454,10 +1470,10 @@ async fn old_policy_versions_are_deleted_beyond_the_history_limit() {
         ),
         "{taken:?}"
     );
-    let configmap = configmaps.get("chat-policy-v11").await.unwrap();
+    let configmap = configmaps.get("chat-policy-v12").await.unwrap();
     assert_eq!(
         configmap.annotations().get("llmroute.dev/policy-sha256"),
-        Some(&v11.spec.sha256)
+        Some(&v12.spec.sha256)
     );
     for _ in 0..2 {
         let published = publish_policy_objects(
@@ -1465,11 +1481,11 @@ async fn old_policy_versions_are_deleted_beyond_the_history_limit() {
             "llmroute-tests",
             &route,
             &namespace.name,
-            objects("v12", b"a candidate"),
+            objects("v13", b"a candidate"),
         )
         .await
         .unwrap();
-        assert_eq!(published.spec.version, "v12");
+        assert_eq!(published.spec.version, "v13");
     }
 
     operator.stop().await;
