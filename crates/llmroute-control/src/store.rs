@@ -387,12 +387,15 @@ impl Store {
         let sha256 = hex::encode(Sha256::digest(bytes));
         let path = self.policy_path(&sha256);
         let temporary = path.with_extension("tmp");
-        std::fs::write(&temporary, bytes)
-            .and_then(|()| std::fs::rename(&temporary, &path))
-            .map_err(|source| StoreError::Io {
-                path: path.clone(),
-                source,
-            })?;
+        let write = || {
+            std::fs::write(&temporary, bytes)
+                .and_then(|()| std::fs::rename(&temporary, &path))
+                .map_err(|source| StoreError::Io {
+                    path: path.clone(),
+                    source,
+                })
+        };
+        write()?;
         let replaced = self.with_connection(|connection| {
             let transaction = connection.transaction()?;
             let previous: Option<String> = transaction
@@ -421,12 +424,7 @@ impl Store {
         if !path.exists() {
             // `Store::delete_unused_policy_files` deleted the file between the write above
             // and the insert, because an older version with the same bytes was deleted.
-            std::fs::write(&temporary, bytes)
-                .and_then(|()| std::fs::rename(&temporary, &path))
-                .map_err(|source| StoreError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
+            write()?;
         }
         if replaced {
             self.delete_unused_policy_files()?;

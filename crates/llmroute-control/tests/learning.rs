@@ -446,7 +446,7 @@ fn pool_change_publishes_new_prior() {
 }
 
 #[test]
-fn history_limit_deletes_the_versions_that_ended_first_with_their_files() {
+fn history_limit_keeps_last_ended_versions() {
     let dir = tempfile::tempdir().unwrap();
     let rollout = "  rollout: {revisionHistoryLimit: 2}";
     let (plane, learning) = setup(dir.path(), &route_yaml(TRAINING, rollout));

@@ -519,8 +519,8 @@ mod tests {
         .unwrap()
     }
 
-    /// A deleted ConfigMap's file leaves memory, unless another ConfigMap holds it or a served
-    /// configuration names it.
+    /// A deleted ConfigMap's file leaves memory, unless another ConfigMap contains it or a
+    /// served configuration names it.
     #[test]
     fn deleted_policies_leave_memory_unless_held_or_served() {
         let state = tempfile::tempdir().unwrap();

@@ -1206,8 +1206,8 @@ async fn a_referenced_pretrained_policy_is_checked_and_used() {
 }
 
 /// Creates the ConfigMap and the `LLMPolicy` of a trained `version` of `route`, as an earlier
-/// leader would have left them, with `phase` in the policy's status; `None` creates only the
-/// ConfigMap. Returns the file's sha256.
+/// leader would have left them, with `phase` in the policy's status. With `phase` `None` it
+/// creates only the ConfigMap. Returns the file's sha256.
 async fn seed_policy(
     namespace: &TestNamespace,
     route: &str,
